@@ -1,0 +1,622 @@
+"""inventory.toml -> typed, validated config, and host selection by glob.
+
+The schema lives on the dataclasses themselves: each field carries a checker in
+its metadata, so the key list, defaults, types and error messages cannot drift
+apart. Validation collects every problem before reporting, so an operator fixes
+a file in one pass instead of one error per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import getpass
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deployer.errors import HostSelectionError, InventoryError
+
+DEFAULT_PATH = "inventory.toml"
+ENV_VAR = "DEPLOYER_INVENTORY"
+
+
+class Invalid(ValueError):
+    """A checker's verdict: the text says what was expected."""
+
+
+# --- checkers: value -> normalized value, or Invalid("expected ...") -------------------
+
+Checker = Callable[[Any], Any]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _int(value: Any, minimum: int, maximum: int | None = None) -> int:
+    expected = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum else "")
+    # bool is an int subclass in Python; `workers = true` is a mistake, not 1
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(f"expected {expected}, got {_describe(value)}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise Invalid(f"expected {expected}, got {value}")
+    return value
+
+
+def integer(minimum: int = 0, maximum: int | None = None) -> Checker:
+    return lambda v: _int(v, minimum, maximum)
+
+
+def number(minimum: float = 0.0) -> Checker:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise Invalid(f"expected a number of seconds > {minimum:g}, got {_describe(v)}")
+        if v <= minimum:
+            raise Invalid(f"expected a number of seconds > {minimum:g}, got {v}")
+        return float(v)
+
+    return check
+
+
+def string(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise Invalid(f"expected a non-empty string, got {_describe(v)}")
+    return v
+
+
+def boolean(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise Invalid(f"expected true or false, got {_describe(v)}")
+    return v
+
+
+def string_list(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+        raise Invalid(f"expected an array of non-empty strings, got {_describe(v)}")
+    return tuple(v)
+
+
+def choice(*options: str) -> Checker:
+    def check(v: Any) -> str:
+        if v not in options:
+            wanted = " or ".join(repr(o) for o in options)
+            raise Invalid(f"expected {wanted}, got {_describe(v)}")
+        return v
+
+    return check
+
+
+def command(v: Any) -> str | tuple[str, ...]:
+    """A shell string, or an argument list run without a shell."""
+    if isinstance(v, list):
+        return string_list(v) if v else _fail("expected a non-empty command", v)
+    return string(v)
+
+
+def _fail(expected: str, v: Any) -> Any:
+    raise Invalid(f"{expected}, got {_describe(v)}")
+
+
+def workers(v: Any) -> int | str:
+    if v == "auto":
+        return v
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+        return v
+    return _fail('expected a positive integer or "auto"', v)
+
+
+def count_or_percent(v: Any, *, minimum: int) -> int | str:
+    """An int, or "N%" with 0 < N <= 100 (a percentage of the selected hosts)."""
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", v)
+        if m and 0 < float(m.group(1)) <= 100:
+            return f"{m.group(1)}%"
+        return _fail("expected a percentage between 1% and 100%", v)
+    if isinstance(v, int) and not isinstance(v, bool) and v >= minimum:
+        return v
+    return _fail(f'expected an integer >= {minimum} or a percentage like "25%"', v)
+
+
+def batch(v: Any) -> tuple[int | str, ...]:
+    """`batch = 2`, `batch = "25%"` or a ramp `batch = [1, "10%", "100%"]`."""
+    items = v if isinstance(v, list) else [v]
+    if not items:
+        return _fail("expected a batch size or a non-empty ramp list", v)
+    try:
+        return tuple(count_or_percent(x, minimum=1) for x in items)
+    except Invalid as e:
+        raise Invalid(f"{e} (batch is an integer, a percentage, or a list of them)") from None
+
+
+def max_failed(v: Any) -> int | str:
+    return 0 if v == 0 else count_or_percent(v, minimum=0)
+
+
+SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+
+
+def signal_name(v: Any) -> str:
+    name = v.upper() if isinstance(v, str) else v
+    if isinstance(name, str) and not name.startswith("SIG"):
+        name = "SIG" + name
+    if name not in SIGNALS:
+        return _fail("expected one of " + ", ".join(SIGNALS), v)
+    return name
+
+
+def listen(v: Any) -> str:
+    s = string(v)
+    if s.startswith("unix:"):
+        return s
+    host, sep, port = s.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return _fail('expected "HOST:PORT" (port 1-65535) or "unix:/path"', v)
+    return s
+
+
+def ready(v: Any) -> str:
+    s = string(v)
+    if s in ("notify", "pipe"):
+        return s
+    if s.startswith("delay:"):
+        try:
+            if float(s.removeprefix("delay:")) > 0:
+                return s
+        except ValueError:
+            pass
+    return _fail('expected "notify", "pipe" or "delay:SECONDS"', v)
+
+
+def url(v: Any) -> str:
+    s = string(v)
+    if not re.match(r"https?://[^/\s]+", s):
+        return _fail('expected an http:// or https:// URL', v)
+    return s
+
+
+def database(v: Any) -> str:
+    s = string(v)
+    if not (s.startswith("sqlite:///") or re.match(r"postgres(ql)?://", s)):
+        return _fail('expected "sqlite:///PATH" or "postgresql://..."', v)
+    return s
+
+
+def host_address(v: Any) -> str:
+    s = string(v)
+    if re.search(r"[\s/@]", s):
+        return _fail("expected a host name or IP address (no spaces, '/' or '@')", v)
+    return s
+
+
+REQUIRED = dataclasses.MISSING
+
+
+def key(check: Checker, default: Any = REQUIRED, *, expand: bool = False) -> Any:
+    """A config key: its checker, its default, and whether {host}/{address} expand in it."""
+    if isinstance(default, list | dict):
+        raise TypeError("mutable default")
+    return field(default=default, metadata={"check": check, "expand": expand})
+
+
+# --- sections -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    name: str = key(string)
+    deploy_to: str = key(string, expand=True)
+    keep_releases: int = key(integer(minimum=2), 5)
+    shared: tuple[str, ...] = key(string_list, ())
+    build: str | None = key(string, None, expand=True)
+    repo: str | None = key(string, None)
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    command: str | tuple[str, ...] = key(command, expand=True)
+    listen: str = key(listen, expand=True)
+    workers: int | str = key(workers, "auto")
+    ready: str = key(ready, "notify")
+    stop_signal: str = key(signal_name, "SIGTERM")
+    shutdown_timeout: float = key(number(), 30.0)
+    ready_timeout: float = key(number(), 60.0)
+    ready_soak: float = key(number(minimum=-1e-9), 1.0)
+    reload_batch: int = key(integer(minimum=1), 1)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    url: str = key(url, expand=True)
+    expect_status: int = key(integer(minimum=100, maximum=599), 200)
+    timeout: float = key(number(), 30.0)
+    passes: int = key(integer(minimum=1), 3)
+    interval: float = key(number(), 0.5)
+
+
+@dataclass(frozen=True)
+class MigrationsConfig:
+    dir: str = key(string, "migrations")
+    database: str = key(database, "sqlite:///db/deployer.sqlite3")
+    host: str | None = key(string, None)
+    contract: str = key(choice("after-rollout", "next-rollout"), "after-rollout")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    batch: tuple[int | str, ...] = key(batch, (1,))
+    canary: int = key(integer(minimum=0), 1)
+    max_failed: int | str = key(max_failed, 0)
+    on_failure: str = key(choice("rollback", "halt"), "rollback")
+    parallel: int = key(integer(minimum=1), 10)
+
+
+@dataclass(frozen=True)
+class SSHConfig:
+    user: str | None = key(string, None)
+    port: int = key(integer(minimum=1, maximum=65535), 22)
+    identity: str | None = key(string, None)
+    known_hosts: str = key(string, "~/.ssh/known_hosts")
+    trust_new_hosts: bool = key(boolean, False)
+    python: str = key(string, "python3")
+    connect_timeout: float = key(number(), 10.0)
+    retry_deadline: float = key(number(), 20.0)
+
+
+@dataclass(frozen=True)
+class Host:
+    """One target host, with [ssh] merged in and {host}/{address} expanded."""
+
+    name: str
+    address: str
+    transport: str
+    ssh: SSHConfig
+    app: AppConfig
+    master: MasterConfig | None
+    health: HealthConfig | None
+
+    @property
+    def port(self) -> int:
+        return self.ssh.port
+
+    @property
+    def user(self) -> str | None:
+        return self.ssh.user
+
+    def describe(self) -> dict[str, Any]:
+        local = self.transport == "local"
+        return {
+            "name": self.name,
+            "address": self.address,
+            "port": None if local else self.port,
+            # a local host runs as whoever runs deployer; an ssh host without a
+            # user gets it from ~/.ssh/config or the local user, decided at connect time
+            "user": getpass.getuser() if local else self.user,
+            "transport": self.transport,
+            "deploy_to": self.app.deploy_to,
+        }
+
+
+# Keys a [hosts.NAME] table may set besides every [ssh] key.
+HOST_KEYS = {"address": host_address, "transport": choice("ssh", "local")}
+SECTIONS: dict[str, type] = {
+    "app": AppConfig,
+    "master": MasterConfig,
+    "health": HealthConfig,
+    "migrations": MigrationsConfig,
+    "rollout": RolloutConfig,
+    "ssh": SSHConfig,
+}
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: str
+    app: AppConfig
+    master: MasterConfig | None
+    health: HealthConfig | None
+    migrations: MigrationsConfig | None
+    rollout: RolloutConfig
+    ssh: SSHConfig
+    hosts: dict[str, Host]
+
+    def select(self, patterns: str | None) -> list[Host]:
+        return select_hosts(self.hosts, patterns)
+
+
+# --- loading --------------------------------------------------------------------------
+
+
+class _Problems:
+    """Collects problems with their location, so all of them are reported at once."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.items.append(f"{where}: {message}")
+
+
+def _suggest(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_keys(table: dict, known: Iterable[str], where: str, problems: _Problems) -> None:
+    known = list(known)
+    for name in table:
+        if name not in known:
+            problems.add(
+                f"{where} {name}",
+                f"unknown key{_suggest(name, known)}; known keys: {', '.join(known)}",
+            )
+
+
+def _check_fields(cls: type, table: dict, where: str, problems: _Problems) -> dict[str, Any]:
+    """Check each key of `table` against the fields of `cls`; returns the good values."""
+    values: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _unknown_keys(table, fields, where, problems)
+    for name, f in fields.items():
+        if name not in table:
+            if f.default is REQUIRED:
+                problems.add(f"{where} {name}", "required key is missing")
+            continue
+        try:
+            values[name] = f.metadata["check"](table[name])
+        except Invalid as e:
+            problems.add(f"{where} {name}", str(e))
+    return values
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    """Instantiate a section, or None if a required key was bad (already reported)."""
+    try:
+        return cls(**values)
+    except TypeError:
+        return None
+
+
+_PLACEHOLDER = re.compile(r"\{(host|address)\}")
+
+
+def _expand(section: Any, host_name: str, address: str) -> Any:
+    """Per-host copy of a section with {host} and {address} substituted."""
+    if section is None:
+        return None
+    subst = {"host": host_name, "address": address}
+
+    def one(v: Any) -> Any:
+        if isinstance(v, str):
+            return _PLACEHOLDER.sub(lambda m: subst[m.group(1)], v)
+        if isinstance(v, tuple):
+            return tuple(one(x) for x in v)
+        return v
+
+    changes = {
+        f.name: one(getattr(section, f.name))
+        for f in dataclasses.fields(section)
+        if f.metadata.get("expand")
+    }
+    return dataclasses.replace(section, **changes)
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise InventoryError(
+            path,
+            [
+                "file not found (give one with --inventory/-i or $DEPLOYER_INVENTORY; "
+                "inventory.example.toml documents every key)"
+            ],
+        ) from None
+    except IsADirectoryError:
+        raise InventoryError(path, ["is a directory, expected a TOML file"]) from None
+    except PermissionError:
+        raise InventoryError(path, ["permission denied"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise InventoryError(path, [f"not valid TOML: {e}"]) from None
+    except UnicodeDecodeError as e:
+        raise InventoryError(path, [f"not valid UTF-8: {e}"]) from None
+
+
+def _section(data: dict, name: str, problems: _Problems) -> dict | None:
+    table = data.get(name)
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        problems.add(f"[{name}]", f"expected a table, got {_describe(table)}")
+        return None
+    return table
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Inventory:
+    """Read and validate an inventory; raises InventoryError listing every problem."""
+    path = str(path or os.environ.get(ENV_VAR) or DEFAULT_PATH)
+    return parse(_read_toml(path), path)
+
+
+def parse(data: dict[str, Any], path: str = "<inventory>") -> Inventory:
+    problems = _Problems()
+    _unknown_keys(data, [*SECTIONS, "hosts"], "top level", problems)
+
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        table = _section(data, name, problems)
+        if table is None:
+            # [app] is required; [ssh] and [rollout] have defaults for everything;
+            # the others are optional features (no master, no health gate, no migrations).
+            if name == "app" and "app" not in data:
+                problems.add("[app]", "required section is missing (name and deploy_to)")
+            sections[name] = cls() if name in ("ssh", "rollout") else None
+            continue
+        sections[name] = _build(cls, _check_fields(cls, table, f"[{name}]", problems))
+
+    ssh: SSHConfig = sections["ssh"] or SSHConfig()
+    hosts = _parse_hosts(data, sections, ssh, problems)
+    _check_conflicts(hosts, problems)
+    if sections["migrations"] is not None:
+        mhost = sections["migrations"].host
+        if mhost is not None and mhost not in hosts and hosts:
+            problems.add(
+                "[migrations] host",
+                f"no host named {mhost!r}{_suggest(mhost, hosts)}; hosts: {', '.join(hosts)}",
+            )
+
+    if problems.items:
+        raise InventoryError(path, problems.items)
+    return Inventory(
+        path=path,
+        app=sections["app"],
+        master=sections["master"],
+        health=sections["health"],
+        migrations=sections["migrations"],
+        rollout=sections["rollout"],
+        ssh=ssh,
+        hosts=hosts,
+    )
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _parse_hosts(
+    data: dict, sections: dict[str, Any], ssh: SSHConfig, problems: _Problems
+) -> dict[str, Host]:
+    table = _section(data, "hosts", problems)
+    if not table:
+        if table is not None or "hosts" not in data:
+            problems.add("[hosts]", "no hosts defined (add at least one [hosts.NAME] table)")
+        return {}
+    ssh_fields = {f.name: f for f in dataclasses.fields(SSHConfig)}
+    hosts: dict[str, Host] = {}
+    endpoints: dict[tuple[str, int], str] = {}
+    for name, spec in table.items():
+        where = f"[hosts.{name}]"
+        if not _HOST_NAME.fullmatch(name):
+            problems.add(where, "host names are letters, digits, '.', '_' and '-'")
+            continue
+        if not isinstance(spec, dict):
+            problems.add(where, f"expected a table, got {_describe(spec)}")
+            continue
+        _unknown_keys(spec, [*HOST_KEYS, *ssh_fields], where, problems)
+        own = {k: v for k, v in spec.items() if k in HOST_KEYS}
+        overrides = {k: v for k, v in spec.items() if k in ssh_fields}
+        good = {}
+        for k, v in own.items():
+            try:
+                good[k] = HOST_KEYS[k](v)
+            except Invalid as e:
+                problems.add(f"{where} {k}", str(e))
+        transport = good.get("transport", "ssh")
+        if "address" not in good:
+            if transport == "local":
+                good["address"] = "127.0.0.1"
+            elif "address" not in own:
+                problems.add(f"{where} address", "required key is missing for an ssh host")
+                continue
+            else:
+                continue
+        checked = {}
+        for k, v in overrides.items():
+            try:
+                checked[k] = ssh_fields[k].metadata["check"](v)
+            except Invalid as e:
+                problems.add(f"{where} {k}", str(e))
+        host_ssh = dataclasses.replace(ssh, **checked)
+        if transport == "ssh":
+            endpoint = (good["address"], host_ssh.port)
+            other = endpoints.setdefault(endpoint, name)
+            if other != name:
+                problems.add(
+                    where,
+                    f"ssh endpoint {endpoint[0]}:{endpoint[1]} is also used by "
+                    f"[hosts.{other}] (duplicate address:port)",
+                )
+        if sections.get("app") is None:
+            continue  # already reported; nothing to expand
+        address = good["address"]
+        hosts[name] = Host(
+            name=name,
+            address=address,
+            transport=transport,
+            ssh=host_ssh,
+            app=_expand(sections["app"], name, address),
+            master=_expand(sections["master"], name, address),
+            health=_expand(sections["health"], name, address),
+        )
+    return hosts
+
+
+def _same_machine_key(h: Host) -> str:
+    return "local" if h.transport == "local" else h.address
+
+
+def _check_conflicts(hosts: dict[str, Host], problems: _Problems) -> None:
+    """Two hosts on one machine that would take the same port or directory."""
+    seen: dict[tuple, str] = {}
+
+    def claim(kind: str, ident: tuple, name: str, what: str) -> None:
+        other = seen.setdefault((kind, *ident), name)
+        if other != name:
+            problems.add(
+                f"[hosts.{name}]", f"{what} is also used by [hosts.{other}] on the same machine"
+            )
+
+    for name, h in hosts.items():
+        machine = _same_machine_key(h)
+        if h.master is not None:
+            claim("listen", (machine, h.master.listen), name, f"[master] listen {h.master.listen}")
+        claim("deploy_to", (machine, h.app.deploy_to), name, f"[app] deploy_to {h.app.deploy_to}")
+
+
+# --- selection ------------------------------------------------------------------------
+
+
+def select_hosts(hosts: dict[str, Host], patterns: str | None) -> list[Host]:
+    """`web*,db1,!web3`: names and globs, comma-separated; `!pattern` excludes.
+
+    Every positive pattern must match something: a typo in a deploy command
+    should stop it, not silently deploy to fewer hosts.
+    """
+    names = list(hosts)
+    if patterns is None or not patterns.strip():
+        return list(hosts.values())
+    parts = [p.strip() for p in patterns.split(",") if p.strip()]
+    include = [p for p in parts if not p.startswith("!")]
+    exclude = [p[1:] for p in parts if p.startswith("!")]
+    known = ", ".join(names) or "(none)"
+    for p in include:
+        if not fnmatch.filter(names, p):
+            raise HostSelectionError(
+                f"--hosts: {p!r} matches no host{_suggest(p, names)}; known hosts: {known}"
+            )
+    chosen = [n for n in names if not include or any(fnmatch.fnmatchcase(n, p) for p in include)]
+    chosen = [n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    if not chosen:
+        raise HostSelectionError(f"--hosts: {patterns!r} selects no host; known hosts: {known}")
+    return [hosts[n] for n in chosen]
+
+
+def expand_path(p: str, base: str | os.PathLike[str] | None = None) -> Path:
+    """A controller-side path from the inventory: ~ expanded, relative to the inventory."""
+    path = Path(os.path.expanduser(p))
+    if not path.is_absolute() and base is not None:
+        path = Path(base).parent / path
+    return path
