@@ -184,7 +184,7 @@ def ready(v: Any) -> str:
 def url(v: Any) -> str:
     s = string(v)
     if not re.match(r"https?://[^/\s]+", s):
-        return _fail('expected an http:// or https:// URL', v)
+        return _fail("expected an http:// or https:// URL", v)
     return s
 
 
@@ -267,7 +267,8 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class SSHConfig:
     user: str | None = key(string, None)
-    port: int = key(integer(minimum=1, maximum=65535), 22)
+    # None: whatever ~/.ssh/config says for the address, else 22
+    port: int | None = key(integer(minimum=1, maximum=65535), None)
     identity: str | None = key(string, None)
     known_hosts: str = key(string, "~/.ssh/known_hosts")
     trust_new_hosts: bool = key(boolean, False)
@@ -290,7 +291,7 @@ class Host:
 
     @property
     def port(self) -> int:
-        return self.ssh.port
+        return self.ssh.port or 22
 
     @property
     def user(self) -> str | None:
@@ -541,7 +542,7 @@ def _parse_hosts(
                 problems.add(f"{where} {k}", str(e))
         host_ssh = dataclasses.replace(ssh, **checked)
         if transport == "ssh":
-            endpoint = (good["address"], host_ssh.port)
+            endpoint = (good["address"], host_ssh.port or 22)
             other = endpoints.setdefault(endpoint, name)
             if other != name:
                 problems.add(

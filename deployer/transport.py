@@ -1,0 +1,572 @@
+"""`Host`: run a command, stream stdin and stdout, put a file, on a local or SSH host.
+
+Commands are argument lists. Quoting happens in exactly one place,
+`command_line()`, and only for SSH, where the remote login shell parses the
+line; a local command runs without any shell.
+
+SSH hosts go through fabric's `Connection` (so ~/.ssh/config aliases,
+ProxyJump and identity files work) with two of its defaults overridden:
+fabric installs paramiko's AutoAddPolicy and loads no known_hosts, i.e. it
+trusts any key (fabric #1804, #2071). Here host keys are verified against
+`known_hosts`; an unknown key is refused unless `trust_new_hosts`, a changed
+key always.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import random
+import shlex
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Protocol
+
+from deployer.errors import CommandFailed, TransportError
+
+if TYPE_CHECKING:
+    from deployer.inventory import Host as HostConfig
+
+LineCallback = Callable[[str], None]
+Stdin = bytes | str | IO[bytes] | Iterable[bytes] | None
+Source = bytes | str | os.PathLike[str]  # file content, or a local path to read it from
+
+STDERR_TAIL_LINES = 20
+CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Result:
+    host: str
+    argv: tuple[str, ...]
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def stderr_tail(self, lines: int = STDERR_TAIL_LINES) -> str:
+        return "\n".join(self.stderr.rstrip("\n").splitlines()[-lines:])
+
+    def check(self) -> Result:
+        """Return self, or raise CommandFailed naming host, command, exit code and stderr."""
+        if self.ok:
+            return self
+        message = f"{self.host}: `{shlex.join(self.argv)}` exited with {self.exit_code}"
+        tail = self.stderr_tail()
+        raise CommandFailed(self, f"{message}; stderr:\n{tail}" if tail else message)
+
+
+class Host(Protocol):
+    name: str
+
+    def run(
+        self,
+        argv: list[str] | tuple[str, ...],
+        *,
+        stdin: Stdin = None,
+        timeout: float | None = None,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        on_stdout: LineCallback | None = None,
+        check: bool = False,
+    ) -> Result: ...
+
+    def put(self, source: Source, remote_path: str, mode: int = 0o644) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def command_line(
+    argv: list[str] | tuple[str, ...], cwd: str | None = None, env: dict[str, str] | None = None
+) -> str:
+    """The one place an argument list becomes a shell line: every word quoted once."""
+    if not argv:
+        raise ValueError("empty command")
+    words = list(argv)
+    if env:
+        words = ["env", *(f"{k}={v}" for k, v in env.items()), *words]
+    line = shlex.join(words)
+    return f"cd {shlex.quote(cwd)} && {line}" if cwd else line
+
+
+# --- shared plumbing ------------------------------------------------------------------
+
+
+class _Output:
+    """Collects a byte stream; hands complete lines to a callback as they arrive."""
+
+    def __init__(self, on_line: LineCallback | None) -> None:
+        self.on_line = on_line
+        self.chunks: list[bytes] = []
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        self.chunks.append(data)
+        if self.on_line is None:
+            return
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            self.on_line(line.decode("utf-8", "replace"))
+
+    def text(self) -> str:
+        if self.on_line is not None and self._partial:
+            self.on_line(self._partial.decode("utf-8", "replace"))
+            self._partial = b""
+        return b"".join(self.chunks).decode("utf-8", "replace")
+
+
+def _chunks(stdin: Stdin) -> Iterator[bytes]:
+    if stdin is None:
+        return
+    if isinstance(stdin, str):
+        stdin = stdin.encode()
+    if isinstance(stdin, bytes | bytearray | memoryview):
+        data = bytes(stdin)
+        for i in range(0, len(data), CHUNK):
+            yield data[i : i + CHUNK]
+        return
+    if hasattr(stdin, "read"):
+        while chunk := stdin.read(CHUNK):
+            yield chunk
+        return
+    yield from stdin
+
+
+def _feed_stdin(
+    stdin: Stdin, write: Callable[[bytes], Any], close: Callable[[], Any]
+) -> threading.Thread:
+    """Write stdin from a thread, so a command that talks while it reads cannot deadlock us."""
+    errors: list[BaseException] = []
+
+    def pump() -> None:
+        try:
+            for chunk in _chunks(stdin):
+                write(chunk)
+        except (BrokenPipeError, OSError, EOFError) as e:
+            # The command stopped reading (it exited or closed stdin): its exit code tells.
+            errors.append(e)
+        finally:
+            with contextlib.suppress(OSError, EOFError):
+                close()
+
+    thread = threading.Thread(target=pump, name="stdin-pump", daemon=True)
+    thread.start()
+    return thread
+
+
+def _source_bytes(source: Source) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    return Path(source).read_bytes()
+
+
+class CommandTimeout(TransportError):
+    pass
+
+
+# --- local ----------------------------------------------------------------------------
+
+
+@dataclass
+class LocalHost:
+    """This machine, through subprocess; no shell involved."""
+
+    name: str = "local"
+
+    def run(
+        self,
+        argv: list[str] | tuple[str, ...],
+        *,
+        stdin: Stdin = None,
+        timeout: float | None = None,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        on_stdout: LineCallback | None = None,
+        check: bool = False,
+    ) -> Result:
+        argv = tuple(argv)
+        try:
+            proc = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env={**os.environ, **env} if env else None,
+                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # its own group, so a timeout kills all it started
+            )
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+            result = Result(self.name, argv, 127, "", f"{e}\n")
+            return result.check() if check else result
+        out, err = _Output(on_stdout), _Output(None)
+        readers = [
+            threading.Thread(target=_drain, args=(proc.stdout, out), daemon=True),
+            threading.Thread(target=_drain, args=(proc.stderr, err), daemon=True),
+        ]
+        for t in readers:
+            t.start()
+        if stdin is not None:
+            assert proc.stdin is not None
+            _feed_stdin(stdin, proc.stdin.write, proc.stdin.close)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise CommandTimeout(
+                f"{self.name}: `{shlex.join(argv)}` did not finish within {timeout:g}s (killed)"
+            ) from None
+        for t in readers:
+            t.join()
+        result = Result(self.name, argv, code, out.text(), err.text())
+        return result.check() if check else result
+
+    def put(self, source: Source, remote_path: str, mode: int = 0o644) -> None:
+        """Write atomically: a reader sees the old file or the new one, never half."""
+        target = Path(remote_path)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(_source_bytes(source))
+            os.chmod(tmp, mode)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def close(self) -> None:
+        pass
+
+
+def _drain(stream: IO[bytes], sink: _Output) -> None:
+    while chunk := stream.read1(CHUNK):  # type: ignore[attr-defined]
+        sink.feed(chunk)
+    stream.close()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+# --- ssh ------------------------------------------------------------------------------
+
+
+class HostKeyRefused(TransportError):
+    pass
+
+
+def fingerprint(key: Any) -> str:
+    """OpenSSH-style SHA256 fingerprint, the form `ssh-keygen -lf` prints."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+@dataclass
+class Backoff:
+    """Delays 0.25, 0.5, 1, 2, 2, ... seconds, each +/-20 %, within a total deadline."""
+
+    deadline: float
+    first: float = 0.25
+    cap: float = 2.0
+    jitter: float = 0.2
+    rng: random.Random = field(default_factory=random.Random)
+
+    def delays(self) -> Iterator[float]:
+        end = time.monotonic() + self.deadline
+        delay = self.first
+        while True:
+            pause = delay * self.rng.uniform(1 - self.jitter, 1 + self.jitter)
+            if time.monotonic() + pause > end:
+                return
+            yield pause
+            delay = min(delay * 2, self.cap)
+
+
+class SSHHost:
+    """A host reached over SSH; one connection, opened on first use and reused."""
+
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    # connection management
+
+    def _new_connection(self) -> Any:
+        from fabric import Connection
+
+        ssh = self.config.ssh
+        connect_kwargs: dict[str, Any] = {
+            "banner_timeout": ssh.connect_timeout,
+            "auth_timeout": ssh.connect_timeout,
+        }
+        if ssh.identity:
+            connect_kwargs["key_filename"] = [os.path.expanduser(ssh.identity)]
+        conn = Connection(
+            self.config.address,
+            user=ssh.user,
+            port=ssh.port,
+            connect_timeout=max(1, round(ssh.connect_timeout)),
+            connect_kwargs=connect_kwargs,
+        )
+        policy = _KnownHostsPolicy(self, Path(os.path.expanduser(ssh.known_hosts)))
+        policy.install(conn.client)
+        return conn
+
+    def connection(self) -> Any:
+        """The open fabric Connection, reconnecting (with backoff) if it dropped."""
+        with self._lock:
+            if self._conn is not None and self._conn.is_connected:
+                return self._conn
+            self._close_quietly()
+            self._conn = self._open_with_retry()
+            return self._conn
+
+    def _open_with_retry(self) -> Any:
+        import paramiko
+
+        ssh = self.config.ssh
+        where = f"{self.config.address}:{ssh.port}"
+        attempts = 0
+        started = time.monotonic()
+        delays = Backoff(ssh.retry_deadline).delays()
+        while True:
+            attempts += 1
+            conn = self._new_connection()
+            try:
+                conn.open()
+                return conn
+            except HostKeyRefused:
+                conn.close()
+                raise
+            except paramiko.BadHostKeyException as e:
+                conn.close()
+                raise HostKeyRefused(_changed_key_message(self, e)) from None
+            except paramiko.AuthenticationException as e:
+                conn.close()
+                raise TransportError(
+                    f"{self.name}: authentication failed for user {conn.user!r} at {where}: {e}"
+                ) from None
+            except (OSError, EOFError, paramiko.SSHException) as e:
+                conn.close()
+                pause = next(delays, None)
+                if pause is None:
+                    waited = time.monotonic() - started
+                    raise TransportError(
+                        f"{self.name}: cannot connect to {where} "
+                        f"({attempts} attempts over {waited:.1f}s): {_reason(e)}"
+                    ) from None
+                time.sleep(pause)
+
+    def _close_quietly(self) -> None:
+        if self._conn is not None:
+            # a dead connection may fail to close; it is gone either way
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_quietly()
+
+    # operations
+
+    def run(
+        self,
+        argv: list[str] | tuple[str, ...],
+        *,
+        stdin: Stdin = None,
+        timeout: float | None = None,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        on_stdout: LineCallback | None = None,
+        check: bool = False,
+    ) -> Result:
+        import paramiko
+
+        argv = tuple(argv)
+        line = command_line(argv, cwd, env)
+        transport = self.connection().transport
+        try:
+            chan = transport.open_session(timeout=self.config.ssh.connect_timeout)
+            chan.exec_command(line)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            # Nothing ran yet; the next call reconnects.
+            self.close()
+            raise TransportError(f"{self.name}: could not start `{line}`: {_reason(e)}") from None
+        try:
+            code, out, err = self._collect(chan, stdin, timeout, on_stdout, line)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            self.close()
+            raise TransportError(
+                f"{self.name}: connection lost while running `{line}` "
+                f"(it may or may not have completed): {_reason(e)}"
+            ) from None
+        finally:
+            chan.close()
+        if code == -1:
+            self.close()
+            raise TransportError(
+                f"{self.name}: connection lost while running `{line}` (no exit status received)"
+            )
+        result = Result(self.name, argv, code, out, err)
+        return result.check() if check else result
+
+    def _collect(
+        self,
+        chan: Any,
+        stdin: Stdin,
+        timeout: float | None,
+        on_stdout: LineCallback | None,
+        line: str,
+    ) -> tuple[int, str, str]:
+        import select
+
+        out, err = _Output(on_stdout), _Output(None)
+        if stdin is None:
+            chan.shutdown_write()  # the command sees EOF on stdin at once
+        else:
+            _feed_stdin(stdin, chan.sendall, chan.shutdown_write)
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            while chan.recv_ready():
+                out.feed(chan.recv(CHUNK))
+            while chan.recv_stderr_ready():
+                err.feed(chan.recv_stderr(CHUNK))
+            if chan.exit_status_ready() and chan.eof_received:
+                break
+            if chan.closed:
+                break
+            wait = 1.0 if end is None else min(1.0, end - time.monotonic())
+            if wait <= 0:
+                raise CommandTimeout(
+                    f"{self.name}: `{line}` did not finish within {timeout:g}s (channel closed)"
+                )
+            select.select([chan], [], [], wait)
+        # The exit status can arrive before the last bytes: read to EOF.
+        while data := chan.recv(CHUNK):
+            out.feed(data)
+        while data := chan.recv_stderr(CHUNK):
+            err.feed(data)
+        code = chan.recv_exit_status() if chan.exit_status_ready() else -1
+        return code, out.text(), err.text()
+
+    def put(self, source: Source, remote_path: str, mode: int = 0o644) -> None:
+        """Upload over SFTP to a temporary name, then rename: readers never see half a file."""
+        import io
+
+        import paramiko
+
+        data = _source_bytes(source)
+        tmp = f"{remote_path}.tmp-{os.getpid()}-{random.randrange(1 << 30)}"
+        sftp = self.connection().sftp()
+        try:
+            sftp.putfo(io.BytesIO(data), tmp, confirm=True)
+            sftp.chmod(tmp, mode)
+            sftp.posix_rename(tmp, remote_path)
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            with contextlib.suppress(OSError, paramiko.SSHException, EOFError):
+                sftp.remove(tmp)
+            raise TransportError(
+                f"{self.name}: could not put {remote_path}: {_reason(e)}"
+            ) from None
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return f"{type(e).__name__}: {text}" if type(e).__name__ not in text else text
+
+
+def _changed_key_message(host: SSHHost, e: Any) -> str:
+    ssh = host.config.ssh
+    name = e.hostname  # already in known_hosts form, "[addr]:port" off port 22
+    return (
+        f"{host.name}: HOST KEY CHANGED for {name}: known_hosts has {fingerprint(e.expected_key)}, "
+        f"the host presented {fingerprint(e.key)}. Refusing to connect: this may be an attack. "
+        f"If the change is expected, remove the old key with "
+        f"`ssh-keygen -R '{name}' -f {shlex.quote(os.path.expanduser(ssh.known_hosts))}`."
+    )
+
+
+class _KnownHostsPolicy:
+    """Verify against known_hosts; unknown keys are refused, or recorded when trusted."""
+
+    def __init__(self, host: SSHHost, path: Path) -> None:
+        self.host = host
+        self.path = path
+
+    def install(self, client: Any) -> None:
+        system = Path("/etc/ssh/ssh_known_hosts")
+        if system.is_file():
+            client.load_system_host_keys(str(system))
+        if self.path.is_file():
+            client.load_host_keys(str(self.path))
+        # paramiko takes any object with missing_host_key() as a policy.
+        client.set_missing_host_key_policy(self)
+
+    def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+        entry = f"{hostname} {key.get_name()} {key.get_base64()}"
+        if self.host.config.ssh.trust_new_hosts:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with open(self.path, "a") as fh:
+                fh.write(entry + "\n")
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            return
+        raise HostKeyRefused(
+            f"{self.host.name}: unknown host key for {hostname} "
+            f"({key.get_name()} {fingerprint(key)}), not in {self.path}. "
+            f"If that fingerprint is right, trust it with:\n"
+            f"  echo {shlex.quote(entry)} >> {shlex.quote(str(self.path))}\n"
+            f"or set trust_new_hosts = true for this host in the inventory."
+        )
+
+
+# --- pool -----------------------------------------------------------------------------
+
+
+class HostPool:
+    """One Host per inventory host within a process; closes them all at the end."""
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, Host] = {}
+        self._lock = threading.Lock()
+
+    def get(self, config: HostConfig) -> Host:
+        with self._lock:
+            host = self._hosts.get(config.name)
+            if host is None:
+                host = connect(config)
+                self._hosts[config.name] = host
+            return host
+
+    def close(self) -> None:
+        with self._lock:
+            hosts, self._hosts = list(self._hosts.values()), {}
+        for host in hosts:
+            host.close()
+
+    def __enter__(self) -> HostPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(config: HostConfig) -> Host:
+    """The Host for an inventory entry (nothing is opened until the first command)."""
+    if config.transport == "local":
+        return LocalHost(config.name)
+    return SSHHost(config)
