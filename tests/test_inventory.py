@@ -1,0 +1,226 @@
+"""Inventory: parsing, per-host expansion, validation messages, host selection."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from deployer import inventory
+from deployer.errors import HostSelectionError, InventoryError
+
+REPO = Path(__file__).resolve().parent.parent
+
+GOOD = """
+[app]
+name = "shop"
+deploy_to = "/srv/{host}"
+
+[master]
+command = "node server.js"
+listen = "{address}:3000"
+
+[health]
+url = "http://{address}:3000/health"
+
+[hosts.web1]
+address = "10.0.0.1"
+[hosts.web2]
+address = "10.0.0.2"
+port = 2222
+[hosts.web3]
+address = "10.0.0.3"
+[hosts.db1]
+address = "10.0.1.1"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "inventory.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_example_inventory_loads_and_documents_every_key() -> None:
+    inv = inventory.load(REPO / "inventory.example.toml")
+    assert inv.app.name and inv.hosts
+    text = (REPO / "inventory.example.toml").read_text()
+    for section, cls in inventory.SECTIONS.items():
+        assert f"[{section}]" in text
+        for f in inventory.dataclasses.fields(cls):
+            assert f"{f.name} =" in text or f"# {f.name} =" in text, f"[{section}] {f.name}"
+
+
+def test_expansion_and_defaults(tmp_path: Path) -> None:
+    inv = inventory.load(write(tmp_path, GOOD))
+    web2 = inv.hosts["web2"]
+    assert web2.app.deploy_to == "/srv/web2"
+    assert web2.master.listen == "10.0.0.2:3000"
+    assert web2.health.url == "http://10.0.0.2:3000/health"
+    assert web2.port == 2222 and inv.hosts["web1"].port == 22
+    assert inv.app.deploy_to == "/srv/{host}"  # the shared template stays unexpanded
+    assert inv.rollout.batch == (1,) and inv.rollout.on_failure == "rollback"
+    assert inv.master.workers == "auto" and inv.ssh.trust_new_hosts is False
+
+
+def test_local_host_needs_no_address(tmp_path: Path) -> None:
+    inv = inventory.load(
+        write(
+            tmp_path,
+            """
+            [app]
+            name = "a"
+            deploy_to = "/tmp/x/{host}"
+            [hosts.here]
+            transport = "local"
+            """,
+        )
+    )
+    assert inv.hosts["here"].address == "127.0.0.1"
+    assert inv.hosts["here"].describe()["port"] is None
+
+
+def test_env_var_names_the_inventory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEPLOYER_INVENTORY", str(write(tmp_path, GOOD)))
+    assert inventory.load().path.endswith("inventory.toml")
+
+
+@pytest.mark.parametrize(
+    ("patterns", "expected"),
+    [
+        (None, ["web1", "web2", "web3", "db1"]),
+        ("web*", ["web1", "web2", "web3"]),
+        ("web[12]", ["web1", "web2"]),
+        ("web*,!web2", ["web1", "web3"]),
+        ("!db*", ["web1", "web2", "web3"]),
+        ("db1, web3", ["web3", "db1"]),
+    ],
+)
+def test_select(tmp_path: Path, patterns: str | None, expected: list[str]) -> None:
+    inv = inventory.load(write(tmp_path, GOOD))
+    assert [h.name for h in inv.select(patterns)] == expected
+
+
+@pytest.mark.parametrize("patterns", ["app*", "web1,wbe2", "web*,!web*"])
+def test_select_nothing_is_an_error_listing_known_hosts(tmp_path: Path, patterns: str) -> None:
+    inv = inventory.load(write(tmp_path, GOOD))
+    with pytest.raises(HostSelectionError) as e:
+        inv.select(patterns)
+    assert "known hosts: web1, web2, web3, db1" in str(e.value)
+    assert e.value.exit_code == 2
+
+
+BASE = GOOD.replace("[hosts.web1]", "#").replace('address = "10.0.0.1"\n', "", 1)
+
+# (case, toml text, fragments the message must contain)
+BAD = [
+    (
+        "unknown key",
+        GOOD + "\n[rollout]\nbatchh = 2\n",
+        ["[rollout] batchh", "did you mean 'batch'"],
+    ),
+    ("unknown section", GOOD + "\n[apps]\nx = 1\n", ["top level apps", "did you mean 'app'"]),
+    ("wrong type", GOOD.replace('name = "shop"', "name = 3"), ["[app] name", "non-empty string"]),
+    ("bool for int", GOOD + "\n[rollout]\nparallel = true\n", ["[rollout] parallel", "integer"]),
+    ("missing key", GOOD.replace('deploy_to = "/srv/{host}"', ""), ["[app] deploy_to", "required"]),
+    ("missing section", GOOD.split("[master]")[1], ["[app]", "required section"]),
+    ("port range", GOOD + "\n[ssh]\nport = 70000\n", ["[ssh] port", "<= 65535"]),
+    ("batch 150%", GOOD + '\n[rollout]\nbatch = "150%"\n', ["[rollout] batch", "1% and 100%"]),
+    ("ramp item", GOOD + '\n[rollout]\nbatch = [1, "x"]\n', ["[rollout] batch", "percentage"]),
+    ("workers 0", GOOD.replace('listen = "', 'workers = 0\nlisten = "'), ["[master] workers"]),
+    (
+        "duplicate endpoint",
+        GOOD + '\n[hosts.web4]\naddress = "10.0.0.1"\n',
+        ["[hosts.web4]", "10.0.0.1:22", "[hosts.web1]", "duplicate address:port"],
+    ),
+    (
+        "same port on one machine",
+        GOOD.replace('listen = "{address}:3000"', 'listen = "127.0.0.1:3000"').replace(
+            "[hosts.web1]",
+            '[hosts.a]\ntransport = "local"\n[hosts.b]\ntransport = "local"\n[hosts.web1]',
+        ),
+        ["[hosts.b]", "listen 127.0.0.1:3000", "[hosts.a]"],
+    ),
+    (
+        "bad bool",
+        GOOD + '\n[ssh]\ntrust_new_hosts = "yes"\n',
+        ["[ssh] trust_new_hosts", "true or false"],
+    ),
+    (
+        "bad signal",
+        GOOD.replace('listen = "', 'stop_signal = "SIGFOO"\nlisten = "'),
+        ["[master] stop_signal"],
+    ),
+    (
+        "bad choice",
+        GOOD + '\n[rollout]\non_failure = "retry"\n',
+        ["[rollout] on_failure", "'rollback'"],
+    ),
+    ("bad listen", GOOD.replace("{address}:3000", "nowhere"), ["[master] listen", "HOST:PORT"]),
+    (
+        "bad url",
+        GOOD.replace("http://{address}:3000/health", "/health"),
+        ["[health] url", "http://"],
+    ),
+    ("bad database", GOOD + '\n[migrations]\ndatabase = "mysql://x"\n', ["[migrations] database"]),
+    (
+        "bad migrations host",
+        GOOD + '\n[migrations]\nhost = "web9"\n',
+        ["[migrations] host", "'web9'"],
+    ),
+    ("host without address", GOOD + "\n[hosts.web5]\nport = 22\n", ["[hosts.web5] address"]),
+    (
+        "host unknown key",
+        GOOD + '\n[hosts.web5]\naddress = "h"\nprot = 1\n',
+        ["[hosts.web5] prot", "'port'"],
+    ),
+    ("no hosts", GOOD.split("[hosts.web1]")[0], ["[hosts]", "no hosts"]),
+    ("not TOML", GOOD + "\n[app\n", ["not valid TOML"]),
+    (
+        "negative timeout",
+        GOOD.replace("[health]\n", "[health]\ntimeout = -1\n"),
+        ["[health] timeout"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "fragments"), BAD, ids=[c[0] for c in BAD])
+def test_bad_inventory_names_the_key(
+    tmp_path: Path, case: str, text: str, fragments: list[str]
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(InventoryError) as e:
+        inventory.load(path)
+    message = str(e.value)
+    assert message.startswith(str(path))
+    for fragment in fragments:
+        assert fragment in message, f"{case}: {fragment!r} not in:\n{message}"
+
+
+def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    text = GOOD.replace('name = "shop"', "name = 3") + '\n[rollout]\nbatch = "0%"\ncanary = -1\n'
+    with pytest.raises(InventoryError) as e:
+        inventory.load(write(tmp_path, text))
+    assert len(e.value.problems) == 3
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(InventoryError, match="file not found"):
+        inventory.load(tmp_path / "nope.toml")
+    with pytest.raises(InventoryError, match="is a directory"):
+        inventory.load(tmp_path)
+
+
+def test_cli_reports_bad_inventory_with_exit_2_and_no_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD + '\n[rollout]\nbatch = "150%"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "deployer", "-i", str(path), "hosts"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "[rollout] batch" in proc.stderr
+    assert "Traceback" not in proc.stderr
