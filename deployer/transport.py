@@ -285,11 +285,13 @@ class Backoff:
 
     def delays(self) -> Iterator[float]:
         end = time.monotonic() + self.deadline
-        delay = self.first
+        delay, slept = self.first, 0.0
         while True:
             pause = delay * self.rng.uniform(1 - self.jitter, 1 + self.jitter)
-            if time.monotonic() + pause > end:
+            # Both clocks count: wall time (attempts take time too) and the pauses given.
+            if time.monotonic() + pause > end or slept + pause > self.deadline:
                 return
+            slept += pause
             yield pause
             delay = min(delay * 2, self.cap)
 
