@@ -273,6 +273,7 @@ class SSHConfig:
     known_hosts: str = key(string, "~/.ssh/known_hosts")
     trust_new_hosts: bool = key(boolean, False)
     python: str = key(string, "python3")
+    config_file: str | None = key(string, None)  # an ssh_config file instead of ~/.ssh/config
     connect_timeout: float = key(number(), 10.0)
     retry_deadline: float = key(number(), 20.0)
 

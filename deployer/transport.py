@@ -308,7 +308,7 @@ class SSHHost:
     # connection management
 
     def _new_connection(self) -> Any:
-        from fabric import Connection
+        from fabric import Config, Connection
 
         ssh = self.config.ssh
         connect_kwargs: dict[str, Any] = {
@@ -317,15 +317,22 @@ class SSHHost:
         }
         if ssh.identity:
             connect_kwargs["key_filename"] = [os.path.expanduser(ssh.identity)]
-        conn = Connection(
-            self.config.address,
-            user=ssh.user,
-            port=ssh.port,
-            connect_timeout=max(1, round(ssh.connect_timeout)),
-            connect_kwargs=connect_kwargs,
+        # Through the Config, not the constructor, so ProxyJump hops get the same keys.
+        config = Config(
+            overrides={
+                "connect_kwargs": connect_kwargs,
+                "timeouts": {"connect": max(1, round(ssh.connect_timeout))},
+            },
+            runtime_ssh_path=os.path.expanduser(ssh.config_file) if ssh.config_file else None,
         )
+        conn = Connection(self.config.address, user=ssh.user, port=ssh.port, config=config)
         policy = _KnownHostsPolicy(self, Path(os.path.expanduser(ssh.known_hosts)))
-        policy.install(conn.client)
+        # Every hop verifies host keys, not just the last one: fabric builds
+        # ProxyJump gateways as Connections with AutoAddPolicy too.
+        hop = conn
+        while isinstance(hop, Connection):
+            policy.install(hop.client)
+            hop = hop.gateway
         return conn
 
     def connection(self) -> Any:
@@ -488,6 +495,12 @@ class SSHHost:
 
 
 def _reason(e: BaseException) -> str:
+    # paramiko wraps per-address socket errors; the inner one says what happened
+    inner = getattr(e, "errors", None)
+    if isinstance(inner, dict) and inner:
+        e = next(iter(inner.values()))
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror.lower()
     text = str(e) or type(e).__name__
     return f"{type(e).__name__}: {text}" if type(e).__name__ not in text else text
 

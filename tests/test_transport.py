@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
+from sshd import SSHTestHost, inventory_toml
 
+from deployer import inventory
 from deployer.errors import CommandFailed, TransportError
-from deployer.transport import Backoff, CommandTimeout, LocalHost, command_line
+from deployer.transport import Backoff, CommandTimeout, LocalHost, SSHHost, command_line
 
 # Every character a shell would act on: a test that these arrive intact proves
 # nothing between us and the program parsed them.
@@ -145,14 +149,25 @@ def test_backoff_delays_grow_with_jitter_within_deadline() -> None:
     assert all(d <= 2.4 for d in delays) and sum(delays) <= 6.0
 
 
+def host_config(test_host: SSHTestHost, **ssh: object) -> inventory.Host:
+    """The inventory entry for a test sshd host, with [ssh] keys overridden."""
+    app = f'[app]\nname = "t"\ndeploy_to = "{test_host.root}"\n'
+    config = inventory.parse(tomllib.loads(inventory_toml([test_host], app))).hosts[test_host.name]
+    return dataclasses.replace(config, ssh=dataclasses.replace(config.ssh, **ssh))
+
+
 @pytest.fixture(params=["local", "ssh"])
 def host(request: pytest.FixtureRequest):
     if request.param == "local":
         yield LocalHost("local")
         return
-    pytest.skip("ssh fixture pending")
+    ssh_host = SSHHost(host_config(request.getfixturevalue("ssh_hosts")[0]))
+    yield ssh_host
+    ssh_host.close()
 
 
 @pytest.fixture
-def remote_dir(host, tmp_path: Path) -> str:
-    return str(tmp_path)
+def remote_dir(host, request: pytest.FixtureRequest) -> str:
+    if isinstance(host, LocalHost):
+        return str(request.getfixturevalue("tmp_path"))
+    return str(request.getfixturevalue("ssh_hosts")[0].root)
