@@ -25,10 +25,11 @@ import subprocess
 import tempfile
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any
 
 from deployer.errors import CommandFailed, TransportError
 
@@ -67,7 +68,24 @@ class Result:
         raise CommandFailed(self, f"{message}; stderr:\n{tail}" if tail else message)
 
 
-class Host(Protocol):
+@dataclass(frozen=True)
+class Command:
+    """One command for a host, as data: what runs, where, with what input."""
+
+    argv: tuple[str, ...]
+    cwd: str | None = None
+    env: dict[str, str] | None = None
+    stdin: Stdin = None
+    timeout: float | None = None
+    on_stdout: LineCallback | None = None
+
+    def line(self) -> str:
+        return command_line(self.argv, self.cwd, self.env)
+
+
+class Host(ABC):
+    """What every transport offers: run a command, put a file, close."""
+
     name: str
 
     def run(
@@ -80,10 +98,18 @@ class Host(Protocol):
         env: dict[str, str] | None = None,
         on_stdout: LineCallback | None = None,
         check: bool = False,
-    ) -> Result: ...
+    ) -> Result:
+        """Run argv (never through a local shell); check=True raises CommandFailed on exit != 0."""
+        result = self.execute(Command(tuple(argv), cwd, env, stdin, timeout, on_stdout))
+        return result.check() if check else result
 
+    @abstractmethod
+    def execute(self, cmd: Command) -> Result: ...
+
+    @abstractmethod
     def put(self, source: Source, remote_path: str, mode: int = 0o644) -> None: ...
 
+    @abstractmethod
     def close(self) -> None: ...
 
 
@@ -178,38 +204,27 @@ class CommandTimeout(TransportError):
 # --- local ----------------------------------------------------------------------------
 
 
-@dataclass
-class LocalHost:
+class LocalHost(Host):
     """This machine, through subprocess; no shell involved."""
 
-    name: str = "local"
+    def __init__(self, name: str = "local") -> None:
+        self.name = name
 
-    def run(
-        self,
-        argv: list[str] | tuple[str, ...],
-        *,
-        stdin: Stdin = None,
-        timeout: float | None = None,
-        cwd: str | None = None,
-        env: dict[str, str] | None = None,
-        on_stdout: LineCallback | None = None,
-        check: bool = False,
-    ) -> Result:
-        argv = tuple(argv)
+    def execute(self, cmd: Command) -> Result:
+        argv, stdin, timeout = cmd.argv, cmd.stdin, cmd.timeout
         try:
             proc = subprocess.Popen(
                 argv,
-                cwd=cwd,
-                env={**os.environ, **env} if env else None,
+                cwd=cmd.cwd,
+                env={**os.environ, **cmd.env} if cmd.env else None,
                 stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # its own group, so a timeout kills all it started
             )
         except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
-            result = Result(self.name, argv, 127, "", f"{e}\n")
-            return result.check() if check else result
-        out, err = _Output(on_stdout), _Output(None)
+            return Result(self.name, argv, 127, "", f"{e}\n")
+        out, err = _Output(cmd.on_stdout), _Output(None)
         readers = [
             threading.Thread(target=_drain, args=(proc.stdout, out), daemon=True),
             threading.Thread(target=_drain, args=(proc.stderr, err), daemon=True),
@@ -228,8 +243,7 @@ class LocalHost:
             ) from None
         for t in readers:
             t.join()
-        result = Result(self.name, argv, code, out.text(), err.text())
-        return result.check() if check else result
+        return Result(self.name, argv, code, out.text(), err.text())
 
     def put(self, source: Source, remote_path: str, mode: int = 0o644) -> None:
         """Write atomically: a reader sees the old file or the new one, never half."""
@@ -296,7 +310,7 @@ class Backoff:
             delay = min(delay * 2, self.cap)
 
 
-class SSHHost:
+class SSHHost(Host):
     """A host reached over SSH; one connection, opened on first use and reused."""
 
     def __init__(self, config: HostConfig) -> None:
@@ -393,21 +407,10 @@ class SSHHost:
 
     # operations
 
-    def run(
-        self,
-        argv: list[str] | tuple[str, ...],
-        *,
-        stdin: Stdin = None,
-        timeout: float | None = None,
-        cwd: str | None = None,
-        env: dict[str, str] | None = None,
-        on_stdout: LineCallback | None = None,
-        check: bool = False,
-    ) -> Result:
+    def execute(self, cmd: Command) -> Result:
         import paramiko
 
-        argv = tuple(argv)
-        line = command_line(argv, cwd, env)
+        line = cmd.line()
         transport = self.connection().transport
         try:
             chan = transport.open_session(timeout=self.config.ssh.connect_timeout)
@@ -417,7 +420,7 @@ class SSHHost:
             self.close()
             raise TransportError(f"{self.name}: could not start `{line}`: {_reason(e)}") from None
         try:
-            code, out, err = self._collect(chan, stdin, timeout, on_stdout, line)
+            code, out, err = self._collect(chan, cmd, line)
         except (paramiko.SSHException, OSError, EOFError) as e:
             self.close()
             raise TransportError(
@@ -431,20 +434,13 @@ class SSHHost:
             raise TransportError(
                 f"{self.name}: connection lost while running `{line}` (no exit status received)"
             )
-        result = Result(self.name, argv, code, out, err)
-        return result.check() if check else result
+        return Result(self.name, cmd.argv, code, out, err)
 
-    def _collect(
-        self,
-        chan: Any,
-        stdin: Stdin,
-        timeout: float | None,
-        on_stdout: LineCallback | None,
-        line: str,
-    ) -> tuple[int, str, str]:
+    def _collect(self, chan: Any, cmd: Command, line: str) -> tuple[int, str, str]:
         import select
 
-        out, err = _Output(on_stdout), _Output(None)
+        out, err = _Output(cmd.on_stdout), _Output(None)
+        stdin, timeout = cmd.stdin, cmd.timeout
         if stdin is None:
             chan.shutdown_write()  # the command sees EOF on stdin at once
         else:
