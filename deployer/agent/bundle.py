@@ -1,0 +1,66 @@
+"""Build the host-side zipapp from the controller's own installed package.
+
+Controller and hosts therefore never run different code: the bundle id is a
+hash of exactly the files shipped, and a rollout refuses an agent whose id
+differs (run `deployer setup`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import deployer
+
+# Host side: standard library only. Nothing else is shipped.
+HOST_PACKAGES = ("agent", "master", "migrations")
+HOST_MODULES = ("__init__.py", "hostmain.py")
+MAIN = "import sys\nfrom deployer.hostmain import main\n\nsys.exit(main())\n"
+ID_FILE = "deployer/agent/BUNDLE_ID"
+FIXED_TIME = (2020, 1, 1, 0, 0, 0)  # deterministic zip bytes for identical sources
+
+
+@dataclass(frozen=True)
+class Bundle:
+    id: str
+    data: bytes
+
+    @property
+    def filename(self) -> str:
+        return "deployer.pyz"
+
+
+def _sources() -> list[tuple[str, bytes]]:
+    root = Path(deployer.__file__).parent
+    files = [root / m for m in HOST_MODULES]
+    for pkg in HOST_PACKAGES:
+        files += sorted(p for p in (root / pkg).rglob("*.py") if "__pycache__" not in p.parts)
+    return [(f"deployer/{f.relative_to(root).as_posix()}", f.read_bytes()) for f in files]
+
+
+@cache
+def build() -> Bundle:
+    sources = _sources()
+    digest = hashlib.sha256()
+    for name, data in sources:
+        digest.update(name.encode() + b"\0" + data + b"\0")
+    bundle_id = f"{deployer.__version__}+{digest.hexdigest()[:12]}"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in [("__main__.py", MAIN.encode()), *sources, (ID_FILE, bundle_id.encode())]:
+            zf.writestr(zipfile.ZipInfo(name, FIXED_TIME), data, zipfile.ZIP_DEFLATED)
+    return Bundle(bundle_id, buf.getvalue())
+
+
+def running_id() -> str:
+    """The bundle id as seen from inside a running zipapp (or the source tree)."""
+    import importlib.resources
+
+    try:
+        return importlib.resources.files("deployer.agent").joinpath("BUNDLE_ID").read_text()
+    except (FileNotFoundError, OSError):
+        return build().id

@@ -1,0 +1,98 @@
+"""`agent OP ...` on a host: one operation, one JSON result.
+
+Anything an operation streams (build output) goes to stdout as plain lines;
+the last line is `RESULT_MARK {json}`, so the controller can show the stream
+and still parse the outcome unambiguously.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from typing import Any
+
+from deployer import __version__
+from deployer.agent import ops
+from deployer.agent.layout import Layout
+
+RESULT_MARK = "@@deployer-result"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deployer-agent", description="deployer host agent")
+    sub = p.add_subparsers(dest="op", required=True)
+    sub.add_parser("version")
+
+    def with_root(name: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name)
+        sp.add_argument("--root", required=True, help="the host's deploy_to")
+        return sp
+
+    with_root("setup")
+    with_root("state")
+    sp = with_root("receive")
+    sp.add_argument("--revision", action="append", default=[])
+    sp = with_root("prepare")
+    sp.add_argument("--revision", required=True)
+    sp.add_argument("--release", required=True)
+    sp.add_argument("--shared", action="append", default=[])
+    sp.add_argument("--build")
+    sp = with_root("switch")
+    sp.add_argument("--release", required=True)
+    sp = with_root("prune")
+    sp.add_argument("--keep", type=int, required=True)
+    sp = sub.add_parser("health")
+    sp.add_argument("--url", required=True)
+    sp.add_argument("--expect", type=int, default=200)
+    sp.add_argument("--timeout", type=float, default=30.0)
+    sp.add_argument("--passes", type=int, default=3)
+    sp.add_argument("--interval", type=float, default=0.5)
+    sp = with_root("record")
+    sp.add_argument("--entry", required=True, help="JSON object")
+    sp = with_root("lock")
+    sp.add_argument("action", choices=["acquire", "release", "heartbeat", "show"])
+    sp.add_argument("--owner", default="{}", help="JSON object with at least an id")
+    return p
+
+
+def run_op(args: argparse.Namespace) -> dict[str, Any]:
+    if args.op == "version":
+        from deployer.agent.bundle import running_id
+
+        return {"version": __version__, "bundle": running_id(), "python": sys.version.split()[0]}
+    if args.op == "health":
+        return ops.health(args.url, args.expect, args.timeout, args.passes, args.interval)
+    layout = Layout.at(args.root)
+    match args.op:
+        case "setup":
+            return ops.setup(layout)
+        case "state":
+            return ops.state(layout)
+        case "receive":
+            return ops.receive(layout, args.revision)
+        case "prepare":
+            return ops.prepare(layout, args.revision, args.release, args.shared, args.build)
+        case "switch":
+            return ops.switch(layout, args.release)
+        case "prune":
+            return ops.prune(layout, args.keep)
+        case "record":
+            return ops.record(layout, json.loads(args.entry))
+        case "lock":
+            return ops.lock(layout, args.action, json.loads(args.owner))
+    raise ops.AgentError(f"unknown operation {args.op!r}")
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = {"ok": True, **run_op(args)}
+    except (ops.AgentError, ValueError, OSError) as e:
+        result = {"ok": False, "error": str(e)}
+    except Exception as e:  # a bug: still answer in JSON, with the traceback on stderr
+        traceback.print_exc()
+        result = {"ok": False, "error": f"agent internal error: {type(e).__name__}: {e}"}
+    print(f"{RESULT_MARK} {json.dumps(result)}", flush=True)
+    return 0 if result["ok"] else 1

@@ -1,0 +1,356 @@
+"""Host operations. Each returns a JSON-able dict or raises AgentError.
+
+Standard library only: this runs on the hosts from the zipapp `deployer setup`
+uploads. Nothing that serves traffic changes before `switch`: a release is
+built under a temporary name and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from deployer.agent.layout import RELEASE_NAME, Layout
+
+
+class AgentError(Exception):
+    """An operation failed; the message is for the operator."""
+
+
+def _git(layout: Layout, *args: str, stdin: Any = None, capture: bool = True) -> str:
+    proc = subprocess.run(
+        ["git", f"--git-dir={layout.repo}", *args],
+        stdin=stdin,
+        capture_output=capture,
+        text=False,
+    )
+    if proc.returncode != 0:
+        err = (proc.stderr or b"").decode(errors="replace").strip()
+        raise AgentError(f"git {' '.join(args[:2])} failed: {err}")
+    return (proc.stdout or b"").decode()
+
+
+# --- layout ---------------------------------------------------------------------------
+
+
+def setup(layout: Layout) -> dict[str, Any]:
+    """Create the layout; idempotent."""
+    for d in layout.dirs():
+        d.mkdir(parents=True, exist_ok=True)
+    if not (layout.repo / "HEAD").exists():
+        subprocess.run(["git", "init", "-q", "--bare", str(layout.repo)], check=True)
+    return {"root": str(layout.root), "dirs": [str(d) for d in layout.dirs()]}
+
+
+def releases(layout: Layout) -> list[str]:
+    if not layout.releases.is_dir():
+        return []
+    return sorted(p.name for p in layout.releases.iterdir() if RELEASE_NAME.fullmatch(p.name))
+
+
+def current_release(layout: Layout) -> str | None:
+    try:
+        target = os.readlink(layout.current)
+    except (FileNotFoundError, OSError):
+        return None
+    return Path(target).name
+
+
+def _revision(layout: Layout, name: str) -> str | None:
+    try:
+        return (layout.releases / name / "REVISION").read_text().strip()
+    except OSError:
+        return None
+
+
+def have(layout: Layout) -> list[str]:
+    """Commits the host's object cache holds (the ones deploys sent it)."""
+    if not (layout.repo / "HEAD").exists():
+        return []
+    out = _git(layout, "for-each-ref", "--format=%(objectname)", "refs/deployer/")
+    return sorted(set(out.split()))
+
+
+def state(layout: Layout) -> dict[str, Any]:
+    names = releases(layout)
+    current = current_release(layout)
+    previous = None
+    if current in names:
+        i = names.index(current)
+        previous = names[i - 1] if i > 0 else None
+    return {
+        "root": str(layout.root),
+        "exists": layout.root.is_dir(),
+        "current": current,
+        "current_revision": _revision(layout, current) if current else None,
+        "previous": previous,
+        "releases": [{"name": n, "revision": _revision(layout, n)} for n in names],
+        "have": have(layout),
+        "master": master_state(layout),
+    }
+
+
+def master_state(layout: Layout) -> dict[str, Any]:
+    try:
+        pid = int(layout.pidfile.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return {"running": False}
+    return {"running": True, "pid": pid, "socket": str(layout.socket)}
+
+
+# --- code -----------------------------------------------------------------------------
+
+
+def receive(layout: Layout, revisions: list[str]) -> dict[str, Any]:
+    """Index a pack from stdin into repo/ and pin the revisions it completes.
+
+    The revisions arrive without their history, so each is recorded in
+    repo/shallow: git then treats it as a root and never looks for its parents.
+    """
+    data = sys.stdin.buffer
+    first = data.read(65536)
+    received = len(first)
+    pack = ""
+    if first:
+        proc = subprocess.Popen(
+            ["git", f"--git-dir={layout.repo}", "index-pack", "--stdin", "--fix-thin"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdin is not None
+        chunk = first
+        while chunk:
+            proc.stdin.write(chunk)
+            chunk = data.read(65536)
+            received += len(chunk)
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise AgentError(f"git index-pack failed: {err.decode(errors='replace').strip()}")
+        pack = out.decode().strip()
+    shallow = layout.repo / "shallow"
+    known = set(shallow.read_text().split()) if shallow.exists() else set()
+    with open(shallow, "a") as fh:
+        for rev in revisions:
+            if rev not in known:
+                fh.write(rev + "\n")
+    for rev in revisions:
+        _git(layout, "update-ref", f"refs/deployer/{rev}", rev)
+    return {"bytes": received, "pack": pack}
+
+
+def prepare(
+    layout: Layout, revision: str, release: str, shared: list[str], build: str | None
+) -> dict[str, Any]:
+    """Create releases/<release> from a revision, link shared paths, run the build."""
+    final = layout.release(release)
+    if final.exists():
+        if release == current_release(layout):
+            raise AgentError(f"release {release} is current; refusing to rebuild it in place")
+        shutil.rmtree(final)
+    work = layout.releases / f".tmp-{release}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        _extract(layout, revision, work)
+        (work / "REVISION").write_text(revision + "\n")
+        _link_shared(layout, work, shared)
+        started = time.monotonic()
+        if build:
+            _build(work, build, layout)
+        work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return {"release": release, "path": str(final), "build_seconds": time.monotonic() - started}
+
+
+def _extract(layout: Layout, revision: str, dest: Path) -> None:
+    proc = subprocess.Popen(
+        ["git", f"--git-dir={layout.repo}", "archive", "--format=tar", revision],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            # The "data" filter (no absolute paths, no links out) needs 3.11.4+;
+            # Debian 12 ships 3.11.2. The archive is our own `git archive` either way.
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+            else:
+                tar.extractall(dest)
+    except tarfile.TarError as e:
+        proc.kill()
+        raise AgentError(f"could not extract {revision}: {e}") from None
+    finally:
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        proc.wait()
+    if proc.returncode != 0:
+        raise AgentError(f"git archive {revision} failed: {err.strip()}")
+
+
+def _link_shared(layout: Layout, release: Path, shared: list[str]) -> None:
+    """Each shared path becomes a symlink into shared/. "dir/" is a directory (created
+    if missing); a file must already exist in shared/ (it holds config or secrets that
+    a deploy must not invent)."""
+    for entry in shared:
+        rel = entry.strip("/")
+        if not rel or ".." in Path(rel).parts:
+            raise AgentError(f"[app] shared: {entry!r} is not a relative path inside the release")
+        source = layout.shared / rel
+        if entry.endswith("/"):
+            source.mkdir(parents=True, exist_ok=True)
+        elif not source.exists():
+            raise AgentError(
+                f"[app] shared: {source} does not exist on this host; create it "
+                f"(it is linked into every release as {rel})"
+            )
+        target = release / rel
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(source)
+
+
+def _build(release: Path, command: str, layout: Layout) -> None:
+    """Run the build in the release, streaming its output to our stdout."""
+    env = {**os.environ, "DEPLOYER_RELEASE": str(release), "DEPLOYER_ROOT": str(layout.root)}
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", command],
+        cwd=release,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    tail: list[str] = []
+    for raw in proc.stdout:
+        line = raw.decode(errors="replace").rstrip("\n")
+        print(f"build: {line}", flush=True)
+        tail = (tail + [line])[-20:]
+    if proc.wait() != 0:
+        raise AgentError(
+            f"build `{command}` exited with {proc.returncode}; last lines:\n" + "\n".join(tail)
+        )
+
+
+def switch(layout: Layout, release: str) -> dict[str, Any]:
+    """Point `current` at a release atomically: a new symlink renamed over the old one."""
+    target = layout.release(release)
+    if not target.is_dir():
+        raise AgentError(f"release {release} does not exist on this host")
+    previous = current_release(layout)
+    tmp = layout.root / f".current-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(Path("releases") / release)
+    os.replace(tmp, layout.current)
+    return {"previous": previous, "current": release}
+
+
+def prune(layout: Layout, keep: int) -> dict[str, Any]:
+    """Remove the oldest releases beyond `keep`; never current, never the one before it."""
+    names = releases(layout)
+    current = current_release(layout)
+    protected = {current}
+    if current in names and names.index(current) > 0:
+        protected.add(names[names.index(current) - 1])
+    removable = [n for n in names if n not in protected]
+    excess = max(0, len(names) - keep)
+    removed = removable[:excess]
+    for name in removed:
+        shutil.rmtree(layout.releases / name)
+    for leftover in layout.releases.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return {"removed": removed, "kept": [n for n in names if n not in removed]}
+
+
+# --- health ---------------------------------------------------------------------------
+
+
+def health(url: str, expect: int, timeout: float, passes: int, interval: float) -> dict[str, Any]:
+    """Probe until `passes` answers in a row have status `expect`, within `timeout`."""
+    end = time.monotonic() + timeout
+    streak, probes, last = 0, 0, ""
+    while True:
+        probes += 1
+        status, last = _probe(url, min(5.0, max(0.5, end - time.monotonic())))
+        streak = streak + 1 if status == expect else 0
+        if streak >= passes:
+            return {"url": url, "probes": probes, "status": status}
+        if time.monotonic() + interval > end:
+            raise AgentError(
+                f"health check {url} failed: wanted {passes} x {expect} in a row within "
+                f"{timeout:g}s; {probes} probes, last answer: {last}"
+            )
+        time.sleep(interval)
+
+
+def _probe(url: str, timeout: float) -> tuple[int | None, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, f"{resp.status}"
+    except urllib.error.HTTPError as e:
+        return e.code, f"{e.code} {e.reason}"
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return None, f"no answer ({reason})"
+
+
+# --- history and lock -----------------------------------------------------------------
+
+
+def record(layout: Layout, entry: dict[str, Any]) -> dict[str, Any]:
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with open(layout.history, "a") as fh:
+        fh.write(json.dumps(entry, sort_keys=True) + "\n")
+    return {"recorded": True}
+
+
+def lock(layout: Layout, action: str, owner: dict[str, Any]) -> dict[str, Any]:
+    """The host's deploy lock: a directory, because mkdir is atomic."""
+    info = layout.lock / "owner.json"
+    if action == "acquire":
+        layout.run.mkdir(parents=True, exist_ok=True)
+        try:
+            layout.lock.mkdir()
+        except FileExistsError:
+            return {"acquired": False, "holder": _read_owner(info)}
+        info.write_text(json.dumps(owner))
+        return {"acquired": True}
+    holder = _read_owner(info)
+    mine = holder.get("id") == owner.get("id")
+    if action == "heartbeat":
+        if mine:
+            os.utime(info)
+        return {"held": mine}
+    if action == "release":
+        if mine or owner.get("force"):
+            shutil.rmtree(layout.lock, ignore_errors=True)
+            return {"released": True, "holder": holder}
+        return {"released": False, "holder": holder}
+    if action == "show":
+        return {"holder": holder or None}
+    raise AgentError(f"unknown lock action {action!r}")
+
+
+def _read_owner(path: Path) -> dict[str, Any]:
+    try:
+        holder = json.loads(path.read_text())
+        holder["heartbeat"] = path.stat().st_mtime
+        return holder
+    except (OSError, ValueError):
+        return {}

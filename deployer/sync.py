@@ -1,0 +1,101 @@
+"""Moving a git revision to a host: only the objects the host lacks.
+
+A host's `repo/` holds the complete trees of the revisions deployed to it
+(pinned as refs/deployer/<sha>), not their history. So the pack for a host is
+"every object of the new revision's tree, minus every object of the trees the
+host already has": the first deploy sends one tree (no history), a one-line
+change sends the changed blob and the trees above it. Objects reachable only
+through older history are never assumed to be there, so a revert to an old
+file version still arrives complete.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from deployer.errors import BadInput, DeployerError
+
+
+class SyncError(DeployerError):
+    pass
+
+
+@dataclass(frozen=True)
+class Revision:
+    sha: str
+    subject: str
+
+    @property
+    def short(self) -> str:
+        return self.sha[:7]
+
+
+class Source:
+    """The repository deploys come from (a work tree or a bare repo)."""
+
+    def __init__(self, path: str | Path) -> None:
+        import git
+
+        try:
+            self.repo = git.Repo(path, search_parent_directories=True)
+        except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+            raise BadInput(f"--repo: {path} is not a git repository") from None
+        self.git_dir = Path(self.repo.git_dir)
+
+    def resolve(self, rev: str | None) -> Revision:
+        """Anything `git rev-parse` accepts, as the commit it names."""
+        import git
+
+        spec = rev or "HEAD"
+        try:
+            commit = self.repo.commit(spec)
+        except (git.BadName, ValueError, git.GitCommandError):
+            raise BadInput(f"revision {spec!r} is not a commit in {self.git_dir}") from None
+        return Revision(commit.hexsha, commit.summary if isinstance(commit.summary, str) else "")
+
+    def has_commit(self, sha: str) -> bool:
+        return self._git("cat-file", "-e", f"{sha}^{{commit}}", check=False).returncode == 0
+
+    @cache  # noqa: B019 - one Source per rollout; trees of a commit never change
+    def tree_objects(self, sha: str) -> frozenset[str]:
+        out = self._git("rev-list", "--objects", "--no-walk", sha).stdout.decode()
+        return frozenset(line.split(" ", 1)[0] for line in out.splitlines() if line)
+
+    def pack_for(self, sha: str, host_has: list[str]) -> bytes | None:
+        """A pack with what a host holding `host_has` lacks for `sha`; None if nothing."""
+        need = set(self.tree_objects(sha))
+        for have in host_has:
+            if self.has_commit(have):
+                need -= self.tree_objects(have)
+        if not need:
+            return None
+        # Sorted input: the same need gives the same pack bytes (cacheable per rollout).
+        return self._git("pack-objects", "--stdout", "-q", stdin="\n".join(sorted(need))).stdout
+
+    def _git(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[bytes]:
+        proc = subprocess.run(
+            ["git", f"--git-dir={self.git_dir}", *args],
+            input=None if stdin is None else (stdin + "\n").encode(),
+            capture_output=True,
+        )
+        if check and proc.returncode != 0:
+            raise SyncError(f"git {args[0]} failed: {proc.stderr.decode(errors='replace').strip()}")
+        return proc
+
+
+def sync(source: Source, host, revision: Revision) -> int:  # host: RemoteHost
+    """Bring `revision` into the host's object cache; returns the bytes sent."""
+    have = host.state()["have"]
+    if revision.sha in have:
+        return 0
+    pack = source.pack_for(revision.sha, have)
+    if pack is None:  # every object already there (e.g. a re-tagged tree)
+        host.receive(b"", [revision.sha])
+        return 0
+    host.receive(pack, [revision.sha])
+    return len(pack)
