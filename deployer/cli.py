@@ -65,6 +65,174 @@ def hosts(ctx: click.Context, patterns: str | None, as_json: bool) -> None:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
+def open_deploy(ctx: click.Context, patterns: str | None, lock_wait: float = 0.0):
+    """(inventory, Deploy) for the selected hosts; the caller closes the Deploy."""
+    from deployer.history import state_dir
+    from deployer.rollout import Deploy
+
+    inv = load_inventory(ctx)
+    hosts = inv.select(patterns)
+    return inv, Deploy(inv, hosts, state_dir(inv.path), lock_wait=lock_wait)
+
+
+def parse_batch(value: str | None) -> tuple[int | str, ...] | None:
+    from deployer.errors import BadInput
+    from deployer.inventory import Invalid, batch
+
+    if value is None:
+        return None
+    items = [int(v) if v.strip().isdigit() else v.strip() for v in value.split(",")]
+    try:
+        return batch(items)
+    except Invalid as e:
+        raise BadInput(f"--batch: {e}") from None
+
+
+@cli.command()
+@hosts_option
+@click.pass_context
+def setup(ctx: click.Context, patterns: str | None) -> None:
+    """Prepare hosts: layout, host agent, master config, master running. Idempotent."""
+    from deployer import fleet
+
+    _, deploy = open_deploy(ctx, patterns)
+    try:
+        failures = fleet.setup(deploy)
+    finally:
+        deploy.close()
+    if failures:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("rev", required=False)
+@hosts_option
+@click.option("--batch", help='Hosts per batch: N, "N%", or a ramp like 1,10%,100%.')
+@click.option("--canary", type=click.IntRange(min=0), help="Hosts in the first batch.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@click.option("--repo", "repo_path", metavar="PATH", help="Repository to deploy from.")
+@click.option("--lock-wait", type=float, default=0.0, metavar="SECONDS")
+@click.pass_context
+def rollout(
+    ctx: click.Context,
+    rev: str | None,
+    patterns: str | None,
+    batch: str | None,
+    canary: int | None,
+    dry_run: bool,
+    repo_path: str | None,
+    lock_wait: float,
+) -> None:
+    """Deploy REV (default: HEAD of the repo) to the selected hosts, batch by batch."""
+    from deployer.inventory import expand_path
+    from deployer.rollout import plan_rollout, run_rollout
+    from deployer.sync import Source
+
+    inv, deploy = open_deploy(ctx, patterns, lock_wait)
+    try:
+        repo = repo_path or (str(expand_path(inv.app.repo, inv.path)) if inv.app.repo else ".")
+        source = Source(repo)
+        revision = source.resolve(rev)
+        plan = plan_rollout(inv, list(deploy.remotes), revision.sha, parse_batch(batch), canary)
+        if dry_run:
+            click.echo(plan.render())
+            return
+        outcome = run_rollout(deploy, plan, source)
+    finally:
+        deploy.close()
+    sys.exit(outcome.exit_code)
+
+
+@cli.command()
+@click.option("--to", "to", metavar="RELEASE", help="Release to go to (default: previous).")
+@hosts_option
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@click.pass_context
+def rollback(ctx: click.Context, to: str | None, patterns: str | None, dry_run: bool) -> None:
+    """Switch hosts back to their previous release, batch by batch with health checks."""
+    from deployer.rollout import run_rollback
+
+    _, deploy = open_deploy(ctx, patterns)
+    try:
+        plan, outcome = run_rollback(deploy, to, dry_run)
+    finally:
+        deploy.close()
+    if outcome is None:
+        click.echo(plan.render())
+        return
+    sys.exit(outcome.exit_code)
+
+
+@cli.command()
+@hosts_option
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx: click.Context, patterns: str | None, as_json: bool) -> None:
+    """Per host: current release, revision, master workers, health."""
+    from deployer import fleet
+
+    _, deploy = open_deploy(ctx, patterns)
+    try:
+        rows = fleet.status(deploy)
+    finally:
+        deploy.close()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            if "error" in r:
+                click.echo(f"{r['host']}: ERROR {r['error']}")
+                continue
+            master = r["master"]
+            m = f"master pid {master['pid']}" if master.get("running") else "master not running"
+            rev = (r["revision"] or "-")[:12]
+            click.echo(
+                f"{r['host']}: {r['current'] or 'no release'} ({rev}), {m}, "
+                f"health {r['health'] or '-'}"
+            )
+    if any("error" in r for r in rows):
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("-n", "limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def history(ctx: click.Context, limit: int, as_json: bool) -> None:
+    """Past deploys, newest first."""
+    from deployer.history import History, state_dir
+
+    inv = load_inventory(ctx)
+    entries = History(state_dir(inv.path)).entries(limit)
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    for e in entries:
+        step = f" at {e['failed_step']}" if e.get("failed_step") else ""
+        click.echo(
+            f"{e.get('id')}  {e.get('action')}  {str(e.get('revision') or e.get('release'))[:12]}"
+            f"  {e.get('user')}  {e.get('started')}  {len(e.get('hosts', []))} host(s)"
+            f"  {e.get('result')}{step}  {e.get('duration_s')}s"
+        )
+
+
+@cli.command()
+@click.option("--force", is_flag=True, help="Break the lock even if its holder looks alive.")
+@hosts_option
+@click.pass_context
+def unlock(ctx: click.Context, force: bool, patterns: str | None) -> None:
+    """Break a stale deploy lock, saying whose it was."""
+    from deployer import lock as locks
+
+    inv, deploy = open_deploy(ctx, patterns)
+    try:
+        broke = locks.break_locks(deploy, force)
+    finally:
+        deploy.close()
+    for line in broke:
+        click.echo(line)
+
+
 @cli.command(
     context_settings={"ignore_unknown_options": True, "help_option_names": []},
     add_help_option=False,
@@ -77,8 +245,16 @@ def master(args: tuple[str, ...]) -> None:
     sys.exit(master_main(list(args)))
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM takes the same path as Ctrl-C, so locks are released on the way out.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected errors become a message and an exit code."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="deployer", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -130,3 +130,95 @@ class RemoteHost:
 
     def lock(self, action: str, owner: dict[str, Any]) -> dict[str, Any]:
         return self.agent("lock", action, "--owner", json.dumps(owner, sort_keys=True))
+
+    # --- the resident master ------------------------------------------------------------
+
+    @property
+    def master_config_path(self) -> str:
+        return f"{self.root}/master.toml"
+
+    def master_toml(self) -> str:
+        """The host's master.toml: [master] from the inventory, paths of the layout."""
+        m = self.config.master
+        assert m is not None
+        # A string command runs through /bin/sh, `exec` so signals reach the program.
+        command = (
+            ["/bin/sh", "-c", f"exec {m.command}"]
+            if isinstance(m.command, str)
+            else list(m.command)
+        )
+        values: dict[str, Any] = {
+            "command": command,
+            "workers": m.workers,
+            "listen": m.listen,
+            "ready": m.ready,
+            "stop_signal": m.stop_signal,
+            "shutdown_timeout": m.shutdown_timeout,
+            "ready_timeout": m.ready_timeout,
+            "ready_soak": m.ready_soak,
+            "reload_batch": m.reload_batch,
+            "cwd": f"{self.root}/current",
+            "socket": f"{self.root}/run/master.sock",
+            "pidfile": f"{self.root}/run/master.pid",
+            "log": f"{self.root}/log/master.log",
+        }
+        lines = [
+            "# written by `deployer setup` from the inventory; edits are overwritten",
+            "[master]",
+        ]
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+        return "\n".join(lines) + "\n"
+
+    def write_master_config(self) -> None:
+        self.transport.put(self.master_toml().encode(), self.master_config_path)
+
+    def _master(self, *words: str, on_line: LineCallback | None, timeout: float) -> Result:
+        argv = self._zipapp("master", *words)
+        result = self.transport.run(argv, on_stdout=on_line, timeout=timeout)
+        if not result.ok:
+            why = result.stderr_tail(15) or result.stdout[-2000:]
+            raise StepFailed(self.name, f"master {words[0]}", f"exit {result.exit_code}: {why}")
+        return result
+
+    def _master_timeout(self) -> float:
+        m = self.config.master
+        assert m is not None
+        workers = m.workers if isinstance(m.workers, int) else 16
+        return workers * (m.ready_timeout + m.ready_soak) + m.shutdown_timeout + 30
+
+    def start_master(self, on_line: LineCallback | None = None) -> Result:
+        return self._master(
+            "start",
+            "--config",
+            self.master_config_path,
+            on_line=on_line,
+            timeout=self._master_timeout(),
+        )
+
+    def reload_master(self, on_line: LineCallback | None = None) -> Result:
+        timeout = self._master_timeout()
+        return self._master(
+            "reload",
+            "--socket",
+            f"{self.root}/run/master.sock",
+            "--wait",
+            "--timeout",
+            str(timeout),
+            on_line=on_line,
+            timeout=timeout + 10,
+        )
+
+    def stop_master(self) -> Result:
+        return self._master(
+            "stop", "--socket", f"{self.root}/run/master.sock", on_line=None, timeout=120
+        )
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string

@@ -1,0 +1,62 @@
+"""Fleet-wide operations that are not a rollout: setup and status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deployer.agent.bundle import build
+from deployer.remote import RemoteHost
+from deployer.rollout import Deploy
+
+
+def setup(deploy: Deploy) -> dict[str, str]:
+    """Idempotent: layout, agent zipapp, master.toml, master running if there is a
+    release to run. Returns failures by host."""
+    bundle = build()
+    say = deploy.reporter.say
+
+    def one(remote: RemoteHost) -> None:
+        remote.install(bundle)
+        say(f"agent {bundle.id} installed at {remote.pyz}", remote.name)
+        if remote.config.master is None:
+            return
+        remote.write_master_config()
+        state = remote.state()
+        if state["master"]["running"]:
+            say(f"master running (pid {state['master']['pid']})", remote.name)
+        elif state["current"]:
+            remote.start_master(on_line=lambda s: say(f"master: {s}", remote.name))
+            say("master started", remote.name)
+        else:
+            say("no release yet: the first rollout starts the master", remote.name)
+
+    _, failures = deploy.each(list(deploy.remotes), one)
+    return failures
+
+
+def status(deploy: Deploy) -> list[dict[str, Any]]:
+    """Per host: current release and revision, master, health."""
+
+    def one(remote: RemoteHost) -> dict[str, Any]:
+        st = remote.state()
+        row: dict[str, Any] = {
+            "host": remote.name,
+            "current": st["current"],
+            "revision": st["current_revision"],
+            "previous": st["previous"],
+            "releases": len(st["releases"]),
+            "master": st["master"],
+            "health": None,
+        }
+        if remote.config.health is not None and st["current"]:
+            try:
+                remote.health()
+                row["health"] = "ok"
+            except Exception as e:  # noqa: BLE001 - any failure is the answer here
+                row["health"] = f"failing: {e}"
+        return row
+
+    results, failures = deploy.each(list(deploy.remotes), one)
+    rows = [results[n] for n in deploy.remotes if n in results]
+    rows += [{"host": n, "error": why} for n, why in failures.items()]
+    return rows
