@@ -1,0 +1,184 @@
+"""A worker: its record in the master, and how it is started.
+
+Every worker gets the listening socket as fd 3 with LISTEN_FDS=1 and
+LISTEN_PID=<its own pid> (the systemd socket-activation convention), runs in
+its own process group (signals go to the group, so `npm start` wrappers leave
+nothing behind), and dies with the master (PR_SET_PDEATHSIG).
+
+We fork and exec ourselves instead of using subprocess: only the child knows
+its pid before exec (LISTEN_PID), and the master is single-threaded, so the
+code between fork and exec is safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from deployer.master.readiness import READY_FD_ENV, ReadyPipe
+
+LISTEN_FD = 3
+READY_FD = 4  # pipe readiness: the write end, named by $DEPLOYER_READY_FD
+PR_SET_PDEATHSIG = 1
+EXEC_FAILED = 127
+# Signals the master catches; a child must not keep our handlers between
+# fork and exec (a stop signal arriving then would be swallowed).
+CAUGHT_SIGNALS = (
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGCHLD,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
+# Variables that belong to the master's own supervisor, never to a worker.
+MASTER_ONLY_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", READY_FD_ENV)
+
+_libc: ctypes.CDLL | None = None
+
+
+def _prctl() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a worker runs: the release directory (cwd resolved at spawn time)
+    and the generation (bumped by every reload; a failed reload goes back)."""
+
+    release: str
+    generation: int
+
+
+@dataclass
+class Worker:
+    id: int
+    pid: int
+    spec: Spec
+    started_at: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.monotonic)
+    state: str = "starting"  # starting | ready | draining
+    ready_at: float | None = None
+    kill_at: float | None = None  # when draining: SIGKILL the group at this time
+    ready_pipe: ReadyPipe | None = None
+    stderr_tail: deque[str] = field(default_factory=deque)
+    status_text: str = ""  # last STATUS= it sent
+    killed_for: str | None = None  # why the master killed it (reported instead of "SIGKILL")
+
+    @property
+    def label(self) -> str:
+        return f"worker {self.id} pid {self.pid}"
+
+    def uptime(self, now: float) -> float:
+        return now - self.started_mono
+
+    def signal(self, sig: int) -> None:
+        """Signal the worker's whole process group (its pgid is its pid)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def rss_bytes(self) -> int | None:
+        return rss_bytes(self.pid)
+
+    def last_stderr(self) -> str:
+        return "\n".join(self.stderr_tail)
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def describe_exit(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    if code == EXEC_FAILED:
+        return f"exited with code {code} (command not found or not executable?)"
+    return f"exited with code {code}"
+
+
+@dataclass
+class Launch:
+    """Everything needed to start one worker process."""
+
+    command: list[str]
+    cwd: str | None
+    env: dict[str, str]
+    listener_fd: int
+    stdout_fd: int
+    stderr_fd: int
+    ready_fd: int | None = None  # pipe mode: write end, becomes fd 4
+
+
+def worker_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in base.items() if k not in MASTER_ONLY_ENV}
+    env.update(extra)
+    env["LISTEN_FDS"] = "1"
+    env["LISTEN_FDNAMES"] = "listen"
+    return env
+
+
+def start_process(launch: Launch) -> int:
+    """fork + exec; returns the child's pid (also its process group id)."""
+    libc = _prctl()
+    master = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child until exec
+        _become_worker(launch, master, libc)
+    # Also set the group from the parent, so killpg works even before the child ran.
+    with contextlib.suppress(PermissionError, ProcessLookupError):
+        os.setpgid(pid, pid)
+    return pid
+
+
+def _become_worker(launch: Launch, master: int, libc: ctypes.CDLL) -> None:  # pragma: no cover
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (*CAUGHT_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        os.setpgid(0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != master:  # the master died before prctl took effect
+            os._exit(1)
+        _install_fds(launch)
+        if launch.cwd:
+            os.chdir(launch.cwd)
+        env = dict(launch.env, LISTEN_PID=str(os.getpid()))
+        os.execvpe(launch.command[0], launch.command, env)
+    except BaseException as e:  # noqa: BLE001 - report anything, then exit
+        with contextlib.suppress(OSError):
+            os.write(2, f"deployer master: cannot run {launch.command[0]!r}: {e}\n".encode())
+    os._exit(EXEC_FAILED)
+
+
+def _install_fds(launch: Launch) -> None:  # pragma: no cover - child only
+    """Put each inherited fd at its fixed number. Copies go above 9 first so a
+    source that already sits on a target number is not clobbered."""
+    wanted = {LISTEN_FD: launch.listener_fd, 1: launch.stdout_fd, 2: launch.stderr_fd}
+    if launch.ready_fd is not None:
+        wanted[READY_FD] = launch.ready_fd
+    high = {target: fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, 10) for target, src in wanted.items()}
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    for target, src in high.items():
+        os.dup2(src, target)  # dup2 makes the target inheritable

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Example worker for `deployer master`, standard library only.
+
+- Serves on the socket the master passes as fd 3 (LISTEN_FDS / LISTEN_PID,
+  the systemd socket-activation convention); run alone it binds $PORT.
+- Tells the master it is ready: `READY=1` to $NOTIFY_SOCKET (sd_notify), or
+  to the pipe in $DEPLOYER_READY_FD.
+- Drains correctly on SIGTERM, which is half of a zero-downtime reload:
+  stop accepting (other workers share the queue), finish in-flight requests,
+  answer any further request on an open connection with `Connection: close`,
+  close an idle keep-alive connection only when its idle timeout expires
+  (never abruptly: the client may be sending its next request right now),
+  and exit when no connection is left or at $SHUTDOWN_TIMEOUT.
+
+Routes: `/` (who answered), `/health` (200, or 500 with FAIL_HEALTH=1),
+`/slow?s=SECONDS` (answers after a delay: an in-flight request).
+
+Switches (environment, or KEY=VALUE lines in ./release.env, the way a
+release ships its settings): CRASH_AT_BOOT=1, NEVER_READY=1, FAIL_HEALTH=1,
+BOOT_DELAY=SECONDS, CRASH_AFTER_BOOTS=N (boots counted in ./.boots; later
+boots crash), IDLE_TIMEOUT=SECONDS (keep-alive, default 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from urllib.parse import parse_qs, urlsplit
+
+MAX_HEADER = 64 * 1024
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
+
+
+def load_release_env(path: str = "release.env") -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        for line in f:
+            key, sep, value = line.strip().partition("=")
+            if sep and not key.startswith("#"):
+                os.environ[key.strip()] = value.strip()
+
+
+def flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def count_boot() -> int:
+    fd = os.open(".boots", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b".")
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def listening_socket() -> socket.socket:
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS", 0)):
+        sock = socket.socket(fileno=3)  # family and type are read from the fd
+    else:
+        sock = socket.create_server(("127.0.0.1", int(os.environ.get("PORT", "8000"))))
+    sock.setblocking(False)
+    return sock
+
+
+def notify_ready() -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if address:
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"READY=1", address)
+    fd = os.environ.get("DEPLOYER_READY_FD")
+    if fd:
+        os.write(int(fd), b"READY=1\n")
+        os.close(int(fd))
+
+
+class App:
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.release = os.path.basename(os.environ.get("DEPLOYER_RELEASE", os.getcwd()))
+        self.idle_timeout = float(os.environ.get("IDLE_TIMEOUT", "5"))
+        self.shutdown_timeout = float(os.environ.get("SHUTDOWN_TIMEOUT", "30"))
+        self.connections: set[Connection] = set()
+        self.draining = False
+        self.done = asyncio.get_running_loop().create_future()
+        self.server: asyncio.Server | None = None
+
+    async def handle(self, method: str, target: str) -> tuple[int, bytes]:
+        url = urlsplit(target)
+        if url.path == "/":
+            return 200, f"ok pid={self.pid} release={self.release}\n".encode()
+        if url.path == "/health":
+            return (500, b"unhealthy\n") if flag("FAIL_HEALTH") else (200, b"healthy\n")
+        if url.path == "/slow":
+            seconds = float(parse_qs(url.query).get("s", ["1"])[0])
+            await asyncio.sleep(seconds)
+            return 200, f"slow ok pid={self.pid} after {seconds:g}s\n".encode()
+        return 404, b"not found\n"
+
+    def drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        if self.server is not None:
+            self.server.close()  # stop accepting; the queue stays with the other workers
+        # Open connections are left alone: a busy one closes after its response
+        # (sent with Connection: close), an idle one after answering its next
+        # request or when its idle timeout expires.
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.shutdown_timeout, self.finish)
+        self.maybe_finish()
+
+    def maybe_finish(self) -> None:
+        if self.draining and not self.connections:
+            self.finish()
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.buffer = b""
+        self.busy = False
+        self.transport: asyncio.Transport | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.app.connections.add(self)
+        self.start_idle_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.cancel_idle_timer()
+        self.app.connections.discard(self)
+        self.app.maybe_finish()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self.next_request()
+
+    def start_idle_timer(self) -> None:
+        self.cancel_idle_timer()
+        loop = asyncio.get_running_loop()
+        self.idle_timer = loop.call_later(self.app.idle_timeout, self.idle_expired)
+
+    def cancel_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def idle_expired(self) -> None:
+        if not self.busy and not self.buffer and self.transport is not None:
+            self.transport.close()
+
+    def next_request(self) -> None:
+        if self.busy or self.transport is None or self.transport.is_closing():
+            return
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > MAX_HEADER:
+                self.respond(400, b"header too large\n", close=True)
+            return
+        head = self.buffer[:end].decode("latin-1")
+        lines = head.split("\r\n")
+        try:
+            method, target, version = lines[0].split(" ", 2)
+        except ValueError:
+            self.respond(400, b"bad request line\n", close=True)
+            return
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip().lower()
+        if "chunked" in headers.get("transfer-encoding", ""):
+            self.respond(400, b"chunked bodies are not supported\n", close=True)
+            return
+        length = int(headers.get("content-length", "0") or 0)
+        if len(self.buffer) < end + 4 + length:
+            return  # the body is still coming
+        self.buffer = self.buffer[end + 4 + length :]
+        connection = headers.get("connection", "")
+        close = connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive")
+        self.busy = True
+        self.cancel_idle_timer()
+        asyncio.ensure_future(self.serve(method, target, close))
+
+    async def serve(self, method: str, target: str, close: bool) -> None:
+        try:
+            status, body = await self.app.handle(method, target)
+        except Exception as e:  # noqa: BLE001 - a handler bug is a 500, not a dead worker
+            status, body = 500, f"error: {e}\n".encode()
+        self.respond(status, body, close)
+
+    def respond(self, status: int, body: bytes, close: bool) -> None:
+        assert self.transport is not None
+        # Draining: this is the connection's last response, and the client is told.
+        close = close or self.app.draining
+        head = (
+            f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"
+            f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
+        self.busy = False
+        if close:
+            self.transport.close()  # after the buffered response is flushed
+            return
+        self.start_idle_timer()
+        self.next_request()  # a pipelined request may be waiting
+
+
+async def main() -> None:
+    load_release_env()
+    if flag("CRASH_AT_BOOT"):
+        print("CRASH_AT_BOOT set: failing on purpose", file=sys.stderr)
+        sys.exit(3)
+    limit = int(os.environ.get("CRASH_AFTER_BOOTS", "0") or 0)
+    if limit and count_boot() > limit:
+        print(f"boot number > CRASH_AFTER_BOOTS={limit}: failing on purpose", file=sys.stderr)
+        sys.exit(3)
+    time.sleep(float(os.environ.get("BOOT_DELAY", "0")))
+    app = App()
+    loop = asyncio.get_running_loop()
+    app.server = await loop.create_server(lambda: Connection(app), sock=listening_socket())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app.drain)
+    if not flag("NEVER_READY"):
+        notify_ready()
+    print(f"pid {os.getpid()} serving release {app.release}", flush=True)
+    await app.done
+    print(f"pid {os.getpid()} drained, exiting", flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
