@@ -1,0 +1,425 @@
+"""The resident cluster master with real processes, sockets and signals:
+reloads under load, bad releases, crashes, stop, control socket, scale."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from master_helpers import (
+    PYTHON,
+    Load,
+    Master,
+    Masters,
+    Releases,
+    control,
+    pid_alive,
+    wait_for,
+)
+
+
+@pytest.fixture
+def masters(tmp_path: Path) -> Iterator[Masters]:
+    fleet = Masters(tmp_path)
+    try:
+        yield fleet
+    finally:
+        fleet.cleanup()
+
+
+@pytest.fixture
+def releases(tmp_path: Path) -> Releases:
+    r = Releases(tmp_path / "app")
+    r.make("r1")
+    r.switch("r1")
+    return r
+
+
+def releases_of(master: Master) -> set[str]:
+    return {os.path.basename(w["release"]) for w in master.status()["workers"]}
+
+
+def assert_no_failures(load: Load) -> None:
+    result = load.stop()
+    assert result.failed == 0, result.summary()
+    assert result.ok > 100, result.summary()
+
+
+# --- reload ---
+
+
+@pytest.mark.timeout(60)
+def test_reload_under_load_switches_release_with_zero_failures(
+    masters: Masters, releases: Releases
+) -> None:
+    m = masters.start(cwd=releases.current)
+    old_pids = {w["pid"] for w in m.status()["workers"]}
+    with Load(m.port, duration=30) as load:
+        load.wait_requests(200)
+        for name in ("r2", "r3"):
+            releases.make(name)
+            releases.switch(name)
+            before = load.result.ok
+            r = m.cli("reload", "--wait")
+            assert r.returncode == 0, r.stderr + m.log_text()
+            assert "ok in" in r.stdout and f"releases/{name}" in r.stdout
+            assert {"spawned", "ready", "draining", "stopped"} <= {
+                line.split(":")[0] for line in r.stdout.splitlines()
+            }
+            assert releases_of(m) == {name}
+            load.wait_requests(before + 200)
+        assert_no_failures(load)
+    status = m.status()
+    assert status["reloads"] == 2 and status["release"].endswith("releases/r3")
+    assert not old_pids & {w["pid"] for w in status["workers"]}
+    assert not any(pid_alive(p) for p in old_pids)
+    assert load.result.bodies["r3"] > 0
+
+
+@pytest.mark.timeout(90)
+def test_twenty_reloads_in_a_loop_under_load_zero_failures(
+    masters: Masters, releases: Releases
+) -> None:
+    m = masters.start(cwd=releases.current, options=("--ready-soak", "0.1"))
+    durations = []
+    with Load(m.port, threads=6, duration=75) as load:
+        load.wait_requests(100)
+        for i in range(20):
+            before = load.result.ok
+            started = time.monotonic()
+            answers = m.request({"cmd": "reload"}, timeout=30)
+            durations.append(time.monotonic() - started)
+            assert answers[-1]["ok"], (i, answers, m.log_text()[-3000:])
+            load.wait_requests(before + 20)
+        assert_no_failures(load)
+    assert m.status()["reloads"] == 20
+    assert sorted(durations)[10] < 5, durations
+
+
+@pytest.mark.timeout(60)
+def test_signals_hup_and_usr2_reload(masters: Masters, releases: Releases) -> None:
+    m = masters.start(cwd=releases.current)
+    for n, sig in enumerate((signal.SIGHUP, signal.SIGUSR2), start=1):
+        old = {w["pid"] for w in m.status()["workers"]}
+        m.proc.send_signal(sig)
+        wait_for(lambda n=n: m.status()["reloads"] == n, 20, f"reload {n}")
+        assert not old & {w["pid"] for w in m.status()["workers"]}
+
+
+@pytest.mark.timeout(60)
+def test_reload_requested_during_a_reload_is_queued_not_interleaved(
+    masters: Masters, releases: Releases
+) -> None:
+    m = masters.start(cwd=releases.current, options=("--ready-soak", "0.5"))
+    results: list[list[dict]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(m.request({"cmd": "reload"}, timeout=30)))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    assert all(r[-1]["ok"] for r in results), results
+    queued = [r for r in results if r[0].get("event") == "queued"]
+    assert len(queued) == 1 and queued[0][0]["behind"] == 1
+    ids = sorted(r[-1]["reload"] for r in results)
+    assert ids == [1, 2]
+    # Not interleaved: reload 2 spawned nothing before reload 1 ended.
+    log = m.log_text()
+    assert log.index("reload 1 done") < log.index("reload 2:")
+    assert m.status()["reloads"] == 2
+
+
+# --- bad releases ---
+
+
+@pytest.mark.timeout(60)
+def test_bad_release_crashing_at_boot_keeps_old_workers_zero_failures(
+    masters: Masters, releases: Releases
+) -> None:
+    m = masters.start(cwd=releases.current)
+    old = {w["pid"] for w in m.status()["workers"]}
+    releases.make("bad", CRASH_AT_BOOT="1")
+    releases.switch("bad")
+    with Load(m.port, duration=30) as load:
+        load.wait_requests(100)
+        r = m.cli("reload", "--wait")
+        load.wait_requests(load.result.ok + 100)
+        assert_no_failures(load)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "exited with code 3 before it was ready" in r.stderr
+    assert "CRASH_AT_BOOT set: failing on purpose" in r.stderr  # its stderr tail
+    status = m.status()
+    assert {w["pid"] for w in status["workers"]} == old
+    assert status["release"].endswith("releases/r1") and releases_of(m) == {"r1"}
+    assert status["failed_reloads"] == 1 and status["last_reload"]["ok"] is False
+    assert load.result.bodies.keys() == {"r1"}
+
+
+@pytest.mark.timeout(60)
+def test_bad_release_never_ready_times_out_and_is_killed(
+    masters: Masters, releases: Releases
+) -> None:
+    m = masters.start(cwd=releases.current, options=("--ready-timeout", "1.5"))
+    old = {w["pid"] for w in m.status()["workers"]}
+    releases.make("stuck", NEVER_READY="1")
+    releases.switch("stuck")
+    with Load(m.port, duration=30) as load:
+        load.wait_requests(100)
+        answers = m.request({"cmd": "reload"}, timeout=30)
+        assert_no_failures(load)
+    assert answers[-1]["ok"] is False
+    assert "not ready within ready_timeout (1.5s" in answers[-1]["error"]
+    spawned = [a["pid"] for a in answers if a.get("event") == "spawned"]
+    assert spawned and not any(pid_alive(p) for p in spawned)
+    assert {w["pid"] for w in m.status()["workers"]} == old
+
+
+@pytest.mark.timeout(60)
+def test_failed_reload_converts_already_replaced_slots_back(
+    masters: Masters, releases: Releases
+) -> None:
+    m = masters.start(cwd=releases.current, workers=3)
+    releases.make("flaky", CRASH_AFTER_BOOTS="1")  # the 2nd worker of this release crashes
+    releases.switch("flaky")
+    with Load(m.port, duration=30) as load:
+        load.wait_requests(100)
+        answers = m.request({"cmd": "reload"}, timeout=30)
+        load.wait_requests(load.result.ok + 100)
+        assert_no_failures(load)
+    events = [a.get("event") for a in answers]
+    assert answers[-1]["ok"] is False and "aborting" in events, answers
+    reverted = [a for a in answers if a.get("phase") == "revert" and a.get("event") == "ready"]
+    assert len(reverted) == 1 and reverted[0]["release"].endswith("releases/r1")
+    assert releases_of(m) == {"r1"}
+    assert len(m.ready_workers()) == 3
+
+
+# --- crashes ---
+
+
+@pytest.mark.timeout(60)
+def test_crashed_worker_is_replaced_from_pinned_release(
+    masters: Masters, releases: Releases
+) -> None:
+    m = masters.start(cwd=releases.current)
+    # `current` moves on without a reload: a crash restart must not pick it up.
+    releases.make("r2")
+    releases.switch("r2")
+    victim = m.status()["workers"][0]
+    started = time.monotonic()
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_for(lambda: victim["pid"] not in {w["pid"] for w in m.ready_workers()}, 5, "the reap")
+    m.wait_ready(2)
+    took = time.monotonic() - started
+    status = m.status()
+    assert took < 2.0, took
+    assert status["crashes"] == 1 and releases_of(m) == {"r1"}
+    replacement = next(w for w in status["workers"] if w["id"] == victim["id"])
+    assert replacement["pid"] != victim["pid"] and replacement["restarts"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_crash_loop_backs_off_instead_of_fork_bombing(masters: Masters, tmp_path: Path) -> None:
+    m = masters.start(workers=1, env={"CRASH_AT_BOOT": "1"}, wait=False)
+    wait_for(lambda: m.socket.exists(), 10, "control socket")
+    time.sleep(4)
+    status = m.status()
+    # Restarts at about 0, 0.5, 1, 2 s after the first crash: a handful, not hundreds.
+    assert 3 <= status["crashes"] <= 7, status
+    assert status["state"] == "starting"
+    (loop,) = status["crash_loops"]
+    assert loop["crashes_in_a_row"] >= 3
+    assert "crash loop: restart in" in m.log_text()
+
+
+# --- stop ---
+
+
+def slow_request(m: Master, seconds: float, out: list) -> threading.Thread:
+    def run() -> None:
+        try:
+            out.append(m.get(f"/slow?s={seconds}", timeout=seconds + 10))
+        except OSError as e:
+            out.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_lets_an_in_flight_request_finish(masters: Masters) -> None:
+    m = masters.start()
+    workers = [w["pid"] for w in m.status()["workers"]]
+    out: list = []
+    t = slow_request(m, 3, out)
+    time.sleep(0.5)
+    started = time.monotonic()
+    m.proc.send_signal(signal.SIGTERM)
+    assert m.wait_exit(15) == 0
+    t.join()
+    assert out and out[0][0] == 200 and "slow ok" in out[0][1], out
+    assert time.monotonic() - started >= 2.0
+    assert not any(pid_alive(p) for p in workers)
+    assert not m.socket.exists()
+
+
+@pytest.mark.timeout(60)
+def test_stop_command_waits_for_drain_and_exits_zero(masters: Masters) -> None:
+    m = masters.start()
+    out: list = []
+    t = slow_request(m, 2, out)
+    time.sleep(0.5)
+    r = m.cli("stop", "--timeout", "20")
+    assert r.returncode == 0, r.stderr
+    assert f"master {m.pid} stopped" in r.stdout
+    assert m.wait_exit(5) == 0
+    t.join()
+    assert out[0][0] == 200
+
+
+@pytest.mark.timeout(60)
+def test_second_sigint_stops_at_once(masters: Masters) -> None:
+    m = masters.start()
+    workers = [w["pid"] for w in m.status()["workers"]]
+    out: list = []
+    t = slow_request(m, 20, out)
+    time.sleep(0.5)
+    m.proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    assert m.proc.poll() is None  # first SIGINT: graceful, still draining the slow request
+    started = time.monotonic()
+    m.proc.send_signal(signal.SIGINT)
+    m.wait_exit(5)
+    assert time.monotonic() - started < 2
+    t.join()
+    assert isinstance(out[0], OSError)  # the slow request was cut, as asked
+    assert not any(pid_alive(p) for p in workers)
+
+
+@pytest.mark.timeout(60)
+def test_master_sigkill_leaves_no_workers_and_a_new_master_serves(masters: Masters) -> None:
+    m = masters.start()
+    workers = [w["pid"] for w in m.status()["workers"]]
+    m.proc.kill()
+    m.wait_exit(5)
+    wait_for(lambda: not any(pid_alive(p) for p in workers), 2, "workers to die with the master")
+    m2 = masters.start()
+    assert m2.get("/")[0] == 200
+
+
+# --- control socket ---
+
+
+@pytest.mark.timeout(30)
+def test_control_socket_is_0600_and_refuses_other_uids(masters: Masters) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    # pytest's tmp dirs are 0700: put the socket where another uid can reach it.
+    shared = Path(tempfile.mkdtemp(prefix="deployer-master-test-"))
+    shared.chmod(0o755)
+    try:
+        m = masters.start(workers=1, sock=shared / "m.sock")
+        assert stat.S_IMODE(os.stat(m.socket).st_mode) == 0o600
+        assert "not allowed" in connect_as_nobody(m.socket)  # refused by the file mode
+        os.chmod(m.socket, 0o666)  # even with the file opened up, the uid check refuses
+        answer = connect_as_nobody(m.socket)
+        assert '"ok":false' in answer and "uid 65534 is not allowed" in answer, answer
+        assert m.proc.poll() is None and m.status()["state"] == "running"
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def connect_as_nobody(path: Path) -> str:
+    probe = (
+        "import os, socket, sys; os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n"
+        "    s.connect(sys.argv[1])\n"
+        "except PermissionError:\n"
+        "    sys.exit(print('connect: not allowed'))\n"
+        "s.sendall(b'{\"cmd\": \"stop\"}\\n'); print(s.recv(4096).decode())"
+    )
+    r = subprocess.run([PYTHON, "-c", probe, str(path)], capture_output=True, text=True)
+    return r.stdout + r.stderr
+
+
+@pytest.mark.timeout(30)
+def test_unknown_control_command_is_an_error_answer(masters: Masters) -> None:
+    m = masters.start(workers=1)
+    (answer,) = control(m.socket, {"cmd": "explode"})
+    assert answer["ok"] is False and "unknown command" in answer["error"]
+
+
+@pytest.mark.timeout(60)
+def test_scale_up_and_down(masters: Masters) -> None:
+    m = masters.start(workers=1)
+    r = m.cli("scale", "3")
+    assert r.returncode == 0 and "workers: 1 -> 3" in r.stdout, r.stderr
+    pids = {w["pid"] for w in m.wait_ready(3)}
+    r = m.cli("scale", "1")
+    assert r.returncode == 0
+    (left,) = m.wait_ready(1)
+    assert left["id"] == 1 and left["pid"] in pids
+    assert m.cli("scale", "0").returncode == 2
+
+
+@pytest.mark.timeout(30)
+def test_status_json_has_the_documented_fields(masters: Masters, releases: Releases) -> None:
+    m = masters.start(cwd=releases.current)
+    r = m.cli("status", "--json")
+    assert r.returncode == 0
+    s = json.loads(r.stdout)
+    assert s["pid"] == m.pid and s["release"].endswith("releases/r1")
+    assert s["configured"] == 2 and s["ready"] == 2
+    for key in ("reloads", "failed_reloads", "crashes", "state", "rss", "listen"):
+        assert key in s
+    for w in s["workers"]:
+        for key in ("id", "pid", "state", "release", "started_at", "restarts", "rss"):
+            assert key in w, key
+        assert w["state"] == "ready" and w["rss"] > 1_000_000
+    human = m.cli("status")
+    assert human.returncode == 0 and f"master pid {m.pid} running" in human.stdout
+
+
+# --- readiness modes ---
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("mode", ["pipe", "delay:0.3"])
+def test_other_readiness_modes(masters: Masters, mode: str) -> None:
+    m = masters.start(options=("--ready", mode))
+    assert m.get("/")[0] == 200
+    assert m.request({"cmd": "reload"}, timeout=20)[-1]["ok"]
+
+
+@pytest.mark.timeout(30)
+def test_worker_environment_follows_socket_activation(masters: Masters, tmp_path: Path) -> None:
+    probe = (
+        "import os, socket, sys;"
+        "s = socket.socket(fileno=3);"
+        "print('ENV', os.environ['LISTEN_PID'] == str(os.getpid()), os.environ['LISTEN_FDS'],"
+        " os.getpgrp() == os.getpid(), s.getsockname()[1], flush=True);"
+        "a = os.environ['NOTIFY_SOCKET'];"
+        "u = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM);"
+        "u.sendto(b'READY=1', '\\0' + a[1:]);"
+        "import time; time.sleep(60)"
+    )
+    m = masters.start(command=[PYTHON, "-c", probe], workers=1)
+    wait_for(lambda: "ENV" in m.log_text(), 5, "probe output")
+    line = next(x for x in m.log_text().splitlines() if "ENV" in x)
+    assert line.endswith(f"ENV True 1 True {m.port}"), line
+    assert "[worker 1 pid" in line
