@@ -373,9 +373,11 @@ def run_rollout(deploy: Deploy, plan: Plan, source: Any) -> Outcome:
         before = {n: s["current"] for n, s in states.items()}
         outcome.releases = dict(before)
 
+        revision = source.resolve(plan.revision)  # once: GitPython is not thread-safe
+
         def prepare(remote: RemoteHost) -> None:
             t0 = time.monotonic()
-            sent = sync(source, remote, source.resolve(plan.revision))
+            sent = sync(source, remote, revision)
             t1 = time.monotonic()
             remote.prepare(plan.revision or "", release, on_line=lambda s: say(s, remote.name))
             say(

@@ -12,6 +12,7 @@ file version still arrives complete.
 from __future__ import annotations
 
 import subprocess
+import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -44,6 +45,7 @@ class Source:
         except (git.InvalidGitRepositoryError, git.NoSuchPathError):
             raise BadInput(f"--repo: {path} is not a git repository") from None
         self.git_dir = Path(self.repo.git_dir)
+        self._lock = threading.Lock()
 
     def resolve(self, rev: str | None) -> Revision:
         """Anything `git rev-parse` accepts, as the commit it names."""
@@ -51,7 +53,8 @@ class Source:
 
         spec = rev or "HEAD"
         try:
-            commit = self.repo.commit(spec)
+            with self._lock:  # GitPython's persistent cat-file process is not thread-safe
+                commit = self.repo.commit(spec)
         except (git.BadName, ValueError, git.GitCommandError):
             raise BadInput(f"revision {spec!r} is not a commit in {self.git_dir}") from None
         return Revision(commit.hexsha, commit.summary if isinstance(commit.summary, str) else "")

@@ -1,0 +1,113 @@
+"""Rollout, rollback, status, history and locks over real SSH (no master here)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from rollout_helpers import Project, commit, git, make_project
+from sshd import SSHTestHost
+
+APP = {"app.txt": "version 1\n", "lib/util.txt": os.urandom(5000).hex() + "\n"}  # incompressible
+
+
+@pytest.fixture
+def project(tmp_path: Path, ssh_hosts: list[SSHTestHost]) -> Project:
+    p = make_project(tmp_path, ssh_hosts, APP, app_extra='build = "cat app.txt > built.txt"')
+    p.deployer("setup", check=True)
+    return p
+
+
+def test_rollout_then_rollback(project: Project) -> None:
+    sha1 = git(project.repo, "rev-parse", "HEAD")
+    v1 = project.deployer("rollout", check=True)
+    assert "rollout ok" in v1.stdout
+    for h in project.hosts:
+        assert project.revision(h) == sha1
+        assert (h.root / "current" / "built.txt").read_text() == "version 1\n"
+    sha2 = commit(project.repo, {"app.txt": "version 2\n"}, "v2")
+    project.deployer("rollout", check=True)
+    for h in project.hosts:
+        assert project.revision(h) == sha2
+    back = project.deployer("rollback", check=True)
+    assert "rollback ok" in back.stdout
+    for h in project.hosts:
+        assert project.revision(h) == sha1
+    history = json.loads(project.deployer("history", "--json", check=True).stdout)
+    assert [e["action"] for e in history] == ["rollback", "rollout", "rollout"]
+    assert all(e["result"] == "ok" for e in history)
+    host_history = (project.hosts[0].root / "history.jsonl").read_text().splitlines()
+    assert len(host_history) == 3
+
+
+def test_dry_run_changes_nothing(project: Project) -> None:
+    out = project.deployer("rollout", "--dry-run", check=True).stdout
+    assert "switch canary batch: host1 ->" in out
+    for h in project.hosts:
+        assert project.current(h) is None and project.releases(h) == []
+
+
+def test_build_failure_switches_nothing(project: Project) -> None:
+    project.deployer("rollout", check=True)
+    before = {h.name: project.current(h) for h in project.hosts}
+    commit(project.repo, {"app.txt": "version 2\n"}, "v2")
+    inv = project.inventory.read_text().replace(
+        'build = "cat app.txt > built.txt"', 'build = "echo compiling; exit 3"'
+    )
+    project.inventory.write_text(inv)
+    proc = project.deployer("rollout")
+    assert proc.returncode == 1
+    assert "FAILED at prepare" in proc.stdout and "exited with 3" in proc.stdout
+    assert "compiling" in proc.stdout
+    assert {h.name: project.current(h) for h in project.hosts} == before
+
+
+def test_delta_sync_sends_less_the_second_time(project: Project) -> None:
+    first = project.deployer("rollout", check=True).stdout
+    commit(project.repo, {"app.txt": "version 2\n"}, "v2")
+    second = project.deployer("rollout", check=True).stdout
+    sent1 = _bytes_sent(first)
+    sent2 = _bytes_sent(second)
+    assert len(sent1) == 3 and all(b > 5000 for b in sent1)  # the 10 KB file went first
+    assert all(0 < b < 1000 for b in sent2), sent2  # only the changed blob and trees
+
+
+def _bytes_sent(out: str) -> list[int]:
+    return [
+        int(line.split("sent ")[1].split()[0])
+        for line in out.splitlines()
+        if "prepared: sent" in line
+    ]
+
+
+def test_keep_releases_prunes_but_keeps_current_and_previous(project: Project) -> None:
+    inv = project.inventory.read_text().replace('name = "demo"', 'name = "demo"\nkeep_releases = 2')
+    project.inventory.write_text(inv)
+    for i in range(4):
+        commit(project.repo, {"app.txt": f"version {i}\n"}, f"v{i}")
+        project.deployer("rollout", check=True)
+    for h in project.hosts:
+        releases = project.releases(h)
+        assert len(releases) == 2 and project.current(h) == releases[-1]
+
+
+def test_second_rollout_is_refused_while_the_lock_is_held(project: Project) -> None:
+    from deployer.lock import ControllerLock, Owner
+
+    lock = ControllerLock(project.state, "demo")
+    owner = Owner("demo", "abc1234", user="alice")
+    lock.acquire(owner)
+    proc = project.deployer("rollout")
+    assert proc.returncode == 3
+    assert "held by alice@" in proc.stderr and "since" in proc.stderr
+    lock.release(owner)
+    assert project.deployer("rollout").returncode == 0
+
+
+def test_status_shows_each_host(project: Project) -> None:
+    project.deployer("rollout", check=True)
+    rows = json.loads(project.deployer("status", "--json", check=True).stdout)
+    assert [r["host"] for r in rows] == [h.name for h in project.hosts]
+    assert all(r["revision"] == git(project.repo, "rev-parse", "HEAD") for r in rows)
