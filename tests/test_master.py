@@ -3,6 +3,7 @@ reloads under load, bad releases, crashes, stop, control socket, scale."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from master_helpers import (
     PYTHON,
+    PYTHON_APP,
     Load,
     Master,
     Masters,
@@ -423,3 +425,42 @@ def test_worker_environment_follows_socket_activation(masters: Masters, tmp_path
     line = next(x for x in m.log_text().splitlines() if "ENV" in x)
     assert line.endswith(f"ENV True 1 True {m.port}"), line
     assert "[worker 1 pid" in line
+
+
+@pytest.mark.timeout(60)
+def test_master_sigkill_also_kills_a_wrappers_children(masters: Masters) -> None:
+    # `sh -c '...; exit'` keeps sh as the worker and runs the app as its child,
+    # like `npm start`: PDEATHSIG reaches sh only, the guard kills the group.
+    wrapper = ["sh", "-c", f'{PYTHON} "$0"; exit $?', str(PYTHON_APP)]
+    m = masters.start(command=wrapper, workers=2)
+    assert m.get("/")[0] == 200
+    leaders = [w["pid"] for w in m.status()["workers"]]
+    apps = [p for p in all_pids() if os.getpgid(p) in leaders and p not in leaders]
+    assert len(apps) == 2
+    m.proc.kill()
+    m.wait_exit(5)
+    wait_for(lambda: not any(pid_alive(p) for p in leaders + apps), 2, "the whole groups to die")
+    assert masters.start().get("/")[0] == 200
+
+
+def all_pids() -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                os.getpgid(int(name))
+                out.append(int(name))
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_graceful_stop_waits_for_a_wrappers_children(masters: Masters) -> None:
+    wrapper = ["sh", "-c", f'{PYTHON} "$0"; exit $?', str(PYTHON_APP)]
+    m = masters.start(command=wrapper, workers=1)
+    out: list = []
+    t = slow_request(m, 2, out)
+    time.sleep(0.5)
+    m.proc.send_signal(signal.SIGTERM)
+    assert m.wait_exit(15) == 0
+    t.join()
+    assert out[0][0] == 200, out

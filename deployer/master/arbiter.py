@@ -30,6 +30,7 @@ from typing import Any
 from deployer.master import listener as listener_mod
 from deployer.master.config import MasterConfig
 from deployer.master.control import Connection, ControlServer
+from deployer.master.guard import Guard
 from deployer.master.log import MasterLog, OutputStream, new_tail
 from deployer.master.readiness import (
     READY_FD_ENV,
@@ -117,6 +118,7 @@ class Arbiter:
         self.workers: dict[int, Worker] = {}  # every live worker by pid
         self.lingering: dict[int, float] = {}  # process groups whose leader exited: pgid -> kill at
         self.streams: dict[int, OutputStream] = {}
+        self.guard = Guard()
         self.conns: dict[int, Connection] = {}
         self.job: ReloadJob | None = None
         self.queued: ReloadJob | None = None
@@ -135,6 +137,7 @@ class Arbiter:
     def run(self) -> int:
         self.install_signals()
         self.watch_fds()
+        self.guard.start(self.groups())
         self.log.master(
             f"listening on {listener_mod.describe(self.listener)}, {self.target} workers,"
             f" ready {self.cfg.ready}, release {self.pinned.release}"
@@ -235,11 +238,22 @@ class Arbiter:
             worker = self.workers.pop(pid, None)
             if worker is not None:
                 self.worker_exited(worker, status)
+            elif pid == self.guard.pid:
+                self.log.master(f"guard pid {pid} {describe_exit(status)}: starting a new one")
+                self.guard.close()
+                self.guard.start(self.groups())
+
+    def groups(self) -> list[int]:
+        """Every worker process group that may still have members."""
+        return [*self.workers, *self.lingering]
 
     def worker_exited(self, worker: Worker, status: int) -> None:
         now = time.monotonic()
         how = describe_exit(status) if worker.killed_for is None else worker.killed_for
         self.forget_ready_pipe(worker)
+        for fd in worker.stream_fds:  # what it wrote last, for the failure report
+            if fd in self.streams:
+                self.read_stream(self.streams[fd])
         slot = self.slots.get(worker.id)
         if worker.state == "draining":
             self.log.master(f"{worker.label} stopped ({how})")
@@ -282,9 +296,11 @@ class Arbiter:
 
     def linger(self, worker: Worker, deadline: float) -> None:
         """The group leader is gone; anything left in its group gets SIGKILL at deadline."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
+        try:
             os.killpg(worker.pid, 0)
             self.lingering[worker.pid] = deadline
+        except (ProcessLookupError, PermissionError):
+            self.guard.remove(worker.pid)
 
     def kill_lingering(self, now: float) -> None:
         for pgid, deadline in list(self.lingering.items()):
@@ -292,6 +308,7 @@ class Arbiter:
                 os.killpg(pgid, signal.SIGKILL if deadline <= now else 0)
             except (ProcessLookupError, PermissionError):
                 del self.lingering[pgid]
+                self.guard.remove(pgid)
 
     def check_workers(self, now: float) -> None:
         for w in list(self.workers.values()):
@@ -378,7 +395,9 @@ class Arbiter:
             if fd is not None:
                 os.close(fd)
         worker = Worker(id=slot.id, pid=pid, spec=spec, stderr_tail=new_tail())
+        worker.stream_fds = [out_r, err_r]
         self.workers[pid] = worker
+        self.guard.add(pid)
         self.watch_stream(out_r, worker, None)
         self.watch_stream(err_r, worker, worker.stderr_tail)
         if ready_r is not None:
@@ -695,6 +714,7 @@ class Arbiter:
         if self.control is not None:
             self.control.close()
         self.listener.close()
+        self.guard.close()
         signal.set_wakeup_fd(-1)
 
     # --- control socket ---

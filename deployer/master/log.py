@@ -49,7 +49,8 @@ class MasterLog:
             self.stderr_captured = True
 
     def line(self, who: str, text: str) -> None:
-        data = f"{timestamp()} [{who}] {text}\n".encode(errors="replace")
+        prefix = f"{timestamp()} [{who}] "
+        data = "".join(prefix + part + "\n" for part in text.split("\n")).encode(errors="replace")
         with contextlib.suppress(OSError):  # a full disk must not take the service down
             os.write(self.fd, data)
 

@@ -76,6 +76,7 @@ class Worker:
     stderr_tail: deque[str] = field(default_factory=deque)
     status_text: str = ""  # last STATUS= it sent
     killed_for: str | None = None  # why the master killed it (reported instead of "SIGKILL")
+    stream_fds: list[int] = field(default_factory=list)  # read ends of its stdout/stderr
 
     @property
     def label(self) -> str:

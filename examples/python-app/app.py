@@ -59,7 +59,9 @@ def count_boot() -> int:
 
 
 def listening_socket() -> socket.socket:
-    if os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS", 0)):
+    # LISTEN_PID is our pid, or our parent's when a wrapper (`sh -c`, `npm start`) runs us.
+    ours = os.environ.get("LISTEN_PID") in (str(os.getpid()), str(os.getppid()))
+    if ours and int(os.environ.get("LISTEN_FDS", 0)):
         sock = socket.socket(fileno=3)  # family and type are read from the fd
     else:
         sock = socket.create_server(("127.0.0.1", int(os.environ.get("PORT", "8000"))))
