@@ -111,3 +111,107 @@ def test_status_shows_each_host(project: Project) -> None:
     rows = json.loads(project.deployer("status", "--json", check=True).stdout)
     assert [r["host"] for r in rows] == [h.name for h in project.hosts]
     assert all(r["revision"] == git(project.repo, "rev-parse", "HEAD") for r in rows)
+
+
+class HealthServer:
+    """A health endpoint on loopback whose answers the test controls."""
+
+    def __init__(self, on_request=None, status=lambda: 200) -> None:
+        import http.server
+        import threading
+
+        self.status = status
+        self.hits = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                outer.hits += 1
+                if on_request is not None:
+                    on_request(outer.hits)
+                self.send_response(outer.status())
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/health"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def with_health(project: Project, url: str, extra: str = "") -> None:
+    text = project.inventory.read_text()
+    text = text.replace(
+        "[ssh]",
+        f'[health]\nurl = "{url}"\ntimeout = 2\npasses = 1\ninterval = 0.2\n'
+        f"[rollout]\ncanary = 1\nbatch = 1\n{extra}\n[ssh]",
+        1,
+    )
+    project.inventory.write_text(text)
+
+
+def test_unhealthy_canary_is_rolled_back_and_no_other_host_switches(project: Project) -> None:
+    project.deployer("rollout", check=True)
+    before = {h.name: project.current(h) for h in project.hosts}
+    bad = commit(project.repo, {"app.txt": "version 2\n"}, "v2")
+    canary = project.hosts[0]
+    # Unhealthy exactly while the canary runs the new revision, as a broken release is.
+    health = HealthServer(status=lambda: 503 if project.revision(canary) == bad else 200)
+    try:
+        with_health(project, health.url)
+        proc = project.deployer("rollout")
+    finally:
+        health.close()
+    assert proc.returncode == 1, proc.stdout
+    assert "FAILED at switch" in proc.stdout and "503" in proc.stdout
+    assert f"{project.hosts[0].name}: " in proc.stdout
+    assert {h.name: project.current(h) for h in project.hosts} == before
+    assert f"{project.hosts[0].name:<12} rolled back to {before[project.hosts[0].name]}" in (
+        proc.stdout
+    )
+
+
+def test_host_lost_between_prepare_and_switch(sshd_fleet, project: Project) -> None:
+    project.deployer("rollout", check=True)
+    before = {h.name: project.current(h) for h in project.hosts}
+    commit(project.repo, {"app.txt": "version 2\n"}, "v2")
+    lost = project.hosts[2]
+
+    def cut_host3(hit: int) -> None:
+        if hit == 1:  # the canary's health probe: prepare is over, host3 not yet switched
+            sshd_fleet.stop(lost)
+
+    health = HealthServer(on_request=cut_host3)
+    try:
+        with_health(project, health.url)
+        text = project.inventory.read_text().replace("[ssh]\n", "[ssh]\nretry_deadline = 2\n")
+        project.inventory.write_text(text)
+        proc = project.deployer("rollout")
+        sshd_fleet.restart(lost)
+        check_lost_host_outcome(project, proc, before, lost)
+    finally:
+        health.close()
+
+
+def check_lost_host_outcome(project: Project, proc, before: dict, lost: SSHTestHost) -> None:
+    assert proc.returncode == 1, proc.stdout
+    assert f"{lost.name}: " in proc.stdout and "cannot connect" in proc.stdout
+    assert "rolling back" in proc.stdout
+    assert {h.name: project.current(h) for h in project.hosts} == before
+    # Released wherever reachable; the lost host keeps a lock whose holder is gone,
+    # which the next rollout reports as stale and `deployer unlock` breaks.
+    assert not (project.state / "demo.lock").exists()
+    assert [h.name for h in project.hosts if (h.root / "run" / "deploy.lock").exists()] == [
+        lost.name
+    ]
+    again = project.deployer("rollout")
+    assert again.returncode == 3 and "stale: pid" in again.stderr, again.stderr
+    unlock = project.deployer("unlock", check=True)
+    assert f"broke host {lost.name}: held by" in unlock.stdout
+    assert project.deployer("rollout").returncode == 0
