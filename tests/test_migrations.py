@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pg_helpers
 import pytest
-from pg_helpers import pg_database, pg_url  # noqa: F401  (fixtures)
 
 from deployer.migrations import Runner
 from deployer.migrations.cli import main
@@ -28,6 +28,10 @@ from deployer.migrations.errors import BadInput, LockHeld, MigrationFailed
 from deployer.migrations.files import discover, new_migration
 from deployer.migrations.lint import RULES, lint_migration
 from deployer.migrations.sqltext import pyformat_placeholders, split_statements
+
+# The PostgreSQL fixtures, registered in this module.
+pg_database = pg_helpers.pg_database
+pg_url = pg_helpers.pg_url
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -506,11 +510,16 @@ LINT_CASES = [
 ]  # fmt: skip
 
 
-def lint_text(tmp_path: Path, phase: str, dialect: str, body: str) -> list[str]:
+def case_file(path: Path, phase: str, body: str) -> Path:
+    """A .sql migration from a lint case: `-- transaction` lines of `body` go to the header."""
     headers = [line for line in body.splitlines() if line.startswith("-- transaction")]
     statements = "\n".join(line for line in body.splitlines() if line not in headers)
-    path = tmp_path / "20240101000000_case.sql"
     path.write_text("\n".join([f"-- phase: {phase}", *headers, "-- up", statements, ""]))
+    return path
+
+
+def lint_text(tmp_path: Path, phase: str, dialect: str, body: str) -> list[str]:
+    case_file(tmp_path / "20240101000000_case.sql", phase, body)
     return [v.rule for v in lint_migration(discover(tmp_path)[0], dialect)]
 
 
