@@ -45,4 +45,6 @@ def ssh_hosts(
     free); a host that an earlier test stopped is started again first.
     """
     sshd_fleet.ensure_running(_shared_ssh_hosts)
-    return sshd_fleet.fresh_copies(_shared_ssh_hosts, label=re.sub(r"\W+", "-", request.node.name))
+    # short: unix socket paths under a host root must stay below 108 bytes
+    label = re.sub(r"\W+", "-", request.node.name)[:20]
+    return sshd_fleet.fresh_copies(_shared_ssh_hosts, label=label)

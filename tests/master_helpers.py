@@ -255,8 +255,16 @@ class Load:
     server said `Connection: close`, or after an error (counted).
     """
 
-    def __init__(self, port: int, threads: int = 8, duration: float = 60, path: str = "/") -> None:
+    def __init__(
+        self,
+        port: int,
+        threads: int = 8,
+        duration: float = 60,
+        path: str = "/",
+        address: str = "127.0.0.1",
+    ) -> None:
         self.port = port
+        self.address = address
         self.path = path
         self.deadline = time.monotonic() + duration
         self.stopped = threading.Event()
@@ -285,7 +293,7 @@ class Load:
         conn: http.client.HTTPConnection | None = None
         while self.running():
             if conn is None:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn = http.client.HTTPConnection(self.address, self.port, timeout=10)
             try:
                 conn.request("GET", self.path)
                 resp = conn.getresponse()

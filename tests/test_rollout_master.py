@@ -1,0 +1,118 @@
+"""Rollouts through the resident master on real sshd hosts, under load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from master_helpers import Load, free_port
+from rollout_helpers import Project, commit, git, make_project
+from sshd import SSHTestHost
+
+APP = (Path(__file__).resolve().parent.parent / "examples" / "python-app" / "app.py").read_text()
+
+
+def stop_masters(hosts: list[SSHTestHost]) -> None:
+    """End the masters the rollouts started (by the pid in each host's pidfile)."""
+    pids = []
+    for h in hosts:
+        pidfile = h.root / "run" / "master.pid"
+        if pidfile.exists():
+            pid = int(pidfile.read_text())
+            try:
+                os.kill(pid, signal.SIGTERM)
+                pids.append(pid)
+            except ProcessLookupError:
+                pass
+    end = time.monotonic() + 15
+    while pids and time.monotonic() < end:
+        pids = [p for p in pids if _alive(p)]
+        time.sleep(0.1)
+    for p in pids:
+        os.kill(p, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def project(tmp_path: Path, ssh_hosts: list[SSHTestHost], port: int) -> Iterator[Project]:
+    extra = (
+        f'[master]\ncommand = "python3 app.py"\nlisten = "{{address}}:{port}"\nworkers = 2\n'
+        'ready = "notify"\nready_soak = 0.3\nshutdown_timeout = 10\nready_timeout = 10\n'
+        f'[health]\nurl = "http://{{address}}:{port}/health"\ntimeout = 5\npasses = 2\n'
+        "interval = 0.2\n[rollout]\ncanary = 1\nbatch = 1\n"
+    )
+    p = make_project(tmp_path, ssh_hosts, {"app.py": APP}, extra=extra)
+    try:
+        p.deployer("setup", check=True)
+        p.deployer("rollout", check=True)
+        yield p
+    finally:
+        stop_masters(ssh_hosts)
+
+
+def loads(project: Project, port: int) -> list[Load]:
+    return [Load(port, threads=3, duration=120, address=h.address) for h in project.hosts]
+
+
+def test_rollout_under_load_fails_no_request(project: Project, port: int) -> None:
+    v2 = commit(project.repo, {"app.py": APP + "\n# v2\n"}, "v2")
+    running = loads(project, port)
+    for load in running:
+        load.__enter__()
+        load.wait_requests(20)
+    try:
+        proc = project.deployer("rollout", check=True)
+        time.sleep(0.5)
+    finally:
+        results = [load.stop() for load in running]
+    for h in project.hosts:
+        assert project.revision(h) == v2
+    for h, result in zip(project.hosts, results, strict=True):
+        assert result.failed == 0, f"{h.name}: {result.summary()}\n{proc.stdout}"
+        # the load really crossed the switch: it saw both releases answer
+        assert len([r for r in result.bodies if r != "?"]) >= 2, result.summary()
+        assert result.ok > 50
+
+
+def test_release_failing_health_on_canary_is_rolled_back(project: Project, port: int) -> None:
+    before = {h.name: project.current(h) for h in project.hosts}
+    v1 = git(project.repo, "rev-parse", "HEAD")
+    commit(project.repo, {"release.env": "FAIL_HEALTH=1\n"}, "broken health")
+    with Load(port, threads=3, duration=120, address=project.hosts[0].address) as load:
+        load.wait_requests(20)
+        proc = project.deployer("rollout")
+        result = load.stop()
+    assert proc.returncode == 1, proc.stdout
+    assert "FAILED at switch" in proc.stdout and "host1: " in proc.stdout
+    assert {h.name: project.current(h) for h in project.hosts} == before
+    assert all(project.revision(h) == v1 for h in project.hosts)
+    assert result.failed == 0, result.summary()  # serving `/` never stopped
+
+
+def test_release_crashing_at_boot_keeps_old_workers(project: Project, port: int) -> None:
+    before = {h.name: project.current(h) for h in project.hosts}
+    commit(project.repo, {"release.env": "CRASH_AT_BOOT=1\n"}, "crashes")
+    with Load(port, threads=3, duration=120, address=project.hosts[0].address) as load:
+        load.wait_requests(20)
+        proc = project.deployer("rollout")
+        result = load.stop()
+    assert proc.returncode == 1, proc.stdout
+    assert "master reload failed" in proc.stdout
+    assert {h.name: project.current(h) for h in project.hosts} == before
+    assert result.failed == 0, result.summary()
