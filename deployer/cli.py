@@ -250,6 +250,18 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+@cli.command(
+    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def migrate(args: tuple[str, ...]) -> None:
+    """Live-stage migrations (status, up, down, lint, new), on this machine."""
+    from deployer.migrations.cli import main as migrate_main
+
+    sys.exit(migrate_main(list(args)))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected errors become a message and an exit code."""
     import signal

@@ -131,6 +131,16 @@ class RemoteHost:
     def lock(self, action: str, owner: dict[str, Any]) -> dict[str, Any]:
         return self.agent("lock", action, "--owner", json.dumps(owner, sort_keys=True))
 
+    # --- migrations -----------------------------------------------------------------------
+
+    def migrate(self, *args: str, cwd: str, on_line: LineCallback | None = None) -> Result:
+        """`deployer migrate ARGS` on this host (host-side runner from the zipapp)."""
+        result = self.transport.run(self._zipapp("migrate", *args), cwd=cwd, on_stdout=on_line)
+        if not result.ok:
+            why = result.stderr_tail(15) or result.stdout[-2000:]
+            raise StepFailed(self.name, f"migrations {' '.join(args[:3])}", why)
+        return result
+
     # --- the resident master ------------------------------------------------------------
 
     @property

@@ -191,9 +191,6 @@ class Outcome:
         return EXIT_OK if self.ok else EXIT_FAILED
 
 
-Hook = Callable[["Deploy", str], None]  # (deploy, phase) for the migrations phases
-
-
 class Deploy:
     """One rollout or rollback over a set of hosts, under the deploy lock."""
 
@@ -204,13 +201,11 @@ class Deploy:
         state_dir: Path,
         reporter: Reporter | None = None,
         lock_wait: float = 0.0,
-        migrate: Hook | None = None,
     ) -> None:
         self.inventory = inventory
         self.reporter = reporter or reporter_for()
         self.state_dir = state_dir
         self.lock_wait = lock_wait
-        self.migrate = migrate
         self.pool = HostPool()
         self.remotes = {h.name: RemoteHost(h, self.pool.get(h)) for h in hosts}
         self.history = History(state_dir)
@@ -444,19 +439,19 @@ def run_rollout(deploy: Deploy, plan: Plan, source: Any) -> Outcome:
             return _finish(
                 deploy, entry, outcome, failed, "prepare", started, "no host was switched"
             )
-        if deploy.migrate:
-            try:
-                deploy.migrate(deploy, "expand")
-            except DeployerError as e:
-                return _finish(
-                    deploy,
-                    entry,
-                    outcome,
-                    {"migrations": str(e)},
-                    "expand",
-                    started,
-                    "no host was switched",
-                )
+        try:
+            run_migrations(deploy, "contract", "current", deferred=True)
+            run_migrations(deploy, "expand", release)
+        except DeployerError as e:
+            return _finish(
+                deploy,
+                entry,
+                outcome,
+                {"migrations": str(e)},
+                "expand",
+                started,
+                "no host was switched",
+            )
         switched: list[str] = []
         try:
             for batch in plan.batches:
@@ -487,27 +482,64 @@ def run_rollout(deploy: Deploy, plan: Plan, source: Any) -> Outcome:
                 started,
             )
             raise
-        if deploy.migrate:
-            try:
-                deploy.migrate(deploy, "contract")
-            except DeployerError as e:
-                # Contract only ever follows healthy hosts: they stay on the new code.
-                failed["migrations"] = str(e)
-                return _finish(
-                    deploy,
-                    entry,
-                    outcome,
-                    failed,
-                    "contract",
-                    started,
-                    "hosts stay on the new release (safe: contract runs last)",
-                )
+        try:
+            run_migrations(deploy, "contract", release)
+        except DeployerError as e:
+            # Contract only ever follows healthy hosts: they stay on the new code.
+            failed["migrations"] = str(e)
+            note = "hosts stay on the new release (safe: contract runs last)"
+            return _finish(deploy, entry, outcome, failed, "contract", started, note)
         _, prune_failed = deploy.each(switched, lambda r: r.prune())
         for n, why in prune_failed.items():
             say(f"warning: prune failed: {why}", n)
         outcome.ok = True
         outcome.failed = failed
         return _finish(deploy, entry, outcome, failed, None, started, None)
+
+
+def migrations_host(deploy: Deploy) -> RemoteHost | None:
+    m = deploy.inventory.migrations
+    if m is None:
+        return None
+    name = m.host or next(iter(deploy.remotes))
+    if name not in deploy.remotes:
+        raise BadInput(
+            f"[migrations] host {name!r} is not among the selected hosts "
+            f"({', '.join(deploy.remotes)}): it needs the new release to run migrations"
+        )
+    return deploy.remotes[name]
+
+
+def run_migrations(deploy: Deploy, phase: str, release: str, deferred: bool = False) -> None:
+    """One phase of migrations on the migrations host, from `release`'s files.
+
+    `deferred`: contract = "next-rollout" runs the contract migrations the running
+    release shipped, at the start of the next rollout (before its expand).
+    """
+    m = deploy.inventory.migrations
+    remote = migrations_host(deploy)
+    if m is None or remote is None:
+        return
+    if deferred and m.contract != "next-rollout":
+        return
+    if phase == "contract" and not deferred and m.contract == "next-rollout":
+        deploy.reporter.say("contract migrations deferred to the next rollout")
+        return
+    base = f"{remote.root}/current" if release == "current" else f"{remote.root}/releases/{release}"
+    deploy.reporter.say(f"migrations: {phase} ({'deferred, ' if deferred else ''}{base})")
+    remote.migrate(
+        "up",
+        "--phase",
+        phase,
+        "--dir",
+        f"{base}/{m.dir}",
+        "--database",
+        m.database,
+        "--release",
+        release,
+        cwd=f"{remote.root}/shared",
+        on_line=lambda s: deploy.reporter.say(f"migrate: {s}", remote.name),
+    )
 
 
 def _abort(

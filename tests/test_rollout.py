@@ -215,3 +215,70 @@ def check_lost_host_outcome(project: Project, proc, before: dict, lost: SSHTestH
     unlock = project.deployer("unlock", check=True)
     assert f"broke host {lost.name}: held by" in unlock.stdout
     assert project.deployer("rollout").returncode == 0
+
+
+MIGRATIONS = {
+    "migrations/20240101000000_create.sql": "-- phase: expand\n-- up\n"
+    "CREATE TABLE people (id INTEGER PRIMARY KEY, fname TEXT);\n-- down\nDROP TABLE people;\n",
+}
+
+
+def with_migrations(project: Project) -> None:
+    text = project.inventory.read_text().replace(
+        "[ssh]", '[migrations]\ndatabase = "sqlite:///app.sqlite3"\n\n[ssh]', 1
+    )
+    project.inventory.write_text(text)
+
+
+def test_expand_before_switch_contract_after(project: Project) -> None:
+    with_migrations(project)
+    commit(project.repo, MIGRATIONS, "schema")
+    project.deployer("rollout", check=True)
+    commit(
+        project.repo,
+        {
+            "migrations/20240102000000_add_name.sql": "-- phase: expand\n-- up\n"
+            "ALTER TABLE people ADD COLUMN name TEXT;\n"
+            "-- down\nALTER TABLE people DROP COLUMN name;\n",
+            "migrations/20240103000000_drop_fname.sql": "-- phase: contract\n-- up\n"
+            "ALTER TABLE people DROP COLUMN fname;\n"
+            "-- down\nALTER TABLE people ADD COLUMN fname TEXT;\n",
+        },
+        "split",
+    )
+    out = project.deployer("rollout", check=True).stdout
+    lines = out.splitlines()
+    first = project.hosts[0].name
+
+    def where(text: str) -> int:
+        return next(i for i, line in enumerate(lines) if text in line)
+
+    assert where("applied 20240102000000_add_name") < where("switch: current")
+    last_healthy = max(i for i, line in enumerate(lines) if "healthy" in line)
+    assert where("applied 20240103000000_drop_fname") > last_healthy
+    import sqlite3
+
+    db = project.hosts[0].root / "shared" / "app.sqlite3"
+    columns = [r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(people)")]
+    assert columns == ["id", "name"]
+    assert first in out
+
+
+def test_failing_expand_switches_no_host(project: Project) -> None:
+    with_migrations(project)
+    commit(project.repo, MIGRATIONS, "schema")
+    project.deployer("rollout", check=True)
+    before = {h.name: project.current(h) for h in project.hosts}
+    commit(
+        project.repo,
+        {
+            "migrations/20240102000000_bad.sql": "-- phase: expand\n-- up\n"
+            "ALTER TABLE nosuchtable ADD COLUMN x TEXT;\n-- down\nSELECT 1;\n"
+        },
+        "bad migration",
+    )
+    proc = project.deployer("rollout")
+    assert proc.returncode == 1, proc.stdout
+    assert "FAILED at expand" in proc.stdout and "no host was switched" in proc.stdout
+    assert "nosuchtable" in proc.stdout
+    assert {h.name: project.current(h) for h in project.hosts} == before
