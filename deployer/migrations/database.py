@@ -127,6 +127,9 @@ class Database:
     def in_transaction(self) -> bool:
         raise NotImplementedError
 
+    def durable_commits(self, on: bool) -> None:
+        """Whether this transaction's COMMIT waits for the disk (see PostgresDatabase)."""
+
     def table_exists(self, name: str) -> bool:
         raise NotImplementedError
 
@@ -255,6 +258,13 @@ class PostgresDatabase(Database):
 
     def in_transaction(self) -> bool:
         return self.raw.info.transaction_status != self.psycopg.pq.TransactionStatus.IDLE
+
+    def durable_commits(self, on: bool) -> None:
+        # A backfill chunk's row locks are held until its COMMIT returns, and a WAL flush
+        # can stall for a checkpoint: concurrent writers wait that long. Chunks commit
+        # asynchronously instead. Safe for exactly-once: data and progress commit
+        # together, so a server crash loses whole chunks, which the resume redoes.
+        self.execute(f"SET LOCAL synchronous_commit = {'on' if on else 'off'}")
 
     def table_exists(self, name: str) -> bool:
         return self.query("SELECT to_regclass(?) IS NOT NULL", (name,))[0][0]

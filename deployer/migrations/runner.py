@@ -331,6 +331,7 @@ class Runner:
         try:
             result = getattr(m.load_module(), direction)(mdb)
             if inspect.isgenerator(result):
+                record.start_chunks()
                 for value in result:
                     record.chunk(value if value is not None else mdb.last_batch_end)
                     mdb.progress = record.progress_value()
@@ -383,6 +384,7 @@ class _Recorder:
         self.prior_ms = row.duration_ms if row else 0
         self.started_at = row.started_at if row else now_iso()
         self.progress = row.progress_data if row else None
+        self.chunked = False
 
     def duration_ms(self) -> int:
         return self.prior_ms + int((time.monotonic() - self.started) * 1000)
@@ -390,21 +392,29 @@ class _Recorder:
     def progress_value(self) -> Any:
         return self.progress["value"] if self.progress else None
 
+    def start_chunks(self) -> None:
+        self.chunked = self.m.transactional
+        if self.chunked:
+            self.db.durable_commits(False)
+
     def chunk(self, value: Any) -> None:
         """A chunk is done: commit it with its progress (a reverting run records none)."""
         chunks = (self.progress or {}).get("chunks", 0) + 1
         progress = {"chunks": chunks, "value": _jsonable(value)}
         if not self.reverting:
             self._save(applied_at=None, progress=progress)
-        if self.m.transactional:
+        if self.chunked:
             self.db.commit()
             self.db.begin()
+            self.db.durable_commits(False)
         self.progress = progress  # only once committed: a retry resumes from here
         self.runner.on_event(
             {"event": "chunk", "name": self.m.name, "chunk": chunks, "progress": value}
         )
 
     def finish(self) -> None:
+        if self.chunked:
+            self.db.durable_commits(True)  # the row that says "applied" waits for the disk
         if self.reverting:
             state.delete(self.db, self.m.name)
         else:
