@@ -282,3 +282,105 @@ def test_failing_expand_switches_no_host(project: Project) -> None:
     assert "FAILED at expand" in proc.stdout and "no host was switched" in proc.stdout
     assert "nosuchtable" in proc.stdout
     assert {h.name: project.current(h) for h in project.hosts} == before
+
+
+def test_two_concurrent_rollouts_one_exits_3(project: Project) -> None:
+    import subprocess
+    import sys
+
+    slow = project.inventory.read_text().replace(
+        'build = "cat app.txt > built.txt"', 'build = "sleep 3; cat app.txt > built.txt"'
+    )
+    project.inventory.write_text(slow)
+    env = {**os.environ, "DEPLOYER_STATE_DIR": str(project.state)}
+    argv = [sys.executable, "-m", "deployer", "-i", str(project.inventory), "rollout"]
+    first = subprocess.Popen(argv, cwd=project.repo, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        _wait_for_file(project.state / "demo.lock")
+        second = project.deployer("rollout")
+    finally:
+        out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out
+    assert second.returncode == 3 and "held by" in second.stderr
+
+
+def _wait_for_file(path: Path, timeout: float = 30) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_sigterm_mid_rollout_releases_every_lock(project: Project) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    slow = project.inventory.read_text().replace(
+        'build = "cat app.txt > built.txt"', 'build = "sleep 30"'
+    )
+    project.inventory.write_text(slow)
+    env = {**os.environ, "DEPLOYER_STATE_DIR": str(project.state)}
+    argv = [sys.executable, "-m", "deployer", "-i", str(project.inventory), "rollout"]
+    proc = subprocess.Popen(argv, cwd=project.repo, env=env, stdout=subprocess.PIPE, text=True)
+    _wait_for_file(project.hosts[0].root / "run" / "deploy.lock" / "owner.json")
+    _wait_for_file(project.state / "demo.lock")
+    import time
+
+    time.sleep(1.0)  # inside prepare: the builds are running
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert not (project.state / "demo.lock").exists()
+    assert not any((h.root / "run" / "deploy.lock").exists() for h in project.hosts)
+    assert all(project.current(h) is None for h in project.hosts)
+
+
+def test_max_failed_tolerates_one_host(project: Project) -> None:
+    project.deployer("rollout", check=True)
+    lost = project.hosts[1]
+    # One host's build breaks (a file only that host has makes it fail).
+    (lost.root / "shared").mkdir(exist_ok=True)
+    text = project.inventory.read_text().replace(
+        'build = "cat app.txt > built.txt"',
+        'build = "test ! -e ../../shared/broken && cat app.txt > built.txt"',
+    )
+    text = text.replace("[ssh]", "[rollout]\nmax_failed = 1\n\n[ssh]", 1)
+    project.inventory.write_text(text)
+    (lost.root / "shared" / "broken").write_text("")
+    sha = commit(project.repo, {"app.txt": "version 2\n"}, "v2")
+    proc = project.deployer("rollout")
+    assert proc.returncode == 0, proc.stdout
+    assert f"{lost.name}: " in proc.stdout
+    for h in project.hosts:
+        assert (project.revision(h) == sha) == (h is not lost)
+
+
+def test_rollback_to_a_release_missing_somewhere_changes_nothing(project: Project) -> None:
+    project.deployer("rollout", check=True)
+    commit(project.repo, {"app.txt": "version 2\n"}, "v2")
+    project.deployer("rollout", check=True)
+    before = {h.name: project.current(h) for h in project.hosts}
+    old = project.releases(project.hosts[0])[0]
+    import shutil
+
+    shutil.rmtree(project.hosts[2].root / "releases" / old)
+    proc = project.deployer("rollback", "--to", old)
+    assert proc.returncode == 2
+    assert f"release {old} does not exist on: {project.hosts[2].name}" in proc.stderr
+    assert {h.name: project.current(h) for h in project.hosts} == before
+
+
+def test_agent_of_another_version_is_refused(project: Project) -> None:
+    fake = project.hosts[0].root / ".deployer" / "deployer.pyz"
+    import zipfile
+
+    with zipfile.ZipFile(fake, "a") as zf:
+        zf.writestr("deployer/agent/BUNDLE_ID", "0.0.1+old")
+    proc = project.deployer("rollout")
+    assert proc.returncode == 1
+    assert "host agent is 0.0.1+old" in proc.stdout and "run `deployer setup`" in proc.stdout
+    project.deployer("setup", check=True)
+    assert project.deployer("rollout").returncode == 0
