@@ -10,6 +10,7 @@ before (on_failure = "rollback"), with the same reload-and-health procedure.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import os
@@ -324,7 +325,10 @@ class _Locks:
         owner = self.owner.to_dict()
         while not self._stop.wait(HEARTBEAT_S):
             self.controller.heartbeat()
-            self.deploy.each(self.held, lambda r: r.lock("heartbeat", owner))
+            for name in self.held:
+                # Quietly: a host that is down is reported by the step that needs it.
+                with contextlib.suppress(DeployerError):
+                    self.deploy.remotes[name].lock("heartbeat", owner)
 
     def _release(self) -> None:
         self._stop.set()

@@ -130,6 +130,10 @@ class Database:
     def durable_commits(self, on: bool) -> None:
         """Whether this transaction's COMMIT waits for the disk (see PostgresDatabase)."""
 
+    def round_trip(self) -> contextlib.AbstractContextManager[Any]:
+        """Statements sent together, answered together (PostgreSQL pipeline mode)."""
+        return contextlib.nullcontext()
+
     def table_exists(self, name: str) -> bool:
         raise NotImplementedError
 
@@ -265,6 +269,9 @@ class PostgresDatabase(Database):
         # asynchronously instead. Safe for exactly-once: data and progress commit
         # together, so a server crash loses whole chunks, which the resume redoes.
         self.execute(f"SET LOCAL synchronous_commit = {'on' if on else 'off'}")
+
+    def round_trip(self) -> contextlib.AbstractContextManager[Any]:
+        return self.raw.pipeline()
 
     def table_exists(self, name: str) -> bool:
         return self.query("SELECT to_regclass(?) IS NOT NULL", (name,))[0][0]

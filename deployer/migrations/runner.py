@@ -401,12 +401,13 @@ class _Recorder:
         """A chunk is done: commit it with its progress (a reverting run records none)."""
         chunks = (self.progress or {}).get("chunks", 0) + 1
         progress = {"chunks": chunks, "value": _jsonable(value)}
-        if not self.reverting:
-            self._save(applied_at=None, progress=progress)
-        if self.chunked:
-            self.db.commit()
-            self.db.begin()
-            self.db.durable_commits(False)
+        with self.db.round_trip():  # the chunk's row locks go with the COMMIT: no waits
+            if not self.reverting:
+                self._save(applied_at=None, progress=progress)
+            if self.chunked:
+                self.db.commit()
+                self.db.begin()
+                self.db.durable_commits(False)
         self.progress = progress  # only once committed: a retry resumes from here
         self.runner.on_event(
             {"event": "chunk", "name": self.m.name, "chunk": chunks, "progress": value}
