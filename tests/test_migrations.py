@@ -226,6 +226,18 @@ def test_dry_run_and_to_change_nothing_beyond(db_url: str, mdir: Path) -> None:
     assert [s.state for s in runner.status()] == ["applied", "applied", "pending", "pending"]
 
 
+def test_contract_waits_for_older_expand_migrations(db_url: str, mdir: Path) -> None:
+    people_series(mdir)
+    Runner(mdir, db_url).up(to="add_name")
+    with pytest.raises(BadInput, match="older expand migration 20240103000000_backfill_name"):
+        Runner(mdir, db_url).up(phase="contract")
+    assert columns(db_url, "people") == ["id", "fname", "lname", "name"]
+    assert Runner(mdir, db_url).up() == [  # in file order the backfill comes first
+        "20240103000000_backfill_name",
+        "20240104000000_drop_fname_lname",
+    ]
+
+
 # -- failures -----------------------------------------------------------------------------
 
 

@@ -160,6 +160,7 @@ class Runner:
                 and (phase is None or m.phase == phase)
                 and (last is None or m.name <= last)
             ]
+            refuse_contract_before_expand(todo, migrations, rows)
             refuse_violations(lint(todo, db.dialect), "up")
             if dry_run:
                 for m in todo:
@@ -495,6 +496,26 @@ def refuse_violations(violations: list[Violation], command: str) -> None:
         raise BadInput(
             f"{command} refused: {len(violations)} lint violation(s); nothing was run\n{listing}\n"
             "(a `-- deployer: allow <rule>` comment in the file overrides one rule)"
+        )
+
+
+def refuse_contract_before_expand(
+    todo: list[Migration], migrations: list[Migration], rows: dict[str, state.Row]
+) -> None:
+    """A contract may rely on every expand before it (a backfill before a drop)."""
+    pending_expand = [m for m in migrations if m.phase == "expand" and not _done(rows, m.name)]
+    planned = {m.name for m in todo}
+    blocked = [
+        m.name
+        for m in todo
+        if m.phase == "contract"
+        and any(e.name < m.name and e.name not in planned for e in pending_expand)
+    ]
+    if blocked:
+        first = next(e.name for e in pending_expand if e.name not in planned)
+        raise BadInput(
+            f"contract refused, nothing was run: {', '.join(blocked)} would run before the "
+            f"older expand migration {first}; run `up --phase expand` first"
         )
 
 
