@@ -144,6 +144,12 @@ def people_series(d: Path) -> None:
     )
 
 
+def add_name_with(d: Path, *more: str) -> None:
+    """Replace the series' add_name migration with one that does more (line 4 onwards)."""
+    lines = ["-- phase: expand", "-- up", "ALTER TABLE people ADD COLUMN name TEXT;", *more]
+    (d / "20240102000000_add_name.sql").write_text("\n".join(lines) + "\n")
+
+
 # -- the happy path -----------------------------------------------------------------------
 
 
@@ -245,16 +251,8 @@ def test_failing_migration_rolls_back_and_stops(
     db_url: str, mdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     people_series(mdir)
-    write(
-        mdir,
-        "20240102000000_add_name.sql",
-        """
-        -- phase: expand
-        -- up
-        ALTER TABLE people ADD COLUMN name TEXT;
-        CREATE TABLE half_done (id INTEGER);
-        ALTER TABLE no_such_table ADD COLUMN x TEXT;
-        """,
+    add_name_with(
+        mdir, "CREATE TABLE half_done (id INTEGER);", "ALTER TABLE no_such_table ADD COLUMN x TEXT;"
     )
     code, out, err = cli(capsys, "up", "--dir", str(mdir), "--database", db_url, "--json")
     assert code == 1
@@ -575,16 +573,7 @@ def test_up_refuses_a_migration_that_fails_lint(
     db_url: str, mdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     people_series(mdir)
-    write(
-        mdir,
-        "20240102000000_add_name.sql",
-        """
-        -- phase: expand
-        -- up
-        ALTER TABLE people ADD COLUMN name TEXT;
-        ALTER TABLE people DROP COLUMN lname;
-        """,
-    )
+    add_name_with(mdir, "ALTER TABLE people DROP COLUMN lname;")
     code, _, err = cli(capsys, "up", "--dir", str(mdir), "--database", db_url)
     assert code == 2
     assert "20240102000000_add_name.sql:4: drop-column:" in err and "nothing was run" in err

@@ -1,11 +1,38 @@
 """`deployer migrate ...` / `python -m deployer.migrations ...`: the host-side entry point.
 
-main(argv) -> exit code: 0 ok, 1 a migration failed (rolled back; the schema
-is as before it), 2 bad input (the message names the file or option), 3 the
-lock is held by another runner (the message names who and since when),
-130 interrupted. With --json, stdout carries one JSON object per line and the
-last line of up/down/lint/status is {"event": "done"|"summary", ...} or
-{"event": "error", "exit": N, ...}; human messages go to stderr.
+main(argv) returns the exit code: 0 ok; 1 a migration failed (its transaction
+was rolled back, so the schema is as it was before it; committed backfill
+chunks are kept and resumed by the next `up`) or the database is unreachable;
+2 bad input (the message names the file or option; also lint refusals, a
+changed applied file, a down without a down section: nothing was run);
+3 the runner lock is held (the message names owner and since when);
+130 interrupted (SIGINT/SIGTERM/SIGHUP: the open transaction rolls back).
+
+Every command takes --dir DIR (default ./migrations) and --database URL
+(sqlite:///relative/path, sqlite:////absolute/path, postgresql://...).
+With --json, stdout has one JSON object per line, each with an "event" key:
+
+  status   {"event": "migration", name, phase, state (applied|partial|pending|
+           changed|missing), file, checksum, applied_checksum, batch, applied_at,
+           duration_ms, progress ({"chunks", "value"} or null), release} per migration,
+           then {"event": "summary", applied, partial, changed, missing,
+           pending: {expand, contract}, database, dialect, dir}
+  up       {"event": "start", name, phase, file[, resume_from]}, {"event": "chunk",
+           name, chunk, progress}, {"event": "retry", name, attempt, error},
+           {"event": "applied", name, phase, batch, duration_ms, progress},
+           {"event": "missing", name, ...}, with --dry-run {"event": "plan", ...};
+           last: {"event": "done", ok: true, command: "up", phase, applied: [names],
+           dry_run}
+  down     start (with direction "down") / reverted events; last: {"event": "done",
+           ok: true, command: "down", reverted: [names]}
+  lint     {"event": "violation", rule, name, file, line, statement, message}...;
+           last: {"event": "done", ok, command: "lint", violations: N} (exit 1 if N)
+  new      {"event": "created", path, phase}
+  accept   {"event": "accepted", name, old_checksum, checksum}
+  failure  last line {"event": "error", ok: false, exit: N, message[, name, phase,
+           direction, file, line, statement, error, progress]}
+
+Human messages (and errors) go to stderr; without --json stdout is text.
 """
 
 from __future__ import annotations
