@@ -440,8 +440,8 @@ def test_failed_chunk_keeps_committed_ones_and_resumes(
     assert Runner(mdir, db_url).status()[0].progress == {"chunks": 6, "value": 5500}
 
 
-def test_sigkill_mid_backfill_resumes_every_row_exactly_once(db_url: str, mdir: Path) -> None:
-    rows = 100_000
+def backfill_process(db_url: str, mdir: Path, rows: int, chunks: int) -> subprocess.Popen[str]:
+    """`python -m deployer.migrations up --json` on `rows` items, once `chunks` committed."""
     seed_items(db_url, rows)
     write(mdir, "20240101000000_backfill_items.py", BACKFILL)
     cmd = [sys.executable, "-m", "deployer.migrations", "up", "--json"]
@@ -452,10 +452,17 @@ def test_sigkill_mid_backfill_resumes_every_row_exactly_once(db_url: str, mdir: 
     assert proc.stdout is not None
     for line in proc.stdout:
         event = json.loads(line)
-        if event["event"] == "chunk" and event["chunk"] >= 20:
-            break
+        if event["event"] == "chunk" and event["chunk"] >= chunks:
+            return proc
+    pytest.fail(f"the backfill ended before {chunks} chunks: exit {proc.wait()}")
+
+
+def test_sigkill_mid_backfill_resumes_every_row_exactly_once(db_url: str, mdir: Path) -> None:
+    rows = 100_000
+    proc = backfill_process(db_url, mdir, rows, chunks=20)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
+    cmd = proc.args
 
     status = Runner(mdir, db_url).status()[0]
     assert status.state == "partial"
@@ -470,6 +477,22 @@ def test_sigkill_mid_backfill_resumes_every_row_exactly_once(db_url: str, mdir: 
     assert first["resume_from"]["chunks"] == chunks
     assert item_counts(db_url) == {1: rows}
     assert Runner(mdir, db_url).status()[0].progress == {"chunks": 100, "value": rows}
+
+
+def test_sigterm_stops_between_chunks_and_releases_the_lock(db_url: str, mdir: Path) -> None:
+    proc = backfill_process(db_url, mdir, 30_000, chunks=5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    last = json.loads(out.splitlines()[-1])
+    assert last["event"] == "error" and "SIGTERM" in last["message"]
+    status = Runner(mdir, db_url).status()[0]
+    assert status.state == "partial"
+    assert item_counts(db_url)[1] == status.progress["chunks"] * 1000
+    if db_url.startswith("sqlite"):  # the lock row went with the runner
+        assert sql(db_url, "SELECT count(*) FROM deployer_migrations_lock") == [(0,)]
+    assert Runner(mdir, db_url).up() == ["20240101000000_backfill_items"]
+    assert item_counts(db_url) == {1: 30_000}
 
 
 # -- lint ---------------------------------------------------------------------------------
