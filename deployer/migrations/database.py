@@ -78,7 +78,7 @@ def now_iso() -> str:
 
 
 def this_runner() -> str:
-    return f"{_user()}@{socket.gethostname()} pid {os.getpid()}"
+    return f"pid {os.getpid()} {_user()}@{socket.gethostname()}"
 
 
 def _user() -> str:
@@ -176,9 +176,10 @@ class SQLiteDatabase(Database):
         return bool(rows)
 
     def try_lock(self) -> Owner | None:
-        holder = self._live_holder()
-        if holder:
-            return holder
+        # A quick look first (no waiting); if the database is busy, decide under the lock.
+        with contextlib.suppress(sqlite3.OperationalError):
+            if holder := self._live_holder():
+                return holder
         try:
             self.begin()
         except sqlite3.OperationalError as e:
@@ -214,8 +215,10 @@ class SQLiteDatabase(Database):
             rows = self.query(
                 "SELECT owner, host, pid, pid_start, since, token FROM deployer_migrations_lock"
             )
-        except sqlite3.OperationalError:  # no lock table yet
-            return None
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):  # no runner ever locked this database
+                return None
+            raise
         for owner, host, pid, pid_start, since, token in rows:
             mine = token == self.lock_token
             dead = host == socket.gethostname() and not _process_alive(pid, pid_start)
