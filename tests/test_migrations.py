@@ -556,8 +556,10 @@ def lint_text(tmp_path: Path, phase: str, dialect: str, body: str) -> list[str]:
     return [v.rule for v in lint_migration(discover(tmp_path)[0], dialect)]
 
 
-def test_every_rule_has_a_case() -> None:
+def test_every_rule_has_a_case_and_is_documented() -> None:
     assert sorted(c[0] for c in LINT_CASES) == sorted(r.name for r in RULES)
+    doc = (Path(__file__).parent.parent / "deployer" / "migrations" / "README.md").read_text()
+    assert [r.name for r in RULES if f"| `{r.name}` |" not in doc] == []
 
 
 @pytest.mark.parametrize(("rule", "dialect", "phase", "bad", "good"), LINT_CASES)
