@@ -707,6 +707,23 @@ def test_unreachable_postgres_exits_1_without_password(mdir: Path) -> None:
     assert "secret" not in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_sqlite_runs_on_the_standard_library_alone(mdir: Path, tmp_path: Path) -> None:
+    people_series(mdir)
+    code = (
+        "import sys, sysconfig\n"
+        "from deployer.migrations.cli import main\n"
+        f"assert main(['up', '--dir', {str(mdir)!r}, '--database', "
+        f"'sqlite:///{tmp_path / 'app.db'}']) == 0\n"
+        "std = sysconfig.get_paths()['stdlib']\n"
+        "print(sorted(n for n, m in sys.modules.items() if getattr(m, '__file__', None)"
+        " and not m.__file__.startswith(std) and n.split('.')[0] not in"
+        " ('deployer', '_distutils_hack') and not n.startswith('__editable__')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"
+
+
 def test_module_help_exits_0() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "deployer.migrations", "up", "--help"],
