@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from master_helpers import (
+    NODE_APP,
     PYTHON,
     PYTHON_APP,
     Load,
@@ -464,3 +465,40 @@ def test_graceful_stop_waits_for_a_wrappers_children(masters: Masters) -> None:
     assert m.wait_exit(15) == 0
     t.join()
     assert out[0][0] == 200, out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_node_app_reload_under_load_zero_failures(masters: Masters, tmp_path: Path) -> None:
+    releases = Releases(tmp_path / "node", app=NODE_APP)
+    releases.make("r1")
+    releases.switch("r1")
+    m = masters.start(
+        command=["node", NODE_APP.name], cwd=releases.current, options=("--ready", "pipe")
+    )
+    with Load(m.port, duration=40) as load:
+        load.wait_requests(200)
+        for name in ("r2", "r3", "r4"):
+            releases.make(name)
+            releases.switch(name)
+            before = load.result.ok
+            r = m.cli("reload", "--wait")
+            assert r.returncode == 0, r.stderr + m.log_text()
+            load.wait_requests(before + 200)
+        assert_no_failures(load)
+    assert releases_of(m) == {"r4"} and load.result.bodies["r4"] > 0
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.timeout(30)
+def test_idle_master_sleeps(masters: Masters) -> None:
+    m = masters.start()
+    assert m.request({"cmd": "reload"}, timeout=20)[-1]["ok"]
+    before = cpu_seconds(m.pid)
+    time.sleep(2)
+    assert cpu_seconds(m.pid) - before < 0.1

@@ -180,6 +180,7 @@ class Arbiter:
                 pass
 
     def next_timeout(self, now: float) -> float:
+        """Sleep until the next future deadline (what is due now, tick just handled)."""
         deadlines = [now + MAX_WAIT]
         for w in self.workers.values():
             if w.state == "starting":
@@ -192,7 +193,7 @@ class Arbiter:
                 deadlines.append(w.kill_at)
         deadlines += [s.respawn_at for s in self.slots.values() if s.worker is None]
         deadlines += self.lingering.values()
-        return max(0.0, min(deadlines) - now)
+        return min(d for d in deadlines if d > now) - now
 
     def tick(self, now: float) -> None:
         self.check_workers(now)

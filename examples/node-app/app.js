@@ -1,0 +1,115 @@
+'use strict';
+// Example worker for `deployer master` (run it with `--ready pipe`), Node core only.
+//
+// - Serves on the socket the master passes as fd 3 (LISTEN_FDS / LISTEN_PID);
+//   run alone it binds $PORT.
+// - Tells the master it is ready by writing `READY=1\n` to the pipe whose fd
+//   is in $DEPLOYER_READY_FD (Node has no unix datagram sockets for sd_notify).
+// - Drains correctly on SIGTERM. Careful: since Node 19, `server.close()` also
+//   closes idle keep-alive connections at once, while a client may be sending
+//   its next request on one: that is a failed request. So we stop accepting
+//   with net.Server's close (which leaves open connections alone), answer every
+//   further request with `Connection: close`, let an idle connection end at its
+//   keep-alive timeout, and exit when none is left or at $SHUTDOWN_TIMEOUT.
+//
+// Routes: `/` (who answered), `/health` (200, or 500 with FAIL_HEALTH=1),
+// `/slow?s=SECONDS` (an in-flight request).
+// Switches (environment, or KEY=VALUE lines in ./release.env): CRASH_AT_BOOT=1,
+// NEVER_READY=1, FAIL_HEALTH=1, BOOT_DELAY=SECONDS, CRASH_AFTER_BOOTS=N,
+// IDLE_TIMEOUT=SECONDS (keep-alive, default 5), SHUTDOWN_TIMEOUT=SECONDS (30).
+
+const fs = require('fs');
+const http = require('http');
+const net = require('net');
+const path = require('path');
+
+function loadReleaseEnv(file) {
+  let text;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch {
+    return;
+  }
+  for (const line of text.split('\n')) {
+    const i = line.indexOf('=');
+    if (i > 0 && !line.startsWith('#')) process.env[line.slice(0, i).trim()] = line.slice(i + 1).trim();
+  }
+}
+
+const flag = (name) => !['', '0', undefined].includes(process.env[name]);
+
+function failOnPurpose(why) {
+  console.error(`${why}: failing on purpose`);
+  process.exit(3);
+}
+
+function countBoot() {
+  fs.appendFileSync('.boots', '.');
+  return fs.statSync('.boots').size;
+}
+
+function listenTarget() {
+  const pids = [String(process.pid), String(process.ppid)]; // ppid: under a wrapper like npm
+  if (Number(process.env.LISTEN_FDS) >= 1 && pids.includes(process.env.LISTEN_PID)) {
+    return { fd: 3 };
+  }
+  return { host: '127.0.0.1', port: Number(process.env.PORT || 8000) };
+}
+
+function notifyReady() {
+  const fd = process.env.DEPLOYER_READY_FD;
+  if (fd) {
+    fs.writeSync(Number(fd), 'READY=1\n');
+    fs.closeSync(Number(fd));
+  }
+}
+
+loadReleaseEnv('release.env');
+if (flag('CRASH_AT_BOOT')) failOnPurpose('CRASH_AT_BOOT set');
+const crashAfter = Number(process.env.CRASH_AFTER_BOOTS || 0);
+if (crashAfter && countBoot() > crashAfter) failOnPurpose(`boot number > CRASH_AFTER_BOOTS=${crashAfter}`);
+
+const release = path.basename(process.env.DEPLOYER_RELEASE || process.cwd());
+let draining = false;
+
+function send(res, status, body) {
+  // Draining: this is the connection's last response, and the client is told.
+  if (draining) res.setHeader('Connection', 'close');
+  res.writeHead(status, { 'Content-Type': 'text/plain', 'Content-Length': Buffer.byteLength(body) });
+  res.end(body);
+}
+
+const server = http.createServer((req, res) => {
+  const url = new URL(req.url, 'http://localhost');
+  if (url.pathname === '/') return send(res, 200, `ok pid=${process.pid} release=${release}\n`);
+  if (url.pathname === '/health') {
+    return flag('FAIL_HEALTH') ? send(res, 500, 'unhealthy\n') : send(res, 200, 'healthy\n');
+  }
+  if (url.pathname === '/slow') {
+    const seconds = Number(url.searchParams.get('s') || 1);
+    setTimeout(() => send(res, 200, `slow ok pid=${process.pid} after ${seconds}s\n`), seconds * 1000);
+    return undefined;
+  }
+  return send(res, 404, 'not found\n');
+});
+server.keepAliveTimeout = Number(process.env.IDLE_TIMEOUT || 5) * 1000;
+
+function drain() {
+  if (draining) return;
+  draining = true;
+  // net.Server's close, not http.Server's: stop accepting, keep open connections.
+  net.Server.prototype.close.call(server, () => {
+    console.log(`pid ${process.pid} drained, exiting`);
+    process.exit(0);
+  });
+  setTimeout(() => process.exit(0), Number(process.env.SHUTDOWN_TIMEOUT || 30) * 1000).unref();
+}
+process.on('SIGTERM', drain);
+process.on('SIGINT', drain);
+
+setTimeout(() => {
+  server.listen(listenTarget(), () => {
+    if (!flag('NEVER_READY')) notifyReady();
+    console.log(`pid ${process.pid} serving release ${release}`);
+  });
+}, Number(process.env.BOOT_DELAY || 0) * 1000);
