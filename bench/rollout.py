@@ -291,11 +291,11 @@ def repo_facts(work: Path) -> dict[str, float]:
     }
 
 
-def git_commit_one_line(work: Path) -> str:
+def git_commit_one_line(work: Path, n: int) -> str:
     """Change one line of one source file and commit it; returns the file."""
     target = sorted(p for p in (work / "src").rglob("*.py"))[0]
     lines = target.read_text().splitlines(keepends=True)
-    lines[len(lines) // 2] = "    bench_release = 2  # the one-line change of the redeploy\n"
+    lines[len(lines) // 2] = f"    bench_release = {n}  # the one-line change of the redeploy\n"
     target.write_text("".join(lines))
     env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.com"}
     env |= {"GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
@@ -688,7 +688,8 @@ def snapshot_deployer(base: Path) -> tuple[list[str], dict[str, str], str]:
         raise RuntimeError("git archive of deployer/ failed")
     python = deployer_python()
     env = {"PYTHONPATH": str(src)}
-    where = run([python, "-c", "import deployer; print(deployer.__file__)"], env=os.environ | env)
+    probe = [python, "-c", "import deployer; print(deployer.__file__)"]
+    where = run(probe, env=os.environ | env, cwd=base)  # not here: -c imports from the cwd
     if not where.stdout.strip().startswith(str(src)):
         raise RuntimeError(f"the snapshot is not what python imports: {where.stdout.strip()}")
     return [python, "-m", "deployer"], env, sha
@@ -705,12 +706,13 @@ class Deployer:
     inventory: Path = Path()
     state: Path = Path()
 
-    def write_inventory(self) -> None:
+    def write_inventory(self, run_name: str) -> None:
+        """Per run: its own deploy root on every host, inventory and state dir."""
         f = self.fleet
         lines = [
             "[app]",
             'name = "bench"',
-            f'deploy_to = "{f.srv}/deployer"',
+            f'deploy_to = "{f.srv}/{run_name}/deployer"',
             "",
             "[ssh]",
             f'user = "{f.user}"',
@@ -720,12 +722,14 @@ class Deployer:
         ]
         for h in f.net.hosts:
             lines += [f"[hosts.{h.name}]", f'address = "{h.address}"', ""]
-        self.inventory = self.base / "inventory.toml"
+        self.inventory = self.base / f"inventory-{run_name}.toml"
         self.inventory.write_text("\n".join(lines))
-        self.state = self.base / "deployer-state"
+        self.state = self.base / f"deployer-state-{run_name}"
 
     def command(self, *args: str) -> tuple[int, float, list[Line]]:
         env = {**os.environ, **self.env, "DEPLOYER_STATE_DIR": str(self.state)}
+        # An installed package has its bytecode: let the snapshot get it on first use.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         argv = [*self.argv, "-i", str(self.inventory), *args]
         return timed(argv, cwd=self.work, env=env)
 
@@ -831,9 +835,10 @@ class Capistrano:
     work: Path
     dir: Path = Path()
 
-    def write_config(self) -> None:
+    def write_config(self, run_name: str) -> None:
+        """Per run: its own deploy root on every host and its own config dir."""
         f = self.fleet
-        self.dir = self.base / "capistrano"
+        self.dir = self.base / f"capistrano-{run_name}"
         (self.dir / "config" / "deploy").mkdir(parents=True)
         (self.dir / "Capfile").write_text(
             'require "capistrano/setup"\n'
@@ -857,7 +862,7 @@ class Capistrano:
             'set :application, "bench"\n'
             f'set :repo_url, "ssh://{f.user}@{BRIDGE_ADDR}:{f.git_port}{self.work}"\n'
             'set :branch, "main"\n'
-            f'set :deploy_to, "{f.srv}/capistrano"\n'
+            f'set :deploy_to, "{f.srv}/{run_name}/capistrano"\n'
             f'set :tmp_dir, "{f.srv}/tmp"\n'
             "set :keep_releases, 5\n"
             "set :pty, false\n"
@@ -918,7 +923,7 @@ def cap_phases(m: Measure, prepared: str) -> None:
 
 
 def naive(net: Network, fleet: Fleet, work: Path) -> Measure:
-    m = Measure("git archive | ssh tar", "every deploy")
+    m = Measure(NAIVE, "every deploy")
 
     def body() -> tuple[int, float, list[Line]]:
         start = time.monotonic()
@@ -944,76 +949,110 @@ def naive(net: Network, fleet: Fleet, work: Path) -> Measure:
 
 # --- report --------------------------------------------------------------------------------
 
+NAIVE = "naive: git archive, ssh tar"
+
 
 def kb(n: float) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
 
 
-def table(results: list[Measure]) -> list[str]:
-    rows = [
-        "| tool | scenario | bytes/host to+from (max) | to host (mean) | from host (mean) "
-        "| wall (whole command) | prepare | switch | reload | health | other |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+def med(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def spread(values: Sequence[float]) -> str:
+    """'4.48 s' for one run, '4.48 s (4.1-5.0)' for several: median (min-max)."""
+    text = f"{med(values):.2f} s"
+    if len(values) > 1:
+        text += f" ({min(values):.2f}-{max(values):.2f})"
+    return text
+
+
+def group(results: list[Measure]) -> dict[tuple[str, str], list[Measure]]:
+    out: dict[tuple[str, str], list[Measure]] = {}
     for m in results:
-        mean_to = statistics.mean(m.to_host.values())
-        mean_from = statistics.mean(m.from_host.values())
-        p = m.phases
+        out.setdefault((m.tool, m.scenario), []).append(m)
+    return out
+
+
+def table(results: list[Measure]) -> list[str]:
+    """Medians over runs; wall and prepare+switch also with their (min-max)."""
+    rows = [
+        "| tool | scenario | bytes per host (max of hosts) | to host | from host "
+        "| whole command | prepare | switch | reload | health | prepare+switch | other |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    order = [(t, s) for s in SCENARIOS for t in ("deployer", "capistrano")]
+    groups = group(results)
+    for key in [*order, *(k for k in groups if k not in order)]:
+        ms = groups.get(key)
+        if not ms:
+            continue
+        tool, scenario = key
+
+        def phase(name: str, ms: list[Measure] = ms) -> str:
+            values = [m.phases[name] for m in ms if name in m.phases]
+            return f"{med(values):.2f} s" if values else "-"
+
         cells = [
-            m.tool,
-            m.scenario,
-            kb(m.bytes_max),
-            kb(mean_to),
-            kb(mean_from),
-            f"{m.wall:.2f} s",
-            f"{p.get('prepare', 0):.2f} s",
-            f"{p.get('switch', 0):.2f} s" if "switch" in p else "-",
-            f"{p.get('reload (max/host)', 0):.2f} s" if "switch" in p else "-",
-            f"{p.get('health (max/host)', 0):.2f} s" if "switch" in p else "-",
-            f"{p.get('other', 0):.2f} s" if "other" in p else "-",
+            tool,
+            scenario,
+            kb(med([m.bytes_max for m in ms])),
+            kb(med([statistics.mean(m.to_host.values()) for m in ms])),
+            kb(med([statistics.mean(m.from_host.values()) for m in ms])),
+            spread([m.wall for m in ms]),
+            phase("prepare") if not (tool == "deployer" and scenario == "rollback") else "-",
+            phase("switch"),
+            phase("reload (max/host)"),
+            phase("health (max/host)"),
+            spread([m.prepare_switch for m in ms]) if "switch" in ms[0].phases else "-",
+            phase("other"),
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 
 def verdicts(results: list[Measure]) -> list[tuple[str, bool]]:
-    by = {(m.tool, m.scenario): m for m in results}
+    groups = group(results)
     out: list[tuple[str, bool]] = []
-    d_first = by[("deployer", "first")]
-    d_re = by[("deployer", "redeploy")]
-    out.append(
-        (
-            f"first deploy <= 7 MB per host: {kb(d_first.bytes_max)} (max over hosts)",
-            d_first.bytes_max <= TARGET_FIRST_BYTES,
-        )
-    )
-    out.append(
-        (
-            f"redeploy <= 50 KB per host: {kb(d_re.bytes_max)} (max over hosts)",
-            d_re.bytes_max <= TARGET_REDEPLOY_BYTES,
-        )
-    )
+    first = med([m.bytes_max for m in groups[("deployer", "first")]])
+    again = med([m.bytes_max for m in groups[("deployer", "redeploy")]])
+    out.append((f"first deploy <= 7 MB per host: {kb(first)}", first <= TARGET_FIRST_BYTES))
+    out.append((f"redeploy <= 50 KB per host: {kb(again)}", again <= TARGET_REDEPLOY_BYTES))
     for s in SCENARIOS:
-        d = by[("deployer", s)]
-        cap = by.get(("capistrano", s))
-        if cap is None:
-            issue_wall = ISSUE_CAPISTRANO[s][0]
-            out.append(
-                (
-                    f"{s}: prepare+switch {d.prepare_switch:.2f} s <= half of Capistrano's "
-                    f"{issue_wall:.2f} s (issue 5's figure; not measured here)",
-                    d.prepare_switch <= issue_wall / 2,
-                )
-            )
-            continue
+        mine = med([m.prepare_switch for m in groups[("deployer", s)]])
+        whole = med([m.wall for m in groups[("deployer", s)]])
+        caps = groups.get(("capistrano", s))
+        if caps:
+            theirs, where = med([m.wall for m in caps]), "measured"
+        else:
+            theirs, where = ISSUE_CAPISTRANO[s][0], "issue 5's figure, not measured here"
         out.append(
             (
-                f"{s}: prepare+switch {d.prepare_switch:.2f} s <= half of Capistrano's whole "
-                f"deploy {cap.wall:.2f} s (= {cap.wall / 2:.2f} s)",
-                d.prepare_switch <= cap.wall / 2,
+                f"{s}: prepare+switch {mine:.2f} s <= half of Capistrano's deploy "
+                f"{theirs:.2f} s ({where}) = {theirs / 2:.2f} s "
+                f"[deployer's whole command: {whole:.2f} s]",
+                mine <= theirs / 2,
             )
         )
     return out
+
+
+def markdown(
+    results: list[Measure], facts: dict[str, float], sha: str, runs: int, load: list[float]
+) -> str:
+    lines = [
+        f"deployer {sha[:12]}; repository {facts['commits']} commits, "
+        f"{kb(facts['history_bytes'])} packed history, {kb(facts['tree_bytes'])} tree "
+        f"({facts['files']} files); {len(results[0].to_host)} hosts; "
+        f"{runs} run(s), medians (min-max); load average during the runs "
+        f"{min(load):.1f}-{max(load):.1f} on {os.cpu_count()} CPUs",
+        "",
+        *table(results),
+        "",
+    ]
+    lines += [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in verdicts(results)]
+    return "\n".join(lines)
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -1034,6 +1073,7 @@ def ensure_capistrano() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=3, help="repetitions (fresh deploy roots)")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument(
         "--cache",
@@ -1043,13 +1083,13 @@ def main() -> int:
     )
     parser.add_argument("--no-capistrano", action="store_true")
     parser.add_argument("--batch", help="passed to `deployer rollout --batch` (default: inventory)")
-    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument("--json", type=Path, help="also write every figure and output line here")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("run as root: it creates network namespaces, veths and sshd hosts", file=sys.stderr)
         return 2
-    if not 1 <= args.hosts <= 200:
-        parser.error("--hosts: 1..200")
+    if not 1 <= args.hosts <= 200 or not 1 <= args.runs <= 20:
+        parser.error("--hosts: 1..200, --runs: 1..20")
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_exit)
     cleanup = Cleanup()
@@ -1078,68 +1118,61 @@ def bench(args: argparse.Namespace, cleanup: Cleanup) -> int:
     fleet = Fleet(cleanup, base, net)
     fleet.start()
     log(f"{len(net.hosts)} hosts up: {', '.join(h.address for h in net.hosts)}")
-
     argv, env, sha = snapshot_deployer(base)
-    log(f"deployer: {sha[:12]} (HEAD of {REPO}, a snapshot: commits during the run do not count)")
+    log(f"deployer {sha[:12]}: a snapshot of HEAD, so commits made during the run do not count")
     dep = Deployer(fleet, base, work, args.batch, argv, env)
-    dep.write_inventory()
     cap = Capistrano(fleet, base, work)
-    if not args.no_capistrano:
-        cap.write_config()
 
     results: list[Measure] = []
+    setups: list[Measure] = []
+    load: list[float] = []
 
     def record(m: Measure) -> None:
         results.append(m)
+        load.append(os.getloadavg()[0])
         log(
             f"{m.tool} {m.scenario}: {m.wall:.2f}s, {kb(m.bytes_max)} per host (max); "
             + ", ".join(f"{k} {v:.2f}s" for k, v in m.phases.items())
         )
 
-    setup = dep.setup(net)
-    log(f"deployer setup (not counted): {setup.wall:.2f}s, {kb(setup.bytes_max)} per host")
-    record(dep.rollout(net, "first"))
-    if not args.no_capistrano:
-        record(cap.deploy(net, "first"))
-    record(naive(net, fleet, work))
-    changed = git_commit_one_line(work)
-    log(f"one-line change committed in {changed}")
-    time.sleep(1.0)  # release names have 1-second resolution in both tools
-    record(dep.rollout(net, "redeploy"))
-    if not args.no_capistrano:
-        record(cap.deploy(net, "redeploy"))
-    time.sleep(1.0)
-    record(dep.rollback(net))
-    if not args.no_capistrano:
-        record(cap.rollback(net))
+    for k in range(1, args.runs + 1):
+        name = f"run{k}"
+        log(f"--- {name} of {args.runs}: fresh deploy roots on every host")
+        dep.write_inventory(name)
+        setups.append(dep.setup(net))
+        log(f"deployer setup (not counted): {setups[-1].wall:.2f}s, {kb(setups[-1].bytes_max)}")
+        steps: list[list[Callable[[], Measure]]] = [
+            [lambda: dep.rollout(net, "first")],
+            [lambda: dep.rollout(net, "redeploy")],
+            [lambda: dep.rollback(net)],
+        ]
+        if not args.no_capistrano:
+            cap.write_config(name)
+            steps[0].append(lambda: cap.deploy(net, "first"))
+            steps[1].append(lambda: cap.deploy(net, "redeploy"))
+            steps[2].append(lambda: cap.rollback(net))
+        for i, step in enumerate(steps):
+            if i == 1:
+                record(naive(net, fleet, work))
+                log(f"one-line change committed in {git_commit_one_line(work, k)}")
+            time.sleep(1.0)  # release names have 1-second resolution in both tools
+            # Alternate who goes first: others' load on the machine comes and goes.
+            for fn in step if k % 2 else reversed(step):
+                record(fn())
 
-    order = {("deployer", s): i * 2 for i, s in enumerate(SCENARIOS)}
-    order |= {("capistrano", s): i * 2 + 1 for i, s in enumerate(SCENARIOS)}
-    results.sort(key=lambda m: order.get((m.tool, m.scenario), 99))
+    report = markdown(results, facts, sha, args.runs, load)
     print()
-    print(
-        f"repository: {facts['commits']} commits, {kb(facts['history_bytes'])} packed history, "
-        f"{kb(facts['tree_bytes'])} tree ({facts['files']} files), seed {args.seed}; "
-        f"deployer {sha[:12]}; {len(net.hosts)} hosts; "
-        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
-    )
-    print()
-    for row in table(results):
-        print(row)
-    print()
-    failed = 0
-    for text, ok in verdicts(results):
-        print(f"{'PASS' if ok else 'FAIL'}  {text}")
-        failed += not ok
+    print(report)
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"repository": facts, "deployer": sha, "setup": setup.as_dict(),
-                 "results": [m.as_dict() for m in results]},
-                indent=2,
-            )
-        )  # fmt: skip
-    return 1 if failed else 0
+        payload = {
+            "repository": facts,
+            "deployer": sha,
+            "setup": [m.as_dict() for m in setups],
+            "results": [m.as_dict() for m in results],
+            "report": report,
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 1 if not all(ok for _, ok in verdicts(results)) else 0
 
 
 if __name__ == "__main__":
