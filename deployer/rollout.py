@@ -228,8 +228,9 @@ class Deploy:
                 try:
                     results[name] = fut.result()
                 except DeployerError as e:
-                    failures[name] = str(e)
-                    self.reporter.say(f"FAILED: {e}", name)
+                    # The host is named once, by the report line itself.
+                    failures[name] = str(e).removeprefix(f"{name}: ")
+                    self.reporter.say(f"FAILED: {failures[name]}", name)
         return results, failures
 
     def close(self) -> None:
@@ -604,8 +605,10 @@ def _finish(
             f"{entry['action']} FAILED at {step} after {entry['duration_s']}s"
             + (f": {note}" if note else "")
         )
-        for n, why in failed.items():
-            say(f"  {n}: {why}")
+    if failed and outcome.ok:
+        say(f"{len(failed)} host(s) failed within max_failed and stay on their old release:")
+    for n, why in failed.items():
+        say(f"  {n}: {why}")
     return outcome
 
 
