@@ -703,6 +703,7 @@ class Deployer:
     batch: str | None
     argv: list[str]
     env: dict[str, str]
+    trace: bool = False
     inventory: Path = Path()
     state: Path = Path()
 
@@ -720,11 +721,50 @@ class Deployer:
             f'known_hosts = "{f.known_hosts}"',
             "",
         ]
+        if self.trace:
+            lines.insert(-1, f'python = "{self.trace_wrapper()}"')
         for h in f.net.hosts:
             lines += [f"[hosts.{h.name}]", f'address = "{h.address}"', ""]
         self.inventory = self.base / f"inventory-{run_name}.toml"
         self.inventory.write_text("\n".join(lines))
         self.state = self.base / f"deployer-state-{run_name}"
+
+    def trace_wrapper(self) -> Path:
+        """--trace: python3 for the agent, logging each invocation's op and wall time
+        to <srv>/agent-trace.log, i.e. per host (diagnostics; adds a few ms a call)."""
+        path = self.base / "python3-trace"
+        log_file = f"{self.fleet.srv}/agent-trace.log"
+        path.write_text(
+            "#!/bin/sh\n"
+            "t0=$(date +%s.%N)\n"
+            '/usr/bin/python3 "$@"\n'
+            "rc=$?\n"
+            f'echo "$t0 $(date +%s.%N) $2 $3 $rc" >> {log_file}\n'
+            "exit $rc\n"
+        )
+        path.chmod(0o755)
+        return path
+
+    def trace_summary(self, net: Network, label: str) -> list[str]:
+        """Agent calls per op since the last summary: count per host, mean and total s."""
+        per_op: dict[str, list[float]] = {}
+        for h in net.hosts:
+            f = h.root / "agent-trace.log"
+            if not f.exists():
+                continue
+            for line in f.read_text().splitlines():
+                t0, t1, kind, op, _rc = line.split()
+                per_op.setdefault(op if kind == "agent" else kind, []).append(float(t1) - float(t0))
+            f.unlink()
+        n = len(net.hosts)
+        total = sum(len(v) for v in per_op.values())
+        out = [f"agent calls in {label}: {total / n:.0f} per host"]
+        for op, ts in sorted(per_op.items(), key=lambda kv: -sum(kv[1])):
+            out.append(
+                f"  {op:<10} {len(ts) / n:4.1f}/host  mean {statistics.mean(ts) * 1000:5.0f} ms"
+                f"  max {max(ts) * 1000:5.0f} ms"
+            )
+        return out
 
     def command(self, *args: str) -> tuple[int, float, list[Line]]:
         env = {**os.environ, **self.env, "DEPLOYER_STATE_DIR": str(self.state)}
@@ -1083,6 +1123,11 @@ def main() -> int:
     )
     parser.add_argument("--no-capistrano", action="store_true")
     parser.add_argument("--batch", help="passed to `deployer rollout --batch` (default: inventory)")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="diagnostics: log every host agent call (op, wall time) through a wrapper",
+    )
     parser.add_argument("--json", type=Path, help="also write every figure and output line here")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -1120,14 +1165,20 @@ def bench(args: argparse.Namespace, cleanup: Cleanup) -> int:
     log(f"{len(net.hosts)} hosts up: {', '.join(h.address for h in net.hosts)}")
     argv, env, sha = snapshot_deployer(base)
     log(f"deployer {sha[:12]}: a snapshot of HEAD, so commits made during the run do not count")
-    dep = Deployer(fleet, base, work, args.batch, argv, env)
+    dep = Deployer(fleet, base, work, args.batch, argv, env, trace=args.trace)
     cap = Capistrano(fleet, base, work)
 
     results: list[Measure] = []
     setups: list[Measure] = []
     load: list[float] = []
 
+    traces: list[str] = []
+
     def record(m: Measure) -> None:
+        if args.trace and m.tool == "deployer":
+            summary = dep.trace_summary(net, f"{m.tool} {m.scenario}")
+            traces.extend(summary)
+            log("\n".join(summary))
         results.append(m)
         load.append(os.getloadavg()[0])
         log(
@@ -1140,6 +1191,8 @@ def bench(args: argparse.Namespace, cleanup: Cleanup) -> int:
         log(f"--- {name} of {args.runs}: fresh deploy roots on every host")
         dep.write_inventory(name)
         setups.append(dep.setup(net))
+        if args.trace:
+            dep.trace_summary(net, "setup")  # not reported
         log(f"deployer setup (not counted): {setups[-1].wall:.2f}s, {kb(setups[-1].bytes_max)}")
         steps: list[list[Callable[[], Measure]]] = [
             [lambda: dep.rollout(net, "first")],
@@ -1161,6 +1214,8 @@ def bench(args: argparse.Namespace, cleanup: Cleanup) -> int:
                 record(fn())
 
     report = markdown(results, facts, sha, args.runs, load)
+    if traces:
+        report += "\n\nHost agent calls (--trace):\n\n" + "\n".join(f"    {t}" for t in traces)
     print()
     print(report)
     if args.json:
