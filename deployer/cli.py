@@ -147,14 +147,23 @@ def rollout(
 @click.option("--to", "to", metavar="RELEASE", help="Release to go to (default: previous).")
 @hosts_option
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@click.option("--migrations", is_flag=True, help="Also run down the left releases' expand ones.")
+@click.option("--force", is_flag=True, help="Go back past contract migrations anyway.")
 @click.pass_context
-def rollback(ctx: click.Context, to: str | None, patterns: str | None, dry_run: bool) -> None:
+def rollback(
+    ctx: click.Context,
+    to: str | None,
+    patterns: str | None,
+    dry_run: bool,
+    migrations: bool,
+    force: bool,
+) -> None:
     """Switch hosts back to their previous release, batch by batch with health checks."""
     from deployer.rollout import run_rollback
 
     _, deploy = open_deploy(ctx, patterns)
     try:
-        plan, outcome = run_rollback(deploy, to, dry_run)
+        plan, outcome = run_rollback(deploy, to, dry_run, force, migrations)
     finally:
         deploy.close()
     if outcome is None:

@@ -29,6 +29,7 @@ from deployer.inventory import Host as HostConfig
 from deployer.inventory import Inventory
 from deployer.lock import ControllerLock, Owner, describe
 from deployer.remote import RemoteHost, StepFailed
+from deployer.schema import run_migrations
 from deployer.transport import HostPool
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -232,6 +233,11 @@ class Deploy:
                     failures[name] = str(e).removeprefix(f"{name}: ")
                     self.reporter.say(f"FAILED: {failures[name]}", name)
         return results, failures
+
+    def remote(self, name: str) -> RemoteHost:
+        """An inventory host outside the selection (e.g. the migrations host)."""
+        config = self.inventory.hosts[name]
+        return RemoteHost(config, self.pool.get(config))
 
     def close(self) -> None:
         self.reporter.close()
@@ -502,51 +508,6 @@ def run_rollout(deploy: Deploy, plan: Plan, source: Any) -> Outcome:
         return _finish(deploy, entry, outcome, failed, None, started, None)
 
 
-def migrations_host(deploy: Deploy) -> RemoteHost | None:
-    m = deploy.inventory.migrations
-    if m is None:
-        return None
-    name = m.host or next(iter(deploy.remotes))
-    if name not in deploy.remotes:
-        raise BadInput(
-            f"[migrations] host {name!r} is not among the selected hosts "
-            f"({', '.join(deploy.remotes)}): it needs the new release to run migrations"
-        )
-    return deploy.remotes[name]
-
-
-def run_migrations(deploy: Deploy, phase: str, release: str, deferred: bool = False) -> None:
-    """One phase of migrations on the migrations host, from `release`'s files.
-
-    `deferred`: contract = "next-rollout" runs the contract migrations the running
-    release shipped, at the start of the next rollout (before its expand).
-    """
-    m = deploy.inventory.migrations
-    remote = migrations_host(deploy)
-    if m is None or remote is None:
-        return
-    if deferred and m.contract != "next-rollout":
-        return
-    if phase == "contract" and not deferred and m.contract == "next-rollout":
-        deploy.reporter.say("contract migrations deferred to the next rollout")
-        return
-    base = f"{remote.root}/current" if release == "current" else f"{remote.root}/releases/{release}"
-    deploy.reporter.say(f"migrations: {phase} ({'deferred, ' if deferred else ''}{base})")
-    remote.migrate(
-        "up",
-        "--phase",
-        phase,
-        "--dir",
-        f"{base}/{m.dir}",
-        "--database",
-        m.database,
-        "--release",
-        release,
-        cwd=f"{remote.root}/shared",
-        on_line=lambda s: deploy.reporter.say(f"migrate: {s}", remote.name),
-    )
-
-
 def _abort(
     deploy: Deploy,
     plan: Plan,
@@ -639,7 +600,11 @@ def plan_rollback(inventory: Inventory, states: dict[str, Any], to: str | None) 
     )
 
 
-def run_rollback(deploy: Deploy, to: str | None, dry_run: bool) -> tuple[Plan, Outcome | None]:
+def run_rollback(
+    deploy: Deploy, to: str | None, dry_run: bool, force: bool = False, migrations: bool = False
+) -> tuple[Plan, Outcome | None]:
+    from deployer import schema
+
     names = list(deploy.remotes)
     owner = Owner(deploy.inventory.app.name, to or "previous", "rollback")
     with deploy.locked(owner):
@@ -647,6 +612,15 @@ def run_rollback(deploy: Deploy, to: str | None, dry_run: bool) -> tuple[Plan, O
         if failed:
             raise StepFailed(next(iter(failed)), "state", next(iter(failed.values())))
         plan = plan_rollback(deploy.inventory, states, to)
+        oldest = min(plan.targets.values())
+        rows = schema.applied(deploy)
+        left = schema.check_rollback(rows, oldest, force)
+        if left:
+            deploy.reporter.say(
+                "migrations applied by the releases being left: "
+                + "; ".join(left)
+                + ("" if migrations else " (they stay applied; --migrations reverts expand ones)")
+            )
         if dry_run:
             return plan, None
         started = time.monotonic()
@@ -678,6 +652,20 @@ def run_rollback(deploy: Deploy, to: str | None, dry_run: bool) -> tuple[Plan, O
                     "switch",
                     started,
                     "halted; failed hosts returned to where they were",
+                )
+        if migrations and left:
+            try:
+                newer = [r["release"] for r in rows if (r.get("release") or "") > oldest]
+                schema.down_expand(deploy, newer)
+            except DeployerError as e:
+                return plan, _finish(
+                    deploy,
+                    entry,
+                    outcome,
+                    {"migrations": str(e)},
+                    "migrations down",
+                    started,
+                    "hosts are back; schema is not",
                 )
         outcome.ok = True
         return plan, _finish(deploy, entry, outcome, {}, None, started, None)

@@ -384,3 +384,54 @@ def test_agent_of_another_version_is_refused(project: Project) -> None:
     assert "host agent is 0.0.1+old" in proc.stdout and "run `deployer setup`" in proc.stdout
     project.deployer("setup", check=True)
     assert project.deployer("rollout").returncode == 0
+
+
+ADD_NAME = {
+    "migrations/20240102000000_add_name.sql": "-- phase: expand\n-- up\n"
+    "ALTER TABLE people ADD COLUMN name TEXT;\n"
+    "-- down\nALTER TABLE people DROP COLUMN name;\n",
+}
+DROP_FNAME = {
+    "migrations/20240103000000_drop_fname.sql": "-- phase: contract\n-- up\n"
+    "ALTER TABLE people DROP COLUMN fname;\n"
+    "-- down\nALTER TABLE people ADD COLUMN fname TEXT;\n",
+}
+
+
+def people_columns(project: Project) -> list[str]:
+    import sqlite3
+
+    db = project.hosts[0].root / "shared" / "app.sqlite3"
+    return [r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(people)")]
+
+
+def test_rollback_past_contract_migrations_is_refused(project: Project) -> None:
+    with_migrations(project)
+    commit(project.repo, MIGRATIONS, "schema")
+    project.deployer("rollout", check=True)
+    old = project.current(project.hosts[0])
+    commit(project.repo, {**ADD_NAME, **DROP_FNAME}, "split")
+    project.deployer("rollout", check=True)
+    new = project.current(project.hosts[0])
+    proc = project.deployer("rollback")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "20240103000000_drop_fname" in proc.stderr and f"oldest safe release is {new}" in (
+        proc.stderr
+    )
+    assert all(project.current(h) == new for h in project.hosts)
+    forced = project.deployer("rollback", "--force", check=True)
+    assert "20240103000000_drop_fname" in forced.stdout
+    assert all(project.current(h) == old for h in project.hosts)
+
+
+def test_rollback_with_migrations_runs_expand_down_sections(project: Project) -> None:
+    with_migrations(project)
+    commit(project.repo, MIGRATIONS, "schema")
+    project.deployer("rollout", check=True)
+    commit(project.repo, ADD_NAME, "add name")
+    project.deployer("rollout", check=True)
+    assert people_columns(project) == ["id", "fname", "name"]
+    plain = project.deployer("rollback", "--dry-run", check=True)
+    assert "20240102000000_add_name (expand" in plain.stdout and "stay applied" in plain.stdout
+    project.deployer("rollback", "--migrations", check=True)
+    assert people_columns(project) == ["id", "fname"]
