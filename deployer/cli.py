@@ -112,6 +112,8 @@ def setup(ctx: click.Context, patterns: str | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--repo", "repo_path", metavar="PATH", help="Repository to deploy from.")
 @click.option("--lock-wait", type=float, default=0.0, metavar="SECONDS")
+@click.option("--deploy-id", hidden=True, help="Name of this rollout (set by the git hook).")
+@click.option("--log-file", hidden=True, help="Where its output goes (recorded in history).")
 @click.pass_context
 def rollout(
     ctx: click.Context,
@@ -122,6 +124,8 @@ def rollout(
     dry_run: bool,
     repo_path: str | None,
     lock_wait: float,
+    deploy_id: str | None,
+    log_file: str | None,
 ) -> None:
     """Deploy REV (default: HEAD of the repo) to the selected hosts, batch by batch."""
     from deployer.inventory import expand_path
@@ -137,7 +141,7 @@ def rollout(
         if dry_run:
             click.echo(plan.render())
             return
-        outcome = run_rollout(deploy, plan, source)
+        outcome = run_rollout(deploy, plan, source, deploy_id, log_file)
     finally:
         deploy.close()
     sys.exit(outcome.exit_code)
@@ -223,6 +227,82 @@ def history(ctx: click.Context, limit: int, as_json: bool) -> None:
             f"  {e.get('user')}  {e.get('started')}  {len(e.get('hosts', []))} host(s)"
             f"  {e.get('result')}{step}  {e.get('duration_s')}s"
         )
+
+
+@cli.command()
+@click.argument("deploy_id", metavar="[ID]", required=False)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing while that rollout runs.")
+@click.pass_context
+def logs(ctx: click.Context, deploy_id: str | None, follow: bool) -> None:
+    """The log of a pushed rollout (by id or id prefix; default: the newest)."""
+    from deployer import hook
+    from deployer.history import state_dir
+
+    inv = load_inventory(ctx)
+    state = state_dir(inv.path)
+    path = hook.log_path(state, deploy_id)
+    if follow:
+        hook.follow(path, lambda: hook.running(state, inv.app.name, path.stem), sys.stdout)
+    else:
+        hook.copy_file(path, sys.stdout)
+
+
+@cli.command()
+@click.option("--repo", required=True, metavar="PATH", help="Bare repository to create or adopt.")
+@click.option("--branch", default="main", show_default=True, help="The branch that deploys.")
+@click.pass_context
+def init(ctx: click.Context, repo: str, branch: str) -> None:
+    """Create (or adopt) a bare deploy repository whose pushes to BRANCH deploy."""
+    from pathlib import Path
+
+    from deployer import hook
+
+    repo_path = Path(repo).expanduser().absolute()
+    inventory = Path(ctx.obj["inventory_path"]).expanduser().absolute()
+    changes = hook.init(repo_path, inventory, branch, sys.executable)
+    for line in changes or [f"{repo_path}: already set up, nothing changed"]:
+        click.echo(line)
+    click.echo("In your app's repository, add the remote (this machine, or over ssh):")
+    for line in hook.remote_lines(repo_path):
+        click.echo(f"  {line}")
+    click.echo(f"then deploy with: git push deploy {branch}")
+
+
+@cli.command()
+@click.argument("directory", metavar="[DIR]", required=False)
+@click.option("--keep", is_flag=True, help="Leave the hosts' masters running and DIR in place.")
+def demo(directory: str | None, keep: bool) -> None:
+    """Deploy the example app to two local hosts with `git push`, under load (<60 s)."""
+    from pathlib import Path
+
+    from deployer import demo as demos
+
+    sys.exit(demos.run(Path(directory) if directory else None, keep, sys.stdout))
+
+
+@cli.command(
+    hidden=True, context_settings={"ignore_unknown_options": True, "help_option_names": []}
+)
+@click.argument("name", type=click.Choice(["pre-receive", "post-update"]))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def hook(name: str, args: tuple[str, ...]) -> None:
+    """Entry point of the installed git hooks (run by git in the bare repo)."""
+    import os
+    from pathlib import Path
+
+    from deployer import hook as hooks
+
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    cfg = hooks.HookConfig.read(Path(os.environ.get("GIT_DIR", ".")).absolute())
+    if name == "pre-receive":
+        sys.exit(hooks.pre_receive(cfg, sys.stdin.read(), sys.stderr))
+    try:
+        code = hooks.post_update(cfg, list(args), sys.stdout)
+    except BrokenPipeError:
+        # The pusher went away; the rollout runs on in its own session.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
 
 
 @cli.command()

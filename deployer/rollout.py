@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -406,16 +406,24 @@ def plan_rollout(
     )
 
 
-def run_rollout(deploy: Deploy, plan: Plan, source: Any) -> Outcome:
-    """Execute a rollout plan; the caller holds nothing, this takes the locks."""
+def run_rollout(
+    deploy: Deploy, plan: Plan, source: Any, deploy_id: str | None = None, log: str | None = None
+) -> Outcome:
+    """Execute a rollout plan; the caller holds nothing, this takes the locks.
+
+    `deploy_id` names the rollout (history, lock owner) when the caller already
+    told someone its name (the post-update hook names the log after it)."""
     from deployer.sync import sync
 
     say = deploy.reporter.say
     release = next(iter(plan.targets.values()))
     owner = Owner(plan.app, plan.revision or "", "rollout")
+    if deploy_id:
+        owner = replace(owner, id=deploy_id)
     started = time.monotonic()
     entry: dict[str, Any] = {
-        "id": f"{release}-{owner.id[:4]}",
+        "id": deploy_id or f"{release}-{owner.id[:4]}",
+        "log": log,
         "action": "rollout",
         "revision": plan.revision,
         "release": release,

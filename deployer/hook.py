@@ -1,0 +1,382 @@
+"""`git push deploy main`: the bare deploy repository and its hooks.
+
+`deployer init` creates (or adopts) a bare repository, records the inventory and
+the deploy branch in its git config, and installs the scripts of the project's
+top-level `hooks/` directory; each runs `deployer hook NAME` with the Python that
+ran init. A hook already there that is not ours is kept as `NAME.chained` and
+run first (same arguments, same stdin); its refusal is the push's refusal.
+
+pre-receive rejects a push to the deploy branch while another rollout holds the
+lock, when the inventory does not validate, or when the migrations the push adds
+or changes fail lint. post-update starts `deployer rollout <sha>` detached from
+the push (its own session, output to `<repo>/deployer/logs/<id>.log`) and
+follows that log for the pusher, so a pusher who disconnects stops only the
+following, never the rollout.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from deployer.errors import BadInput, DeployerError
+
+HOOKS = ("pre-receive", "post-update")
+MARK = "deployer-hook"  # in every script we install: tells ours from a foreign hook
+ZERO = "0" * 40
+# Variables git sets for hooks that must not leak into git commands run on other
+# repositories (the app's own checkout, the hosts' repo/). GIT_SSH* and GIT_TRACE*
+# are the user's own settings and stay.
+KEEP_GIT_VARS = ("GIT_SSH", "GIT_TRACE")
+
+
+def clean_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The hook's environment minus git's per-repository variables (GIT_DIR,
+    GIT_QUARANTINE_PATH, GIT_OBJECT_DIRECTORY, GIT_PUSH_OPTION_*, ...)."""
+    env = dict(os.environ if env is None else env)
+    return {k: v for k, v in env.items() if not k.startswith("GIT_") or k.startswith(KEEP_GIT_VARS)}
+
+
+def git(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(
+        ["git", "--git-dir", str(repo), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        raise DeployerError(f"git {' '.join(args)} in {repo}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def hooks_source() -> Path:
+    """The project's top-level hooks/: beside the package in a checkout or an
+    editable install, or under <prefix>/share/deployer/hooks in a wheel install."""
+    here = Path(__file__).resolve().parent.parent / "hooks"
+    for candidate in (here, Path(sys.prefix) / "share" / "deployer" / "hooks"):
+        if all((candidate / name).is_file() for name in HOOKS):
+            return candidate
+    raise DeployerError(f"hook scripts not found in {here} (is the package installed whole?)")
+
+
+# --- init ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HookConfig:
+    """What init records in the bare repo's git config."""
+
+    repo: Path
+    inventory: Path
+    branch: str
+
+    @classmethod
+    def read(cls, repo: Path) -> HookConfig:
+        def get(key: str) -> str:
+            try:
+                value = git(repo, "config", "--get", key).strip()
+            except DeployerError:
+                value = ""
+            if not value:
+                raise BadInput(
+                    f"{repo}/config: {key} is not set; run `deployer init --repo {repo}`"
+                )
+            return value
+
+        return cls(repo, Path(get("deployer.inventory")), get("deployer.branch"))
+
+    @property
+    def ref(self) -> str:
+        return f"refs/heads/{self.branch}"
+
+
+def init(repo: Path, inventory: Path, branch: str, python: str) -> list[str]:
+    """Create or adopt the bare repo and install the hooks; returns what changed
+    (empty when everything already was as asked)."""
+    from deployer import inventory as inventories
+
+    inventories.load(str(inventory))  # a push must never be the first to find it broken
+    check_branch(branch)
+    changes: list[str] = []
+    if not repo.exists() or (repo.is_dir() and not any(repo.iterdir())):
+        repo.mkdir(parents=True, exist_ok=True)
+        git(repo, "init", "--quiet", "--bare", f"--initial-branch={branch}")
+        changes.append(f"created bare repository {repo}")
+    elif git(repo, "rev-parse", "--is-bare-repository").strip() != "true":
+        raise BadInput(f"--repo: {repo} is not a bare git repository")
+    for key, value in (("deployer.inventory", str(inventory)), ("deployer.branch", branch)):
+        try:
+            old = git(repo, "config", "--get", key).strip()
+        except DeployerError:
+            old = None
+        if old != value:
+            git(repo, "config", key, value)
+            changes.append(f"set {key} = {value}")
+    # Hooks run in the repo with an inherited environment; never let a ref update
+    # race a half-written hook: each script is written beside and renamed.
+    source = hooks_source()
+    for name in HOOKS:
+        changes += install_hook(repo / "hooks" / name, source / name, python)
+    return changes
+
+
+def check_branch(branch: str) -> None:
+    if subprocess.run(
+        ["git", "check-ref-format", "--branch", branch], capture_output=True
+    ).returncode:
+        raise BadInput(f"--branch: {branch!r} is not a valid branch name")
+
+
+def install_hook(target: Path, template: Path, python: str) -> list[str]:
+    text = template.read_text().replace("@PYTHON@", shlex.quote(python))
+    changes = []
+    if target.exists() and MARK not in target.read_text(errors="replace"):
+        chained = target.with_name(target.name + ".chained")
+        if chained.exists():
+            raise BadInput(
+                f"{target} is a foreign hook and {chained} exists too: merge them by hand"
+            )
+        target.rename(chained)
+        changes.append(f"kept the existing {target.name} hook as {chained.name} (run first)")
+    if target.exists() and target.read_text() == text:
+        return changes
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    tmp.rename(target)
+    changes.append(f"installed hooks/{target.name}")
+    return changes
+
+
+def remote_lines(repo: Path) -> list[str]:
+    """The `git remote add` lines for this machine and for others (ssh URL)."""
+    user = getpass.getuser()
+    return [
+        f"git remote add deploy {repo}",
+        f"git remote add deploy ssh://{user}@{socket.getfqdn()}{repo}",
+    ]
+
+
+# --- running hooks ---------------------------------------------------------------------
+
+
+def run_chained(cfg: HookConfig, name: str, args: Iterable[str], stdin: str) -> int:
+    chained = cfg.repo / "hooks" / f"{name}.chained"
+    if not os.access(chained, os.X_OK):
+        return 0
+    return subprocess.run([str(chained), *args], input=stdin, text=True).returncode
+
+
+def pre_receive(cfg: HookConfig, stdin: str, err: TextIO) -> int:
+    """0 accepts the push; anything else rejects it, with a reason on `err`."""
+    code = run_chained(cfg, "pre-receive", (), stdin)
+    if code:
+        return code
+    for line in stdin.splitlines():
+        old, new, ref = line.split()
+        if ref != cfg.ref or new == ZERO:
+            continue  # other branches, and deleting the deploy branch, deploy nothing
+        try:
+            check_push(cfg, old, new)
+        except DeployerError as e:
+            first, *rest = str(e).splitlines() or [""]
+            err.write(f"deployer: push to {cfg.branch} rejected: {first}\n")
+            err.writelines(f"deployer:   {r}\n" for r in rest)
+            return 1
+    return 0
+
+
+def check_push(cfg: HookConfig, old: str, new: str) -> None:
+    from deployer import inventory as inventories
+    from deployer.history import state_dir
+    from deployer.lock import ControllerLock, describe
+
+    try:
+        inv = inventories.load(str(cfg.inventory))
+    except DeployerError as e:
+        raise BadInput(f"the inventory does not validate:\n{e}") from None
+    lock = ControllerLock(state_dir(str(cfg.inventory)), inv.app.name)
+    holder = lock.holder()
+    if holder is not None:
+        raise BadInput(f"another rollout is running: {describe(holder, 'deploy lock')}")
+    if inv.migrations is not None:
+        lint_pushed(cfg.repo, old, new, inv.migrations.dir, inv.migrations.database)
+
+
+def lint_pushed(repo: Path, old: str, new: str, directory: str, database: str) -> None:
+    """Lint the migration files this push adds or changes (the quarantined objects
+    are readable: git gives the hook the environment that sees them)."""
+    from deployer.migrations.files import discover
+    from deployer.migrations.lint import describe, lint
+
+    directory = directory.strip("/")
+    if old == ZERO:
+        names = git(repo, "ls-tree", "-r", "--name-only", new, "--", directory).split()
+    else:
+        diff = ["diff", "--name-only", "--diff-filter=AMR", old, new, "--", directory]
+        names = git(repo, *diff).split()
+    names = [n for n in names if n.endswith((".sql", ".py")) and "/" not in n[len(directory) + 1 :]]
+    if not names:
+        return
+    dialect = "postgresql" if database.startswith("postgres") else "sqlite"
+    with tempfile.TemporaryDirectory(prefix="deployer-lint-") as tmp:
+        for name in names:
+            (Path(tmp) / Path(name).name).write_text(git(repo, "show", f"{new}:{name}"))
+        violations = lint(discover(Path(tmp)), dialect)
+    if violations:
+        details = [describe(v).replace(tmp + "/", directory + "/") for v in violations]
+        raise BadInput(
+            f"{len(violations)} unsafe migration statement(s) ({violations[0].rule} in "
+            f"{violations[0].name}); fix them or allow a rule with "
+            "`-- deployer: allow <rule>`\n" + "\n".join(details)
+        )
+
+
+def post_update(cfg: HookConfig, refs: list[str], out: TextIO) -> int:
+    code = run_chained(cfg, "post-update", refs, "")
+    if code:
+        out.write(f"deployer: post-update.chained exited {code}; not deploying\n")
+        return code
+    if cfg.ref not in refs:
+        out.write(
+            f"deployer: {', '.join(refs)} is not the deploy branch ({cfg.branch}): not deployed\n"
+        )
+        return 0
+    try:
+        sha = git(cfg.repo, "rev-parse", "--verify", "--quiet", cfg.ref).strip()
+    except DeployerError:
+        out.write(f"deployer: {cfg.ref} was deleted: nothing to deploy\n")
+        return 0
+    run = start_rollout(cfg, sha)
+    out.write(f"deployer: rollout {run.id} of {sha[:12]} started; log: {run.log}\n")
+    out.flush()
+    started = time.monotonic()
+    code = None
+
+    def alive() -> bool:
+        nonlocal code
+        code = run.proc.poll()
+        return code is None
+
+    follow(run.log, alive, out)
+    out.write(summary(cfg, run, code if code is not None else run.proc.wait(), started) + "\n")
+    out.flush()
+    return code or 0
+
+
+@dataclass
+class Run:
+    id: str
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+
+def start_rollout(cfg: HookConfig, sha: str) -> Run:
+    """`deployer rollout` in a session of its own, so the pusher's disconnect (SIGHUP,
+    SIGPIPE on the hook's stdout) never reaches it; its output goes to the log."""
+    from deployer.history import state_dir
+
+    deploy_id = f"{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}-{sha[:7]}-{os.getpid() % 10000:04d}"
+    logs = cfg.repo / "deployer" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{deploy_id}.log"
+    # `deployer logs` finds logs through the controller's state dir.
+    index = state_dir(str(cfg.inventory)) / "logs"
+    index.mkdir(parents=True, exist_ok=True)
+    (index / log.name).symlink_to(log)
+    argv = [sys.executable, "-P", "-m", "deployer", "-i", str(cfg.inventory), "rollout", sha]
+    argv += ["--repo", str(cfg.repo), "--deploy-id", deploy_id, "--log-file", str(log)]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=cfg.repo,
+            env={**clean_env(), "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+    return Run(deploy_id, log, proc)
+
+
+def follow(log: Path, alive: Callable[[], bool], out: TextIO, poll: float = 0.1) -> None:
+    """Copy `log` to `out` as it grows, until `alive()` is false and it is read to
+    the end. A pusher who went away (EPIPE) ends the copying, nothing else."""
+    with open(log, errors="replace") as fh:
+        pending = ""
+        while True:
+            running = alive()
+            chunk = fh.read()
+            if chunk:
+                pending += chunk
+                *lines, pending = pending.split("\n")
+                try:
+                    out.writelines(line + "\n" for line in lines)
+                    out.flush()
+                except (BrokenPipeError, OSError):
+                    return
+            elif not running:
+                if pending:
+                    out.write(pending + "\n")
+                return
+            else:
+                time.sleep(poll)
+
+
+def summary(cfg: HookConfig, run: Run, code: int, started: float) -> str:
+    """One line for the pusher: revision, hosts, duration, result."""
+    from deployer.history import History, state_dir
+
+    entry = next(
+        (e for e in History(state_dir(str(cfg.inventory))).entries(50) if e.get("id") == run.id),
+        None,
+    )
+    took = f"{time.monotonic() - started:.1f}s"
+    if entry is None:
+        return f"deployer: rollout {run.id} exited {code} after {took} (see {run.log})"
+    hosts = ", ".join(entry.get("hosts", []))
+    result = "ok" if entry.get("result") == "ok" else f"FAILED at {entry.get('failed_step')}"
+    return (
+        f"deployer: {str(entry.get('revision'))[:12]} to {hosts}: {result} "
+        f"in {entry.get('duration_s')}s (exit {code}, log {run.log})"
+    )
+
+
+def log_path(state: Path, deploy_id: str | None) -> Path:
+    """A rollout's log by id (or a unique prefix), or the newest one."""
+    index = state / "logs"
+    logs = sorted(index.glob("*.log")) if index.is_dir() else []
+    if deploy_id:
+        logs = [p for p in logs if p.name.startswith(deploy_id)]
+    if not logs:
+        what = f"no log matches {deploy_id!r}" if deploy_id else "no rollout logs yet"
+        raise BadInput(f"{what} in {index}")
+    if deploy_id and len(logs) > 1 and not any(p.stem == deploy_id for p in logs):
+        raise BadInput(f"{deploy_id!r} matches {len(logs)} logs: {', '.join(p.stem for p in logs)}")
+    return logs[-1] if not deploy_id else next((p for p in logs if p.stem == deploy_id), logs[0])
+
+
+def running(state: Path, app: str, deploy_id: str) -> bool:
+    """Whether the rollout `deploy_id` still holds the deploy lock."""
+    from deployer.lock import ControllerLock
+
+    holder = ControllerLock(state, app).holder()
+    return bool(holder) and holder.get("id") == deploy_id
+
+
+def copy_file(src: Path, out: TextIO) -> None:
+    with open(src, errors="replace") as fh:
+        shutil.copyfileobj(fh, out)
