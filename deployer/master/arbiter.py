@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployer.master import listener as listener_mod
+from deployer.master import upgrade
 from deployer.master.config import MasterConfig
 from deployer.master.control import Connection, ControlServer
 from deployer.master.guard import Guard
@@ -97,6 +98,8 @@ class Arbiter:
         listener: socket.socket,
         control: ControlServer | None = None,
         announce: Callable[[bool, str], None] | None = None,
+        notify: NotifySocket | None | bool = True,
+        systemd: SystemdNotifier | None = None,
     ) -> None:
         self.cfg = config
         self.log = log
@@ -105,8 +108,12 @@ class Arbiter:
         # start mode: called once, (True, summary) when every worker is first
         # ready, or (False, reason) when a first worker fails to boot.
         self.announce = announce
-        self.systemd = SystemdNotifier.from_environment()
-        self.notify = NotifySocket() if config.ready.mode == "notify" else None
+        self.systemd = systemd if systemd is not None else SystemdNotifier.from_environment()
+        # notify=True: our own datagram socket if readiness is notify; an upgrade
+        # passes the inherited one (or None).
+        if notify is True:
+            notify = NotifySocket() if config.ready.mode == "notify" else None
+        self.notify: NotifySocket | None = notify or None
         self.selector = selectors.DefaultSelector()
         self.signals: deque[int] = deque()
         self.wake_r, self.wake_w = os.pipe()
@@ -131,17 +138,24 @@ class Arbiter:
         self.started = time.time()
         self.counts = {"reloads": 0, "failed_reloads": 0, "crashes": 0}
         self.last_reload: dict[str, Any] | None = None
+        self.upgrades = 0  # successful in-place upgrades (re-execs) of this master
+        self.upgrade_requester: Connection | None = None  # set on the resumed master
 
     # --- the loop ---
 
-    def run(self) -> int:
+    def run(self, resumed: dict[str, Any] | None = None) -> int:
         self.install_signals()
         self.watch_fds()
-        self.guard.start(self.groups())
-        self.log.master(
-            f"listening on {listener_mod.describe(self.listener)}, {self.target} workers,"
-            f" ready {self.cfg.ready}, release {self.pinned.release}"
-        )
+        if resumed is None:
+            self.guard.start(self.groups())
+            self.log.master(
+                f"listening on {listener_mod.describe(self.listener)}, {self.target} workers,"
+                f" ready {self.cfg.ready}, release {self.pinned.release}"
+            )
+        else:
+            self.adopted(resumed)
+        # Signals that came while we were exec'ing (blocked, pending) arrive now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT_SIGNALS)
         self.manage_workers(time.monotonic())
         while not (self.stopping and not self.workers and not self.lingering):
             self.wait(self.next_timeout(time.monotonic()))
@@ -754,6 +768,8 @@ class Arbiter:
             self.request_reload(conn)
         elif cmd == "scale":
             self.control_scale(conn, message.get("workers"))
+        elif cmd == "upgrade":
+            self.request_upgrade(conn, message)
         elif cmd == "stop":
             conn.send({"event": "stopping", "pid": os.getpid()})
             self.stop_waiters.append(conn)
@@ -762,7 +778,8 @@ class Arbiter:
             conn.send(
                 {
                     "ok": False,
-                    "error": f"unknown command {cmd!r} (expected status, reload, scale, stop)",
+                    "error": f"unknown command {cmd!r}"
+                    " (expected status, reload, scale, stop, upgrade)",
                 }
             )
 
@@ -799,6 +816,96 @@ class Arbiter:
         if conn in self.stop_waiters:
             self.stop_waiters.remove(conn)
 
+    # --- self-upgrade (see upgrade.py) ---
+
+    def request_upgrade(self, conn: Connection, message: dict[str, Any]) -> None:
+        """Check the new code, then re-exec in place; the new master answers `conn`."""
+        code = message.get("code") or upgrade.code_root()
+        refusal = None
+        if self.stopping:
+            refusal = "the master is stopping"
+        elif self.job is not None or self.queued is not None:
+            refusal = "a reload is running; upgrade once it has ended"
+        elif not self.announced:
+            refusal = "the workers are not all ready yet"
+        elif not isinstance(code, str) or not os.path.isdir(code):
+            refusal = f"code directory {code!r} does not exist"
+        if refusal is not None:
+            conn.send({"ok": False, "error": f"upgrade refused: {refusal}"})
+            return
+        simulate = bool(message.get("simulate_adopt_failure"))
+        conn.send(
+            {
+                "event": "checking",
+                "code": code,
+                "message": f"checking that the code in {code} can adopt this master",
+            }
+        )
+        error = upgrade.preflight(upgrade.snapshot(self, conn, code, simulate), code)
+        if error is not None:
+            error = f"the new code in {code} failed its check, nothing changed: {error}"
+            self.log.master(f"upgrade: {error}")
+            conn.send({"ok": False, "error": error})
+            return
+        conn.send(
+            {
+                "event": "exec",
+                "pid": os.getpid(),
+                "message": f"check passed; master {os.getpid()} re-execs on {code}",
+            }
+        )
+        self.log.master(f"upgrade: re-exec in place on {code}")
+        for c in self.conns.values():  # nothing left in our buffers: the new master has none
+            c.flush_blocking(1.0)
+            c.sock.setblocking(False)
+        failure = upgrade.reexec(upgrade.snapshot(self, conn, code, simulate), code)
+        signal.set_wakeup_fd(self.wake_w)  # only reached if exec failed
+        self.log.master(f"upgrade: exec failed, still on the old code: {failure}")
+        conn.send({"ok": False, "error": f"exec failed, nothing changed: {failure}"})
+
+    def adopted(self, state: dict[str, Any]) -> None:
+        """First thing a re-exec'd master does: watch the inherited fds, answer."""
+        for fd, stream in self.streams.items():
+            self.selector.register(
+                fd, selectors.EVENT_READ, lambda mask, s=stream: self.read_stream(s)
+            )
+        for w in self.workers.values():
+            if w.ready_pipe is not None:
+                self.selector.register(
+                    w.ready_pipe.fd, selectors.EVENT_READ, lambda mask, w=w: self.read_ready_pipe(w)
+                )
+        for conn in self.conns.values():
+            self.selector.register(
+                conn, selectors.EVENT_READ, lambda mask, c=conn: self.serve(c, mask)
+            )
+        pause = round(time.monotonic() - state["saved_at"], 3)
+        requester, self.upgrade_requester = self.upgrade_requester, None
+        if state["adopt_error"] is None:
+            self.upgrades += 1
+            text = f"upgraded in place: pid {os.getpid()}, code {upgrade.code_root()}"
+            self.log.master(f"{text}, {len(self.workers)} workers adopted, exec took {pause}s")
+            answer = {
+                "ok": True,
+                "pid": os.getpid(),
+                "code": upgrade.code_root(),
+                "workers": sorted(self.workers),
+                "upgrades": self.upgrades,
+                "seconds": pause,
+            }
+        else:
+            error = (
+                f"the new code in {state['code']['next']} could not adopt the master"
+                f" ({state['adopt_error']}); back on the previous code {upgrade.code_root()},"
+                " nothing changed"
+            )
+            self.log.master(f"upgrade failed: {error}")
+            answer = {"ok": False, "error": error, "pid": os.getpid()}
+        if requester is not None:
+            requester.send(answer)
+        self.systemd.send(
+            READY=1, STATUS=f"upgrade {'ok' if answer['ok'] else 'failed'}", MAINPID=os.getpid()
+        )
+
     # --- status ---
 
     def status(self) -> dict[str, Any]:
@@ -822,6 +929,7 @@ class Arbiter:
             "reloads": self.counts["reloads"],
             "failed_reloads": self.counts["failed_reloads"],
             "crashes": self.counts["crashes"],
+            "upgrades": self.upgrades,
             "reload": None
             if self.job is None
             else {"id": self.job.id, "reverting": self.job.reverting},

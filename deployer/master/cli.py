@@ -76,11 +76,25 @@ def build_parser() -> Parser:
     scale.add_argument("n", metavar="N")
     client_options(scale)
     client_options(sub.add_parser("stop", help="drain every worker and exit"), timeout=True)
-    client_options(
-        sub.add_parser("upgrade", help="re-exec the master in place (new code, same pid)"),
-        timeout=True,
+    upgrade = sub.add_parser("upgrade", help="re-exec the master in place (new code, same pid)")
+    client_options(upgrade, timeout=True)
+    upgrade.add_argument(
+        "--code",
+        metavar="DIR",
+        help="directory holding the new `deployer` package (default: where the master's"
+        " own deployer package is, as it is on disk now)",
     )
     return parser
+
+
+def resume(argv: list[str]) -> int:
+    from deployer.master import upgrade
+
+    p = argparse.ArgumentParser(prog=f"{PROG} _resume")
+    p.add_argument("--state-fd", type=int, required=True)
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args(argv)
+    return upgrade.resume(args.state_fd, args.check)
 
 
 def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -91,6 +105,8 @@ def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["_resume"]:  # internal: a master re-exec'd by `upgrade` (upgrade.py)
+        return resume(argv[1:])
     options, command = split_command(list(argv))
     try:
         args = build_parser().parse_args(options)
@@ -289,7 +305,17 @@ def cmd_stop(args: argparse.Namespace, path: str) -> int:
 
 
 def cmd_upgrade(args: argparse.Namespace, path: str) -> int:
-    for answer in exchange(path, {"cmd": "upgrade"}, client_timeout(args) or 60):
+    message: dict[str, Any] = {"cmd": "upgrade"}
+    if args.code:
+        message["code"] = os.path.abspath(args.code)
+    for answer in exchange(path, message, client_timeout(args) or 60):
+        if answer.get("ok"):
+            workers = " ".join(map(str, answer["workers"]))
+            print(
+                f"master pid {answer['pid']} upgraded in place on {answer['code']}"
+                f" (exec {answer['seconds']}s; workers kept: {workers})"
+            )
+            return EXIT_OK
         if "ok" in answer:
             return report_result(answer)
         print(answer.get("message", json.dumps(answer)), flush=True)

@@ -1,0 +1,109 @@
+"""`deployer master upgrade`: the master re-execs itself in place (same pid,
+same listening socket, same workers) with real processes, sockets and load."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from master_helpers import REPO, Load, Master, Masters, pid_alive, wait_for
+
+
+@pytest.fixture
+def masters(tmp_path: Path) -> Iterator[Masters]:
+    fleet = Masters(tmp_path)
+    try:
+        yield fleet
+    finally:
+        fleet.cleanup()
+
+
+def worker_pids(m: Master) -> list[int]:
+    return sorted(w["pid"] for w in m.status()["workers"])
+
+
+def new_code(tmp_path: Path) -> Path:
+    """A copy of the deployer package somewhere else: "the new version"."""
+    code = tmp_path / "code"
+    shutil.copytree(REPO / "deployer", code / "deployer", ignore=shutil.ignore_patterns("*.pyc"))
+    return code
+
+
+@pytest.mark.timeout(90)
+def test_upgrade_under_load_keeps_pid_and_workers_with_zero_failures(
+    masters: Masters, tmp_path: Path
+) -> None:
+    m = masters.start(workers=2)
+    pids = worker_pids(m)
+    code = new_code(tmp_path)
+    with Load(m.port, threads=8, duration=60) as load:
+        load.wait_requests(200)
+        # Same code again; new code elsewhere; then the default, which is now that code.
+        for option, runs_on in (([], REPO), (["--code", str(code)], code), ([], code)):
+            r = m.cli("upgrade", *option)
+            assert r.returncode == 0, r.stdout + r.stderr + m.log_text()
+            assert f"master pid {m.pid} upgraded in place on {runs_on} " in r.stdout
+            seen = load.result.ok
+            load.wait_requests(seen + 200)  # still served, by the same workers
+            assert m.proc.poll() is None
+            assert worker_pids(m) == pids
+        result = load.stop()
+    assert result.failed == 0, result.summary()
+    assert result.ok > 600, result.summary()
+    status = m.status()
+    assert status["pid"] == m.pid and status["upgrades"] == 3
+    assert status["ready"] == 2 and status["state"] == "running"
+    assert all(pid_alive(p) for p in pids)
+    # The adopted state works: a reload replaces the workers, a stop drains and exits 0.
+    r = m.cli("reload", "--wait", "--timeout", "30")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert set(worker_pids(m)).isdisjoint(pids)
+    assert m.get("/")[0] == 200
+    r = m.cli("stop", "--timeout", "30")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert m.wait_exit(15) == 0
+    assert "upgraded in place" in m.log_text()
+
+
+@pytest.mark.timeout(60)
+def test_upgrade_that_cannot_adopt_execs_back_to_the_old_code(masters: Masters) -> None:
+    m = masters.start(workers=2)
+    pids = worker_pids(m)
+    with Load(m.port, threads=4, duration=40) as load:
+        load.wait_requests(100)
+        answers = m.request({"cmd": "upgrade", "simulate_adopt_failure": True}, timeout=30)
+        seen = load.result.ok
+        load.wait_requests(seen + 100)
+        result = load.stop()
+    assert [a.get("event") for a in answers[:-1]] == ["checking", "exec"]
+    last = answers[-1]
+    assert last["ok"] is False and last["pid"] == m.pid, answers
+    assert "could not adopt" in last["error"] and "back on the previous code" in last["error"]
+    assert result.failed == 0, result.summary()
+    status = m.status()
+    assert status["pid"] == m.pid and status["upgrades"] == 0
+    assert worker_pids(m) == pids and status["ready"] == 2
+    r = m.cli("reload", "--wait", "--timeout", "30")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_upgrade_to_code_that_does_not_start_changes_nothing(
+    masters: Masters, tmp_path: Path
+) -> None:
+    m = masters.start(workers=1)
+    pids = worker_pids(m)
+    broken = tmp_path / "broken"
+    (broken / "deployer" / "master").mkdir(parents=True)
+    (broken / "deployer" / "__init__.py").write_text('raise SystemExit("broken new code")\n')
+    (broken / "deployer" / "master" / "__init__.py").write_text("")
+    r = m.cli("upgrade", "--code", str(broken))
+    assert r.returncode == 1
+    assert "failed its check, nothing changed" in r.stderr and "broken new code" in r.stderr
+    r = m.cli("upgrade", "--code", str(tmp_path / "missing"))
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    wait_for(lambda: m.status()["state"] == "running", 5, "master running")
+    assert m.status()["pid"] == m.pid and worker_pids(m) == pids
+    assert m.get("/")[0] == 200
