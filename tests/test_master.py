@@ -354,7 +354,11 @@ def connect_as_nobody(path: Path) -> str:
         "    s.connect(sys.argv[1])\n"
         "except PermissionError:\n"
         "    sys.exit(print('connect: not allowed'))\n"
-        "s.sendall(b'{\"cmd\": \"stop\"}\\n'); print(s.recv(4096).decode())"
+        "try:\n"
+        '    s.sendall(b\'{"cmd": "stop"}\\n\')\n'
+        "except OSError:\n"
+        "    pass  # refused and closed before we sent: the answer is still waiting\n"
+        "print(s.recv(4096).decode())"
     )
     r = subprocess.run([PYTHON, "-c", probe, str(path)], capture_output=True, text=True)
     return r.stdout + r.stderr

@@ -66,7 +66,7 @@ def test_bad_config_file_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixt
     cfg.write_text('[master]\nworkers = 2\nlisten = "127.0.0.1:1"\nstop_sginal = "TERM"\n')
     assert main(["run", "--config", str(cfg), "--", *APP]) == 2
     assert f"{cfg}: [master] stop_sginal: unknown key" in capsys.readouterr().err
-    cfg.write_text('[master]\nworkers = 0\n')
+    cfg.write_text("[master]\nworkers = 0\n")
     assert main(["run", "--config", str(cfg), "--", *APP]) == 2
     assert "[master] workers: expected a positive integer" in capsys.readouterr().err
 
@@ -99,3 +99,19 @@ def test_unit_prints_a_notify_service(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     assert "reload" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("command", ["run", "start", "status", "reload", "stop", "upgrade"])
+def test_too_long_socket_path_exits_2_naming_the_limit(tmp_path: Path, command: str) -> None:
+    path = tmp_path / ("s" * 60) / ("m" * 60 + ".sock")
+    path.parent.mkdir()
+    port = free_port()
+    server = ["--listen", f"127.0.0.1:{port}", "--", *APP] if command in ("run", "start") else []
+    r = master_cli(command, "--socket", str(path), *server)
+    assert r.returncode == 2, r.stdout + r.stderr
+    size = len(str(path).encode())
+    assert f"--socket: {path} is {size} bytes, longer than the 107-byte limit" in r.stderr
+    assert "None" not in r.stderr and "Traceback" not in r.stderr
+    with socket.socket() as probe:  # run/start bound nothing they kept
+        probe.bind(("127.0.0.1", port))

@@ -46,6 +46,19 @@ def answers(path: str) -> bool:
         probe.close()
 
 
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes, one for the NUL
+
+
+def check_path(path: str, what: str = "--socket") -> None:
+    """A unix socket path the kernel accepts; else bad input naming the limit."""
+    size = len(os.fsencode(path))
+    if size > SUN_PATH_MAX:
+        raise ConfigError(
+            f"{what}: {path} is {size} bytes, longer than the {SUN_PATH_MAX}-byte limit"
+            " of a unix socket path (sun_path); use a shorter path"
+        )
+
+
 class ControlServer:
     def __init__(self, path: str, sock: socket.socket | None = None) -> None:
         self.path = path
@@ -55,6 +68,7 @@ class ControlServer:
 
     @staticmethod
     def _bind(path: str) -> socket.socket:
+        check_path(path)
         if os.path.exists(path):
             if answers(path):
                 raise ConfigError(f"--socket: another master is already running on {path}")
@@ -65,7 +79,7 @@ class ControlServer:
             sock.bind(path)
         except OSError as e:
             sock.close()
-            raise ConfigError(f"--socket: cannot create {path}: {e.strerror}") from None
+            raise ConfigError(f"--socket: cannot create {path}: {e.strerror or e}") from None
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
@@ -183,6 +197,7 @@ def request(path: str, message: dict[str, Any], timeout: float | None) -> Iterat
     `timeout` bounds the whole exchange; None waits as long as it takes.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
+    check_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:

@@ -9,6 +9,7 @@ import socket
 import stat
 
 from deployer.master.config import ConfigError
+from deployer.master.control import check_path
 
 # The kernel caps this at net.core.somaxconn: ask for the deepest queue allowed,
 # so connections wait (not get refused) while workers are replaced.
@@ -36,11 +37,12 @@ def bind(listen: str) -> socket.socket:
         sock.listen(BACKLOG)
     except OSError as e:
         sock.close()
-        raise ConfigError(f"--listen: cannot bind {listen}: {e.strerror}") from None
+        raise ConfigError(f"--listen: cannot bind {listen}: {e.strerror or e}") from None
     return sock
 
 
 def _bind_unix(path: str, listen: str) -> socket.socket:
+    check_path(path, "--listen")
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.stat(path).st_mode) and not _unix_in_use(path):
             os.unlink(path)  # stale socket of a master that died
@@ -50,7 +52,7 @@ def _bind_unix(path: str, listen: str) -> socket.socket:
         sock.listen(BACKLOG)
     except OSError as e:
         sock.close()
-        raise ConfigError(f"--listen: cannot bind {listen}: {e.strerror}") from None
+        raise ConfigError(f"--listen: cannot bind {listen}: {e.strerror or e}") from None
     return sock
 
 
