@@ -9,8 +9,9 @@ host-side veth counters (Ethernet frames: payload plus IP/TCP/SSH overhead,
 everything that crossed the host's link) read before and after each phase.
 
 Repository: generated once from random.Random(seed) into a cache dir (about
-50 MB of packed history over 1300 commits, a 6.5 MB tree of code, docs, CSV
-and lock files). Scenarios, one after the other on the same hosts:
+50 MB of packed history over 1240 commits, a 6.6 MB tree of code, docs, CSV
+and lock files). Scenarios, one after the other on the same hosts, repeated
+--runs times with fresh deploy roots (medians reported, min-max beside):
 
   first deploy   (empty hosts; after `deployer setup`, which is not counted)
   redeploy       (one line changed in one file, committed)
@@ -22,13 +23,24 @@ reload and health are 0 and `switch` is flipping `current`) and Capistrano
 repository from the controller over SSH, then `git remote update` and `git
 archive`; no restart task), plus a naive `git archive | ssh tar` per host for
 reference. Capistrano's phases come from timestamp tasks hooked around
-deploy:starting/updated/publishing/published/finished.
+deploy:starting/updated/publishing/published/finished; deployer's from the
+arrival times of its progress lines (see deployer_phases). deployer runs from
+a snapshot of HEAD (git archive), so others' commits during a run do not
+make the hosts' agent stale halfway.
+
+All hosts share this machine's CPUs: host-side work (deployer's python agent
+calls, git on the hosts for both tools) of 8 hosts runs on the same cores as
+the controller, which real separate hosts would not do.
 
 Targets (issue 5): first deploy <= 7 MB per host, redeploy <= 50 KB per host,
 deployer's prepare+switch wall time <= half of Capistrano's whole deploy, for
 each of the three scenarios.
 
-    python bench/rollout.py [--hosts 8] [--seed 5] [--no-capistrano] [--batch SPEC]
+    python bench/rollout.py [--runs 3] [--hosts 8] [--seed 5] [--no-capistrano]
+                            [--batch SPEC] [--trace] [--json FILE]
+
+--trace runs the host agent through a wrapper that logs every call (op, wall
+time) and prints calls per host and their mean time per op (diagnostics).
 
 Needs root (namespaces, veths, sshd). Installs the `capistrano` Debian package
 when `cap` is missing. Everything it creates (namespaces, veths, bridge, sshd
@@ -72,8 +84,8 @@ from sshd import (  # noqa: E402 -- tests/ is not a package
 SUBNET = "10.203.0"
 BRIDGE_ADDR = f"{SUBNET}.1"
 SEED = 5
-COMMITS = 1300
-GEN_VERSION = 1  # bump when the generator changes: a new cache entry
+COMMITS = 1240
+GEN_VERSION = 2  # bump when the generator changes: a new cache entry
 TARGET_FIRST_BYTES = 7_000_000
 TARGET_REDEPLOY_BYTES = 50_000
 ISSUE_CAPISTRANO = {"first": (7.66, 49.3e6), "redeploy": (3.14, 71e3), "rollback": (2.80, None)}
