@@ -46,6 +46,10 @@ class Source:
             raise BadInput(f"--repo: {path} is not a git repository") from None
         self.git_dir = Path(self.repo.git_dir)
         self._lock = threading.Lock()
+        # Hosts that hold the same revisions get the same pack: computed once per
+        # rollout, not once per host (8 hosts: 8 `git pack-objects` of the same tree).
+        self._packs: dict[tuple[str, frozenset[str]], bytes | None] = {}
+        self._pack_locks: dict[tuple[str, frozenset[str]], threading.Lock] = {}
 
     def resolve(self, rev: str | None) -> Revision:
         """Anything `git rev-parse` accepts, as the commit it names."""
@@ -69,13 +73,22 @@ class Source:
 
     def pack_for(self, sha: str, host_has: list[str]) -> bytes | None:
         """A pack with what a host holding `host_has` lacks for `sha`; None if nothing."""
+        haves = frozenset(h for h in host_has if self.has_commit(h))
+        key = (sha, haves)
+        with self._lock:
+            key_lock = self._pack_locks.setdefault(key, threading.Lock())
+        with key_lock:  # the other hosts with the same `key` wait for this one, then reuse it
+            if key not in self._packs:
+                self._packs[key] = self._pack(sha, haves)
+            return self._packs[key]
+
+    def _pack(self, sha: str, haves: frozenset[str]) -> bytes | None:
         need = set(self.tree_objects(sha))
-        for have in host_has:
-            if self.has_commit(have):
-                need -= self.tree_objects(have)
+        for have in sorted(haves):
+            need -= self.tree_objects(have)
         if not need:
             return None
-        # Sorted input: the same need gives the same pack bytes (cacheable per rollout).
+        # Sorted input: the same need gives the same pack bytes.
         return self._git("pack-objects", "--stdout", "-q", stdin="\n".join(sorted(need))).stdout
 
     def _git(

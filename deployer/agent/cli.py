@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
 from typing import Any
 
 from deployer import __version__
@@ -92,6 +91,8 @@ def main(argv: list[str]) -> int:
     except (ops.AgentError, ValueError, OSError) as e:
         result = {"ok": False, "error": str(e)}
     except Exception as e:  # a bug: still answer in JSON, with the traceback on stderr
+        import traceback  # only here: imported up front it slows every agent call
+
         traceback.print_exc()
         result = {"ok": False, "error": f"agent internal error: {type(e).__name__}: {e}"}
     print(f"{RESULT_MARK} {json.dumps(result)}", flush=True)

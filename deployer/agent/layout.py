@@ -16,15 +16,28 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 RELEASE_NAME = re.compile(r"\d{14}-[0-9a-f]{7,40}")
 
 
-@dataclass(frozen=True)
 class Layout:
-    root: Path
+    """Paths under one deploy root. A plain class, not a dataclass: every agent call
+    imports this, and `dataclasses` (with `inspect`) costs ~5 ms a start."""
+
+    __slots__ = ("root",)
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __repr__(self) -> str:
+        return f"Layout(root={self.root!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Layout) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
 
     @classmethod
     def at(cls, root: str | os.PathLike[str]) -> Layout:

@@ -12,10 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +173,8 @@ def prepare(
 
 
 def _extract(layout: Layout, revision: str, dest: Path) -> None:
+    import tarfile  # here, not at the top: every agent call pays for what it imports
+
     proc = subprocess.Popen(
         ["git", f"--git-dir={layout.repo}", "archive", "--format=tar", revision],
         stdout=subprocess.PIPE,
@@ -300,6 +299,9 @@ def health(url: str, expect: int, timeout: float, passes: int, interval: float) 
 
 
 def _probe(url: str, timeout: float) -> tuple[int | None, str]:
+    import urllib.error  # here, not at the top: ~30 ms that only health needs
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.status, f"{resp.status}"
