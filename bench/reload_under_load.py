@@ -1,19 +1,29 @@
 #!/usr/bin/env python3
 """Reloads under load: `deployer master` with 2 workers of each example app,
 `wrk -t2 -c1000 -d30s --latency` against it while the master is reloaded
-every 2 s, next to the same run without reloads.
+every 2 s, next to the same run without reloads; and the anchors (what
+operators use today) with the same harness, handler and load.
 
-    python bench/reload_under_load.py [--apps python,node] [--connections 1000]
-        [--duration 30] [--interval 2] [--write-results]
+    python bench/reload_under_load.py [--targets master-python,master-node,...]
+        [--connections 1000] [--duration 30] [--interval 2] [--out FILE]
+        [--pm2 PATH] [--gunicorn PATH]
 
-Reports, per app: total requests, non-2xx, socket errors (connect/read/write/
-timeout), rps and p99, for both runs; the reloads that finished (only those
-count), the time from `reload` to the last old worker stopped, the master's
-RSS, and the time from a worker's SIGKILL to a ready replacement.
+Targets: master-python, master-node (the examples under `deployer master`);
+anchors (bench/anchors/): node-sighup and node-usr2 (the Node cluster SIGHUP
+and one-by-one SIGUSR2 recipes), pm2 (cluster mode, 2 instances, `pm2
+reload`), gunicorn (2 workers, `kill -HUP`). pm2 and gunicorn are third-party
+and never vendored: install them in a scratch dir and pass their paths.
+
+Reports, per target: total requests, non-2xx, socket errors (connect/read/
+write/timeout), rps and p99, for both runs; the reloads that finished (only
+those count: a reload is waited for until it finishes or the run ends), the
+time from the reload request to the last old worker stopped, and for the
+master its RSS and the time from a worker's SIGKILL to a ready replacement.
 Targets (issue 6): 0 non-2xx and 0 connect/read/write errors with reloads,
 timeouts no more than without, rps >= 90 % and p99 <= 2x the no-reload run.
 
-Loopback only; every process started here is stopped by pid.
+Loopback only; every process started here is stopped by pid (pm2's daemon by
+`pm2 kill` on its own PM2_HOME).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import re
 import resource
 import shutil
@@ -31,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +56,7 @@ APPS = {
     "python": (REPO / "examples/python-app/app.py", [sys.executable, "app.py"], "notify"),
     "node": (REPO / "examples/node-app/app.js", ["node", "app.js"], "pipe"),
 }
-RESULTS = REPO / "bench" / "RESULTS.md"
+ANCHORS = REPO / "bench" / "anchors"
 BEGIN, END = "<!-- master-bench:begin -->", "<!-- master-bench:end -->"
 
 
@@ -108,17 +120,108 @@ def run_wrk(port: int, connections: int, duration: int, threads: int = 2) -> sub
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+# --- processes ---
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    return out
+
+
+def rss_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """utime+stime of pid (plus its reaped children's with children=True)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def http_ok(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return s.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+class Target:
+    """Something serving on `port` with a master process that can be reloaded."""
+
+    name = ""
+    baseline = ""  # runs with the same baseline key share one no-reload run
+    workers = 2
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+
+    @property
+    def pid(self) -> int:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def reload(self, deadline: float) -> tuple[bool, float, str]:
+        """One reload, waited for until it finished or `deadline`: (ok, seconds, error)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def worker_pids(self) -> list[int]:
+        return children(self.pid)
+
+    def rss(self) -> int:
+        return rss_of(self.pid)
+
+    def workers_cpu(self) -> float:
+        """CPU of every worker so far: reaped ones (the master's cutime) plus live ones."""
+        total = cpu_seconds(self.pid, children=True) - cpu_seconds(self.pid)
+        return total + sum(cpu_seconds(p) for p in self.worker_pids())
+
+    def wait_serving(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.worker_pids()) >= self.workers and http_ok(self.port):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not start serving on {self.port}")
+
+
 # --- the master under test ---
 
 
-@dataclass
-class MasterUnderTest:
-    app: str
-    workdir: Path
-    workers: int = 2
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-    generation: int = 0
+class MasterUnderTest(Target):
+    def __init__(self, app: str, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.app = app
+        self.name = self.baseline = f"master-{app}"
+        self.proc: subprocess.Popen | None = None
+        self.generation = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     @property
     def socket(self) -> str:
@@ -163,7 +266,13 @@ class MasterUnderTest:
     def status(self) -> dict:
         return list(request(self.socket, {"cmd": "status"}, 10))[-1]["status"]
 
-    def reload(self) -> tuple[bool, float, str]:
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in self.status()["workers"]]
+
+    def rss(self) -> int:
+        return self.status()["rss"] or 0
+
+    def reload(self, deadline: float) -> tuple[bool, float, str]:
         """Switch `current` to the other release and reload; (ok, seconds, error)."""
         self.generation += 1
         self.switch(f"r{self.generation % 2}")
@@ -199,6 +308,151 @@ class MasterUnderTest:
         return [float(x) for x in re.findall(r"ready after ([\d.]+)s", self.log.read_text())]
 
 
+# --- anchors (bench/anchors/) ---
+
+
+class NodeCluster(Target):
+    """The Node cluster recipes; the primary prints RELOAD_DONE <ms> per reload."""
+
+    baseline = "node-cluster"
+
+    def __init__(self, mode: str, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.mode = mode
+        self.name = f"node-{mode}"
+        self.signal = signal.SIGHUP if mode == "sighup" else signal.SIGUSR2
+        self.proc: subprocess.Popen | None = None
+        self.lines: queue.Queue[str] = queue.Queue()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        env = dict(os.environ, PORT=str(self.port), WORKERS=str(self.workers))
+        self.proc = subprocess.Popen(
+            ["node", str(ANCHORS / "node_cluster.js"), self.mode],
+            env=env, stdout=subprocess.PIPE, text=True, cwd=self.workdir,
+        )  # fmt: skip
+        threading.Thread(target=self.read_lines, daemon=True).start()
+        self.wait_serving()
+
+    def read_lines(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+
+    def reload(self, deadline: float) -> tuple[bool, float, str]:
+        started = time.monotonic()
+        os.kill(self.pid, self.signal)
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line.startswith("RELOAD_DONE"):
+                return True, time.monotonic() - started, ""
+        return False, time.monotonic() - started, "not finished when the run ended"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # the primary SIGKILLs its workers and exits
+            self.proc.wait(timeout=20)
+
+
+class Pm2(Target):
+    name = baseline = "pm2"
+
+    def __init__(self, pm2: str, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.pm2 = pm2
+        self.env = dict(os.environ, PM2_HOME=str(workdir / "pm2home"), PORT=str(self.port))
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([self.pm2, *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, cwd=self.workdir)  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return int((self.workdir / "pm2home" / "pm2.pid").read_text())
+
+    def start(self) -> None:
+        r = self.cli("start", str(ANCHORS / "pm2_app.js"), "-i", str(self.workers),
+                     "--name", "anchor")  # fmt: skip
+        if r.returncode != 0:
+            raise RuntimeError(f"pm2 start failed: {r.stdout}{r.stderr}")
+        self.wait_serving()
+
+    def reload(self, deadline: float) -> tuple[bool, float, str]:
+        started = time.monotonic()
+        try:
+            r = self.cli("reload", "anchor", timeout=max(1.0, deadline - started))
+        except subprocess.TimeoutExpired:
+            return False, time.monotonic() - started, "not finished when the run ended"
+        error = "" if r.returncode == 0 else (r.stderr or r.stdout).strip()[-200:]
+        return r.returncode == 0, time.monotonic() - started, error
+
+    def stop(self) -> None:
+        self.cli("kill", timeout=60)
+
+
+class Gunicorn(Target):
+    """Unmodified gunicorn, 2 sync workers (its default class), reload = kill -HUP."""
+
+    name = baseline = "gunicorn"
+
+    def __init__(self, gunicorn: str, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.gunicorn = gunicorn
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        argv = [self.gunicorn, "-w", str(self.workers), "-b", f"127.0.0.1:{self.port}",
+                "--backlog", "2048", "--chdir", str(ANCHORS), "--log-level", "warning",
+                "wsgi_app:app"]  # fmt: skip
+        self.proc = subprocess.Popen(argv, cwd=self.workdir)
+        self.wait_serving()
+
+    def reload(self, deadline: float) -> tuple[bool, float, str]:
+        """HUP; finished when every old worker is gone and the new set is up."""
+        old = set(self.worker_pids())
+        started = time.monotonic()
+        os.kill(self.pid, signal.SIGHUP)
+        while time.monotonic() < deadline:
+            now = set(self.worker_pids())
+            if not now & old and len(now) >= self.workers:
+                return True, time.monotonic() - started, ""
+            time.sleep(0.005)
+        return False, time.monotonic() - started, "not finished when the run ended"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def make_target(name: str, workdir: Path, args: argparse.Namespace) -> Target:
+    if name.startswith("master-"):
+        return MasterUnderTest(name.split("-", 1)[1], workdir)
+    if name in ("node-sighup", "node-usr2"):
+        return NodeCluster(name.split("-", 1)[1], workdir)
+    if name == "pm2":
+        return Pm2(args.pm2, workdir)
+    if name == "gunicorn":
+        return Gunicorn(args.gunicorn, workdir)
+    raise SystemExit(f"unknown target {name!r}")
+
+
 # --- scenarios ---
 
 
@@ -212,71 +466,59 @@ class Run:
     load_avg: float = 0.0  # 1-minute load average at the end (other sessions share the box)
 
 
-def cpu_seconds(pid: int, children: bool = False) -> float:
-    """utime+stime of pid (plus its reaped children's with children=True)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])
-    if children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def workers_cpu(m: MasterUnderTest) -> float:
-    """CPU of every worker so far: reaped ones (the master's cutime) plus live ones."""
-    assert m.proc is not None
-    total = cpu_seconds(m.proc.pid, children=True) - cpu_seconds(m.proc.pid)
-    for w in m.status()["workers"]:
-        with contextlib.suppress(OSError):
-            total += cpu_seconds(w["pid"])
-    return total
-
-
-def load_run(m: MasterUnderTest, args: argparse.Namespace, reloading: bool) -> Run:
-    assert m.proc is not None
-    cpu_before = cpu_seconds(m.proc.pid)
-    workers_before = workers_cpu(m)
+def load_run(m: Target, args: argparse.Namespace, reloading: bool) -> Run:
+    cpu_before = cpu_seconds(m.pid)
+    workers_before = m.workers_cpu()
     wrk = run_wrk(m.port, args.connections, args.duration)
     run = Run(Wrk())
     started = time.monotonic()
+    end = started + args.duration
     if reloading:
         next_at = started + args.interval
         # Stop issuing reloads early enough that the last one ends inside the run.
-        while time.monotonic() < started + args.duration - args.interval - 1:
+        while time.monotonic() < end - args.interval - 1:
             time.sleep(max(0.0, next_at - time.monotonic()))
-            run.reloads.append(m.reload())
-            run.rss_max = max(run.rss_max, m.status()["rss"] or 0)
+            run.reloads.append(m.reload(end))
+            run.rss_max = max(run.rss_max, m.rss())
             next_at = max(next_at + args.interval, time.monotonic())
     out, _ = wrk.communicate(timeout=args.duration + 60)
     run.wrk = parse_wrk(out)
-    run.rss_max = max(run.rss_max, m.status()["rss"] or 0)
-    run.master_cpu = cpu_seconds(m.proc.pid) - cpu_before
-    run.workers_cpu = workers_cpu(m) - workers_before
+    run.rss_max = max(run.rss_max, m.rss())
+    run.master_cpu = cpu_seconds(m.pid) - cpu_before
+    run.workers_cpu = m.workers_cpu() - workers_before
     run.load_avg = os.getloadavg()[0]
     return run
 
 
-def bench_app(app: str, args: argparse.Namespace) -> dict:
-    rows: dict = {"app": app}
+def bench_target(name: str, args: argparse.Namespace, baselines: dict[str, Run]) -> dict:
+    rows: dict = {"target": name}
     for reloading in (False, True):
-        workdir = Path(tempfile.mkdtemp(prefix=f"bench-master-{app}-"))
-        m = MasterUnderTest(app, workdir)
+        workdir = Path(tempfile.mkdtemp(prefix=f"bench-master-{name}-"))
+        m = make_target(name, workdir, args)
+        kind = "reload" if reloading else "baseline"
+        if not reloading and m.baseline in baselines:
+            rows["baseline"] = baselines[m.baseline]
+            rows["baseline_shared"] = m.baseline
+            continue
         try:
             m.start()
             time.sleep(0.5)
             run = load_run(m, args, reloading)
-            rows["reload" if reloading else "baseline"] = run
-            # One kill per slot: a second kill of the same slot within STABLE_AFTER
-            # would (rightly) count as a crash loop and back off.
-            rows.setdefault("crash_restart", []).extend(
-                m.crash_restart_seconds(slot) for slot in range(1, m.workers + 1)
-            )
-            rows.setdefault("boot", []).extend(m.boot_seconds())
+            rows[kind] = run
+            if not reloading:
+                baselines[m.baseline] = run
+            if isinstance(m, MasterUnderTest):
+                # One kill per slot: a second kill of the same slot within STABLE_AFTER
+                # would (rightly) count as a crash loop and back off.
+                rows.setdefault("crash_restart", []).extend(
+                    m.crash_restart_seconds(slot) for slot in range(1, m.workers + 1)
+                )
+                rows.setdefault("boot", []).extend(m.boot_seconds())
         finally:
             m.stop()
             if not args.keep:
                 shutil.rmtree(workdir, ignore_errors=True)
-        print(f"{app} {'reload' if reloading else 'baseline'}: {summary(run)}", flush=True)
+        print(f"{name} {kind}: {summary(run)}", flush=True)
     return rows
 
 
@@ -294,8 +536,9 @@ def summary(run: Run) -> str:
     text = (
         f"{w.requests} requests, {w.rps:.0f} rps, p99 {w.p99_ms:.1f} ms, non-2xx {w.non2xx},"
         f" errors connect {w.connect} read {w.read} write {w.write} timeout {w.timeout},"
-        f" master cpu {run.master_cpu:.2f}s, workers cpu {run.workers_cpu:.1f}s"
-        f" ({per_cpu:.0f} requests per worker cpu-second), load {run.load_avg:.1f}"
+        f" master cpu {run.master_cpu:.2f}s rss {run.rss_max / 1e6:.1f} MB,"
+        f" workers cpu {run.workers_cpu:.1f}s ({per_cpu:.0f} requests per worker cpu-second),"
+        f" load {run.load_avg:.1f}"
     )
     if run.reloads:
         ok, spread = reload_stats(run)
@@ -310,7 +553,6 @@ def verdict(rows: dict) -> list[str]:
     base, rel = rows["baseline"].wrk, rows["reload"].wrk
     reloads = rows["reload"].reloads
     done = [s for ok, s, _ in reloads if ok]
-    rss = rows["reload"].rss_max
     p99_ratio = rel.p99_ms / max(base.p99_ms, 0.001)
     checks = [
         (rel.failed == 0, f"failed requests with reloads: {rel.failed} (target 0)"),
@@ -323,24 +565,26 @@ def verdict(rows: dict) -> list[str]:
             p99_ratio <= 2,
             f"p99 {rel.p99_ms:.1f} ms vs {base.p99_ms:.1f} ms ({p99_ratio:.2f}x, <= 2x)",
         ),
-        (len(done) == len(reloads), f"reloads finished ok: {len(done)} of {len(reloads)}"),
-        (rss <= 30e6, f"master RSS max {rss / 1e6:.1f} MB (<= 30)"),
+        (len(done) == len(reloads), f"reloads finished: {len(done)} of {len(reloads)}"),
     ]
+    if "crash_restart" in rows:
+        rss = max(rows["reload"].rss_max, rows["baseline"].rss_max)
+        checks.append((rss <= 30e6, f"master RSS max {rss / 1e6:.1f} MB (<= 30)"))
     return [f"{'met' if ok else '**missed**'}: {text}" for ok, text in checks]
 
 
 HEADER = (
-    "| app | run | requests | rps | p99 ms | non-2xx | connect | read | write | timeout"
-    " | reloads ok | reload s (median / max) | requests per worker cpu-s | load avg |"
+    "| target | run | requests | rps | p99 ms | non-2xx | connect | read | write | timeout"
+    " | reloads finished | reload s (median / max) | requests per worker cpu-s | load avg |"
 )
 
 
-def table_row(app: str, kind: str, run: Run, interval: float) -> str:
+def table_row(name: str, kind: str, run: Run, interval: float) -> str:
     w = run.wrk
     ok, spread = reload_stats(run)
     label = f"reload every {interval:g} s" if kind == "reload" else "no reloads"
     cells = [
-        app, label, f"{w.requests:,}", f"{w.rps:,.0f}", f"{w.p99_ms:.1f}", w.non2xx, w.connect,
+        name, label, f"{w.requests:,}", f"{w.rps:,.0f}", f"{w.p99_ms:.1f}", w.non2xx, w.connect,
         w.read, w.write, w.timeout, ok, spread, f"{w.requests / max(run.workers_cpu, 0.01):,.0f}",
         f"{run.load_avg:.1f}",
     ]  # fmt: skip
@@ -351,71 +595,97 @@ def markdown(all_rows: list[dict], args: argparse.Namespace) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
         BEGIN,
-        "## Cluster master: reloads under load",
+        "## Master: reload under load",
         "",
-        f"`python bench/reload_under_load.py --connections {args.connections}"
-        f" --duration {args.duration} --interval {args.interval:g}` ({when}):"
+        f"`python bench/reload_under_load.py --targets {args.targets}"
+        f" --connections {args.connections} --duration {args.duration}"
+        f" --interval {args.interval:g}` ({when}):"
         f" wrk -t2 -c{args.connections} -d{args.duration}s --latency, 2 workers, a reload"
-        f" every {args.interval:g} s (each switches `current` to the other release and"
-        " replaces every worker one by one, ready_soak 1 s), against the same run without"
-        f" reloads. {os.cpu_count()} cores shared with wrk and with other sessions' work"
-        " (load average column): compare rows of the same run, not across runs.",
+        f" every {args.interval:g} s against the same run without reloads. A reload is"
+        " waited for until it finished (every old worker gone) or the run ended; the next"
+        " one starts 2 s after the previous one started, or at once if it took longer."
+        " `master-*`: `deployer master` with the example apps (each reload switches"
+        " `current` to the other release; ready_soak 1 s). Anchors (bench/anchors/, same"
+        " trivial handler): `node-sighup` = Node cluster, SIGHUP forks a fresh set and"
+        " kills the old set once the new one listens; `node-usr2` = the classic one-by-one"
+        " SIGUSR2 recipe (`worker.disconnect()`, fork on exit, next on `listening`);"
+        " `pm2` = pm2 cluster mode, 2 instances, `pm2 reload` (defaults); `gunicorn` ="
+        " 2 sync workers (its default class), `kill -HUP`. Node"
+        f" {node_version()}. {os.cpu_count()} cores shared with wrk and with other"
+        " sessions' work (load average column): compare rows of the same run.",
         "",
         HEADER,
         "|" + "---|" * 2 + "---:|" * 12,
     ]
     for rows in all_rows:
         for kind in ("baseline", "reload"):
-            lines.append(table_row(rows["app"], kind, rows[kind], args.interval))
+            row = table_row(rows["target"], kind, rows[kind], args.interval)
+            if kind == "baseline" and "baseline_shared" in rows:
+                row = row.replace("| no reloads |", f"| no reloads (= {rows['baseline_shared']}) |")
+            lines.append(row)
     lines.append("")
     for rows in all_rows:
-        crash, boot = rows["crash_restart"], rows["boot"]
-        lines.append(f"**{rows['app']}**: " + "; ".join(verdict(rows)) + ".")
-        lines.append(
-            f"Worker SIGKILL to ready replacement: median {statistics.median(crash):.2f} s"
-            f" (max {max(crash):.2f}), including the app's boot (spawn to READY under load:"
-            f" median {statistics.median(boot):.2f} s)."
-        )
+        lines.append(f"**{rows['target']}**: " + "; ".join(verdict(rows)) + ".")
+        if "crash_restart" in rows:
+            crash, boot = rows["crash_restart"], rows["boot"]
+            rss = max(rows["reload"].rss_max, rows["baseline"].rss_max)
+            lines.append(
+                f"Master RSS max {rss / 1e6:.1f} MB. Worker SIGKILL to ready replacement:"
+                f" median {statistics.median(crash):.2f} s (max {max(crash):.2f}), including"
+                f" the app's boot (spawn to READY under load: median"
+                f" {statistics.median(boot):.2f} s)."
+            )
+        else:
+            rss = max(rows["reload"].rss_max, rows["baseline"].rss_max)
+            lines.append(
+                f"Its master process (primary / daemon / arbiter): RSS max {rss / 1e6:.1f} MB."
+            )
         failures = [e for ok, _, e in rows["reload"].reloads if not ok]
         if failures:
-            lines.append(f"Failed reloads: {failures[:3]}")
+            lines.append(f"Reloads not finished or failed: {len(failures)}: {failures[:2]}")
         lines.append("")
     lines.append(END)
     return "\n".join(lines) + "\n"
 
 
-def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
+def node_version() -> str:
+    try:
+        return subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "(not installed)"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--apps", default="python,node")
+    parser.add_argument(
+        "--targets", default="master-python,master-node,node-sighup,node-usr2,pm2,gunicorn"
+    )
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--duration", type=int, default=30)
     parser.add_argument("--interval", type=float, default=2.0)
-    parser.add_argument("--write-results", action="store_true", help="update bench/RESULTS.md")
+    parser.add_argument("--pm2", default="pm2", help="the pm2 executable")
+    parser.add_argument("--gunicorn", default="gunicorn", help="the gunicorn executable")
+    parser.add_argument("--out", metavar="FILE", help="also write the markdown section here")
     parser.add_argument("--keep", action="store_true", help="keep work dirs (logs)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
+    for tool in ("pm2", "gunicorn"):
+        if tool in args.targets.split(",") and shutil.which(getattr(args, tool)) is None:
+            print(f"{tool}: {getattr(args, tool)} not found (--{tool} PATH)", file=sys.stderr)
+            return 2
     raise_fd_limit()
-    all_rows = [bench_app(app, args) for app in args.apps.split(",")]
+    baselines: dict[str, Run] = {}
+    all_rows = [bench_target(name, args, baselines) for name in args.targets.split(",")]
     section = markdown(all_rows, args)
     print(section)
     if args.json:
         print(json.dumps([{k: (v.__dict__ if isinstance(v, Run) else v) for k, v in r.items()}
                           for r in all_rows], default=lambda o: o.__dict__, indent=1))  # fmt: skip
-    if args.write_results:
-        write_results(section)
+    if args.out:
+        Path(args.out).write_text(section)
     return 0
 
 
