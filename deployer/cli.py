@@ -344,11 +344,35 @@ def _terminate(signum: int, frame: object) -> None:
     add_help_option=False,
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def migrate(args: tuple[str, ...]) -> None:
-    """Live-stage migrations (status, up, down, lint, new), on this machine."""
-    from deployer.migrations.cli import main as migrate_main
+@click.pass_context
+def migrate(ctx: click.Context, args: tuple[str, ...]) -> None:
+    """Live-stage migrations: status, up, down, accept run on the inventory's
+    [migrations] host against its current release; new, lint, --local or an
+    explicit --database run on this machine."""
+    from pathlib import Path
 
-    sys.exit(migrate_main(list(args)))
+    from deployer.migrations.cli import main as migrate_main
+    from deployer.schema import REMOTE_COMMANDS, on_host
+
+    argv = list(args)
+    local = (
+        "--local" in argv or "--database" in argv or any(a.startswith("--database=") for a in argv)
+    )
+    argv = [a for a in argv if a != "--local"]
+    if local or not argv or argv[0] not in REMOTE_COMMANDS:
+        sys.exit(migrate_main(argv))
+    if not Path(ctx.obj["inventory_path"]).exists():
+        sys.exit(migrate_main(argv))  # no inventory: a plain local runner
+    inv, deploy = open_deploy(ctx, None)
+    if inv.migrations is None:
+        deploy.close()
+        sys.exit(migrate_main(argv))
+    try:
+        code, stderr = on_host(deploy, argv, click.echo)
+    finally:
+        deploy.close()
+    sys.stderr.write(stderr)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -114,8 +114,8 @@ def init(repo: Path, inventory: Path, branch: str, python: str) -> list[str]:
         repo.mkdir(parents=True, exist_ok=True)
         git(repo, "init", "--quiet", "--bare", f"--initial-branch={branch}")
         changes.append(f"created bare repository {repo}")
-    elif git(repo, "rev-parse", "--is-bare-repository").strip() != "true":
-        raise BadInput(f"--repo: {repo} is not a bare git repository")
+    elif not is_bare(repo):
+        raise BadInput(f"--repo: {repo} is not a bare git repository (nor an empty directory)")
     for key, value in (("deployer.inventory", str(inventory)), ("deployer.branch", branch)):
         try:
             old = git(repo, "config", "--get", key).strip()
@@ -130,6 +130,16 @@ def init(repo: Path, inventory: Path, branch: str, python: str) -> list[str]:
     for name in HOOKS:
         changes += install_hook(repo / "hooks" / name, source / name, python)
     return changes
+
+
+def is_bare(repo: Path) -> bool:
+    proc = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--is-bare-repository"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+    )
+    return proc.returncode == 0 and proc.stdout.strip() == "true"
 
 
 def check_branch(branch: str) -> None:
@@ -220,7 +230,7 @@ def lint_pushed(repo: Path, old: str, new: str, directory: str, database: str) -
     """Lint the migration files this push adds or changes (the quarantined objects
     are readable: git gives the hook the environment that sees them)."""
     from deployer.migrations.files import discover
-    from deployer.migrations.lint import describe, lint
+    from deployer.migrations.lint import lint
 
     directory = directory.strip("/")
     if old == ZERO:
@@ -237,10 +247,10 @@ def lint_pushed(repo: Path, old: str, new: str, directory: str, database: str) -
             (Path(tmp) / Path(name).name).write_text(git(repo, "show", f"{new}:{name}"))
         violations = lint(discover(Path(tmp)), dialect)
     if violations:
-        details = [describe(v).replace(tmp + "/", directory + "/") for v in violations]
+        details = [str(v).replace(tmp + "/", directory + "/") for v in violations]
         raise BadInput(
             f"{len(violations)} unsafe migration statement(s) ({violations[0].rule} in "
-            f"{violations[0].name}); fix them or allow a rule with "
+            f"{violations[0].migration}); fix them or allow a rule with "
             "`-- deployer: allow <rule>`\n" + "\n".join(details)
         )
 

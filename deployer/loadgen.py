@@ -70,6 +70,16 @@ class Load:
             t.join(timeout=30)
         return self.result
 
+    def wait_requests(self, n: int, timeout: float = 10) -> None:
+        """Block until `n` requests succeeded (the load really runs), or raise."""
+        end = time.monotonic() + timeout
+        while self.result.ok < n:
+            if time.monotonic() > end:
+                raise TimeoutError(
+                    f"{n} successful requests not seen in {timeout}s: " + self.result.summary()
+                )
+            time.sleep(0.02)
+
     def running(self) -> bool:
         return not self.stopped.is_set() and time.monotonic() < self.deadline
 

@@ -133,10 +133,12 @@ class RemoteHost:
 
     # --- migrations -----------------------------------------------------------------------
 
-    def migrate(self, *args: str, cwd: str, on_line: LineCallback | None = None) -> Result:
+    def migrate(
+        self, *args: str, cwd: str, on_line: LineCallback | None = None, check: bool = True
+    ) -> Result:
         """`deployer migrate ARGS` on this host (host-side runner from the zipapp)."""
         result = self.transport.run(self._zipapp("migrate", *args), cwd=cwd, on_stdout=on_line)
-        if not result.ok:
+        if check and not result.ok:
             why = result.stderr_tail(15) or result.stdout[-2000:]
             raise StepFailed(self.name, f"migrations {' '.join(args[:3])}", why)
         return result

@@ -9,6 +9,7 @@ from the controller.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from deployer.errors import BadInput
@@ -66,6 +67,23 @@ def run_migrations(deploy: Deploy, phase: str, release: str, deferred: bool = Fa
         cwd=f"{remote.root}/shared",  # sqlite:///relative paths live in shared/
         on_line=lambda s: deploy.reporter.say(f"migrate: {s}", remote.name),
     )
+
+
+REMOTE_COMMANDS = ("status", "up", "down", "accept")
+
+
+def on_host(deploy: Deploy, args: list[str], on_line: Callable[[str], None]) -> tuple[int, str]:
+    """`deployer migrate status|up|down|accept ARGS` run on the migrations host
+    against its current release's files; (exit code, stderr)."""
+    m = deploy.inventory.migrations
+    remote = migrations_host(deploy, needs_release=False)
+    assert m is not None and remote is not None
+    # ours first: an explicit --dir/--database of the operator's comes later and wins
+    where = ["--dir", _dir(remote, "current", m.dir), "--database", m.database]
+    result = remote.migrate(
+        args[0], *where, *args[1:], cwd=f"{remote.root}/shared", on_line=on_line, check=False
+    )
+    return result.exit_code, result.stderr
 
 
 def applied(deploy: Deploy) -> list[dict[str, Any]]:

@@ -4,12 +4,26 @@ and the `deployer` command run as a real process."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from sshd import SSHTestHost, inventory_toml
+
+APP = (Path(__file__).resolve().parent.parent / "examples" / "python-app" / "app.py").read_text()
+
+
+def master_extra(port: int) -> str:
+    """[master], [health] and [rollout] for the example app on `port` of every host."""
+    return (
+        f'[master]\ncommand = "python3 app.py"\nlisten = "{{address}}:{port}"\nworkers = 2\n'
+        'ready = "notify"\nready_soak = 0.3\nshutdown_timeout = 10\nready_timeout = 10\n'
+        f'[health]\nurl = "http://{{address}}:{port}/health"\ntimeout = 5\npasses = 2\n'
+        "interval = 0.2\n[rollout]\ncanary = 1\nbatch = 1\n"
+    )
 
 
 def git(repo: Path, *args: str) -> str:
@@ -99,3 +113,31 @@ def make_project(
     inventory = tmp_path / "inventory.toml"
     inventory.write_text(text)
     return Project(repo, inventory, tmp_path / "state", hosts)
+
+
+def stop_masters(hosts: list[SSHTestHost]) -> None:
+    """End the masters the rollouts started (by the pid in each host's pidfile)."""
+    pids = []
+    for h in hosts:
+        pidfile = h.root / "run" / "master.pid"
+        if pidfile.exists():
+            pid = int(pidfile.read_text())
+            try:
+                os.kill(pid, signal.SIGTERM)
+                pids.append(pid)
+            except ProcessLookupError:
+                pass
+    end = time.monotonic() + 15
+    while pids and time.monotonic() < end:
+        pids = [p for p in pids if _alive(p)]
+        time.sleep(0.1)
+    for p in pids:
+        os.kill(p, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -262,6 +262,21 @@ def test_expand_before_switch_contract_after(project: Project) -> None:
     columns = [r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(people)")]
     assert columns == ["id", "name"]
     assert first in out
+    # `deployer migrate` from the controller runs on the migrations host (the
+    # database lives in its shared/, unreachable from here)
+    status = project.deployer("migrate", "status", "--json", check=True).stdout
+    rows = [json.loads(line) for line in status.splitlines() if line.startswith("{")]
+    applied = {r["name"] for r in rows if r["event"] == "migration" and r["state"] == "applied"}
+    assert applied == {"20240101000000_create", "20240102000000_add_name",
+                       "20240103000000_drop_fname"}  # fmt: skip
+    summary = rows[-1]
+    assert summary["event"] == "summary" and summary["dialect"] == "sqlite"
+    assert str(project.hosts[0].root) in summary["dir"]
+    assert not list(project.repo.glob("*.sqlite3"))
+    dry = project.deployer("migrate", "up", "--dry-run", check=True)
+    assert dry.stdout.strip() == "up to date", dry
+    bad = project.deployer("migrate", "down", "--to", "no_such_migration")
+    assert bad.returncode == 2 and "no_such_migration" in bad.stderr, bad
 
 
 def test_failing_expand_switches_no_host(project: Project) -> None:

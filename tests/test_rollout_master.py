@@ -2,46 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from master_helpers import Load, free_port
-from rollout_helpers import Project, commit, git, make_project
+from rollout_helpers import APP, Project, commit, git, make_project, master_extra, stop_masters
 from sshd import SSHTestHost
-
-APP = (Path(__file__).resolve().parent.parent / "examples" / "python-app" / "app.py").read_text()
-
-
-def stop_masters(hosts: list[SSHTestHost]) -> None:
-    """End the masters the rollouts started (by the pid in each host's pidfile)."""
-    pids = []
-    for h in hosts:
-        pidfile = h.root / "run" / "master.pid"
-        if pidfile.exists():
-            pid = int(pidfile.read_text())
-            try:
-                os.kill(pid, signal.SIGTERM)
-                pids.append(pid)
-            except ProcessLookupError:
-                pass
-    end = time.monotonic() + 15
-    while pids and time.monotonic() < end:
-        pids = [p for p in pids if _alive(p)]
-        time.sleep(0.1)
-    for p in pids:
-        os.kill(p, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture
@@ -51,13 +19,7 @@ def port() -> int:
 
 @pytest.fixture
 def project(tmp_path: Path, ssh_hosts: list[SSHTestHost], port: int) -> Iterator[Project]:
-    extra = (
-        f'[master]\ncommand = "python3 app.py"\nlisten = "{{address}}:{port}"\nworkers = 2\n'
-        'ready = "notify"\nready_soak = 0.3\nshutdown_timeout = 10\nready_timeout = 10\n'
-        f'[health]\nurl = "http://{{address}}:{port}/health"\ntimeout = 5\npasses = 2\n'
-        "interval = 0.2\n[rollout]\ncanary = 1\nbatch = 1\n"
-    )
-    p = make_project(tmp_path, ssh_hosts, {"app.py": APP}, extra=extra)
+    p = make_project(tmp_path, ssh_hosts, {"app.py": APP}, extra=master_extra(port))
     try:
         p.deployer("setup", check=True)
         p.deployer("rollout", check=True)

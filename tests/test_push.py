@@ -1,0 +1,266 @@
+"""`git push deploy main` end to end: a real bare repo made by `deployer init`,
+its real hooks, real `git push`, three real sshd hosts running the master."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import pytest
+from master_helpers import free_port
+from rollout_helpers import APP, Project, commit, git, make_project, master_extra, stop_masters
+from sshd import SSHTestHost
+
+from deployer.loadgen import Load
+
+MIGRATIONS = (
+    '[migrations]\ndir = "migrations"\ndatabase = "sqlite:///app.sqlite3"\nhost = "host1"\n'
+)
+CREATE = "-- phase: expand\n-- up\nCREATE TABLE people (id INTEGER PRIMARY KEY, name TEXT);\n"
+UNSAFE = "-- phase: expand\n-- up\nALTER TABLE people DROP COLUMN name;\n"
+
+
+@dataclass
+class Pushed(Project):
+    bare: Path = Path()
+
+    def push(self, *args: str, wait: bool = True):
+        """`git push deploy ...` from the app repo, in the environment a user has
+        (plus the test's state dir, which the hooks inherit)."""
+        argv = ["git", "-C", str(self.repo), "push", "deploy", *(args or ("main",))]
+        env = {**os.environ, "DEPLOYER_STATE_DIR": str(self.state)}
+        if not wait:
+            return subprocess.Popen(
+                argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+    def lock(self) -> Path:
+        return self.state / "demo.lock"
+
+    def history(self) -> list[dict]:
+        return json.loads(self.deployer("history", "--json", check=True).stdout)
+
+    def ref(self) -> str | None:
+        proc = subprocess.run(
+            ["git", "--git-dir", str(self.bare), "rev-parse", "--verify", "-q", "refs/heads/main"],
+            capture_output=True,
+            text=True,
+        )
+        return proc.stdout.strip() or None
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def project(tmp_path: Path, ssh_hosts: list[SSHTestHost], port: int) -> Iterator[Pushed]:
+    files = {"app.py": APP, "migrations/20261101000000_create_people.sql": CREATE}
+    made = make_project(tmp_path, ssh_hosts, files, extra=master_extra(port) + MIGRATIONS)
+    p = Pushed(
+        **{f.name: getattr(made, f.name) for f in fields(made)}, bare=tmp_path / "deploy.git"
+    )
+    try:
+        out = p.deployer("init", "--repo", str(p.bare), check=True).stdout
+        assert f"git remote add deploy {p.bare}" in out
+        git(p.repo, "remote", "add", "deploy", str(p.bare))
+        p.deployer("setup", check=True)
+        v1 = p.push()
+        assert v1.returncode == 0, v1.stderr
+        assert "remote: deployer: " in v1.stderr and ": ok in" in v1.stderr, v1.stderr
+        yield p
+    finally:
+        stop_masters(ssh_hosts)
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_push_v2_under_load_fails_no_request(project: Pushed, port: int) -> None:
+    v2 = commit(project.repo, {"app.py": APP + "\n# v2\n"}, "v2")
+    loads = [Load(port, threads=3, duration=120, address=h.address) for h in project.hosts]
+    for load in loads:
+        load.__enter__()
+        load.wait_requests(20)
+    try:
+        proc = project.push()
+    finally:
+        results = [load.stop() for load in loads]
+    assert proc.returncode == 0, proc.stderr
+    assert all(project.revision(h) == v2 for h in project.hosts)
+    for h, result in zip(project.hosts, results, strict=True):
+        assert result.failed == 0, f"{h.name}: {result.summary()}\n{proc.stderr}"
+    remote = [line for line in proc.stderr.splitlines() if line.startswith("remote: ")]
+    assert "\x1b" not in proc.stderr and "\r" not in proc.stderr  # plain text for the pusher
+    assert "remote: deployer: rollout " in remote[0]
+    last = [line for line in remote if line.startswith("remote: deployer: ")][-1]
+    assert f"{v2[:12]} to host1, host2, host3: ok in" in last, last
+    assert project.history()[0]["revision"] == v2
+
+
+def test_broken_push_is_rolled_back_and_the_pusher_sees_it(project: Pushed) -> None:
+    v1 = project.revision(project.hosts[0])
+    commit(project.repo, {"release.env": "FAIL_HEALTH=1\n"}, "v3: broken health")
+    proc = project.push()
+    assert "FAILED at switch" in proc.stderr, proc.stderr
+    assert "remote: " in proc.stderr and "host1" in proc.stderr
+    assert all(project.revision(h) == v1 for h in project.hosts)
+    entry = project.history()[0]
+    assert entry["result"] == "failed" and entry["failed_step"] == "switch"
+
+
+def test_unsafe_expand_migration_is_rejected_before_anything_changes(project: Pushed) -> None:
+    ref = project.ref()
+    current = {h.name: project.current(h) for h in project.hosts}
+    commit(project.repo, {"migrations/20261102000000_drop_name.sql": UNSAFE}, "unsafe")
+    proc = project.push()
+    assert proc.returncode != 0
+    assert "pre-receive hook declined" in proc.stderr, proc.stderr
+    assert "remote: deployer: push to main rejected: " in proc.stderr
+    assert "20261102000000_drop_name" in proc.stderr and "drop" in proc.stderr
+    assert project.ref() == ref
+    assert {h.name: project.current(h) for h in project.hosts} == current
+    assert len(project.history()) == 1  # the v1 rollout only
+
+
+def test_second_push_during_a_rollout_is_rejected_naming_the_holder(project: Pushed) -> None:
+    a = commit(project.repo, {"app.py": APP + "\n# a\n"}, "a")
+    b = commit(project.repo, {"app.py": APP + "\n# b\n"}, "b")
+    first = project.push(f"{a}:refs/heads/main", wait=False)
+    try:
+        wait_until(project.lock().exists, 60, "the first push's rollout to take the lock")
+        second = project.push()
+    finally:
+        out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out
+    assert second.returncode != 0
+    assert "rejected: another rollout is running: deploy lock: held by " in second.stderr
+    assert f"rollout of {a[:12]}" in second.stderr, second.stderr
+    assert project.ref() == a != b
+    assert all(project.revision(h) == a for h in project.hosts)
+
+
+def test_rollout_survives_the_pusher_being_killed(project: Pushed) -> None:
+    v2 = commit(project.repo, {"app.py": APP + "\n# v2\n"}, "v2")
+    pusher = project.push(wait=False)
+    try:
+        wait_until(project.lock().exists, 60, "the rollout to take the lock")
+        time.sleep(0.5)  # mid-rollout
+        pusher.send_signal(signal.SIGKILL)
+    finally:
+        pusher.wait(timeout=30)
+    assert pusher.returncode == -signal.SIGKILL
+    wait_until(lambda: not project.lock().exists(), 180, "the rollout to finish")
+    assert all(project.revision(h) == v2 for h in project.hosts)
+    entry = project.history()[0]
+    assert entry["result"] == "ok" and entry["revision"] == v2
+    log = project.deployer("logs", entry["id"], check=True).stdout
+    assert "rollout ok in" in log
+    assert Path(entry["log"]).parent == project.bare / "deployer" / "logs"
+
+
+# --- without sshd hosts: init and the hooks' edges -------------------------------------
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Pushed:
+    """A project whose inventory names a local host; nothing is deployed to it."""
+    inv = tmp_path / "inventory.toml"
+    inv.write_text(f'[app]\nname = "demo"\ndeploy_to = "{tmp_path}/host"\n[hosts.local]\n'
+                   'transport = "local"\n')  # fmt: skip
+    repo = tmp_path / "app"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    commit(repo, {"README": "hi\n"}, "v1")
+    p = Pushed(repo, inv, tmp_path / "state", [], bare=tmp_path / "deploy.git")
+    git(repo, "remote", "add", "deploy", str(p.bare))
+    return p
+
+
+def test_init_twice_changes_nothing_and_keeps_a_foreign_hook(local: Pushed) -> None:
+    local.bare.mkdir()
+    git(local.bare, "init", "-q", "--bare")
+    foreign = local.bare / "hooks" / "post-update"
+    marker = local.bare.parent / "foreign-ran"
+    foreign.write_text(f'#!/bin/sh\necho "$@" > {marker}\n')
+    foreign.chmod(0o755)
+    first = local.deployer("init", "--repo", str(local.bare), check=True).stdout
+    assert "kept the existing post-update hook as post-update.chained" in first
+    second = local.deployer("init", "--repo", str(local.bare), check=True).stdout
+    assert "already set up, nothing changed" in second
+    config = git(local.bare, "config", "--get-regexp", "^deployer")
+    assert f"deployer.inventory {local.inventory}" in config and "deployer.branch main" in config
+    # a branch that is not the deploy branch: accepted, not deployed, foreign hook chained
+    proc = local.push("main:refs/heads/feature")
+    assert proc.returncode == 0, proc.stderr
+    assert "refs/heads/feature is not the deploy branch (main): not deployed" in proc.stderr
+    assert marker.read_text().strip() == "refs/heads/feature"
+
+
+def test_push_with_a_broken_inventory_is_rejected_naming_the_key(local: Pushed) -> None:
+    local.deployer("init", "--repo", str(local.bare), check=True)
+    local.inventory.write_text(local.inventory.read_text() + "[rollout]\nbatch = 0\n")
+    proc = local.push()
+    assert proc.returncode != 0
+    assert "push to main rejected: the inventory does not validate" in proc.stderr
+    assert "[rollout] batch" in proc.stderr, proc.stderr
+    assert local.ref() is None
+
+
+def test_init_refuses_a_work_tree_and_a_bad_branch(local: Pushed) -> None:
+    proc = local.deployer("init", "--repo", str(local.repo))
+    assert proc.returncode == 2 and "is not a bare git repository" in proc.stderr
+    proc = local.deployer("init", "--repo", str(local.bare), "--branch", "a..b")
+    assert proc.returncode == 2 and "--branch" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_hook_environment_is_sanitized_for_child_processes(local: Pushed) -> None:
+    from deployer.hook import clean_env
+
+    local.deployer("init", "--repo", str(local.bare), check=True)
+    dump = local.bare.parent / "hook-env"
+    chained = local.bare / "hooks" / "pre-receive.chained"
+    chained.write_text(f"#!/bin/sh\nenv -0 > {dump}\n")
+    chained.chmod(0o755)
+    assert local.push().returncode == 0
+    seen = dict(item.split("=", 1) for item in dump.read_text().split("\0") if "=" in item)
+    assert {"GIT_DIR", "GIT_QUARANTINE_PATH", "GIT_OBJECT_DIRECTORY"} <= set(seen)
+    cleaned = clean_env(seen)
+    assert not [k for k in cleaned if k.startswith("GIT_")], cleaned
+    assert cleaned["PATH"] == seen["PATH"]
+
+
+def test_demo_deploys_two_hosts_under_load_with_no_failed_request(tmp_path: Path) -> None:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "deployer", "demo", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    took = time.monotonic() - started
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("web")]
+    assert len(rows) == 2
+    for _host, before, after, requests, failed in rows:
+        assert before != after and int(requests) > 0 and failed == "0", proc.stdout
+    assert "remote: deployer: " in proc.stdout and "demo ok" in proc.stdout
+    print(f"deployer demo took {took:.1f}s")
+    # nothing left running: each master removes its pidfile when it has stopped
+    for host in ("web1", "web2"):
+        assert not (tmp_path / "demo" / "hosts" / host / "run" / "master.pid").exists()
