@@ -28,8 +28,9 @@ from deployer.loadgen import Load, LoadResult
 ADDRESSES = {"web1": "127.0.0.1", "web2": "127.0.0.2"}
 
 # The seed's split of fname/lname into name, on SQLite: v1 ships the table, v2
-# adds `name` (expand), backfills it in chunks (expand), and drops the old
-# columns (contract) once both hosts serve v2.
+# adds `name` (expand), backfills it in chunks (expand, the file of
+# examples/migrations), and drops the old columns (contract) once both hosts
+# serve v2.
 V1_MIGRATIONS = {
     "20261101000000_create_people.sql": """-- phase: expand
 -- up
@@ -47,24 +48,6 @@ ALTER TABLE people ADD COLUMN name TEXT NULL;
 -- down
 ALTER TABLE people DROP COLUMN name;
 """,
-    "20261102000100_backfill_people_name.py": '''"""Fill `name`, 1000 rows a chunk."""
-
-phase = "expand"
-
-
-def up(db):
-    for lo, hi in db.batches("people", key="id", size=1000):
-        db.execute(
-            "UPDATE people SET name = fname || ' ' || lname"
-            " WHERE id BETWEEN ? AND ? AND name IS NULL",
-            (lo, hi),
-        )
-        yield hi
-
-
-def down(db):
-    pass
-''',
     "20261102000200_drop_people_fname_lname.sql": """-- phase: contract
 -- up
 UPDATE people SET name = fname || ' ' || lname WHERE name IS NULL;
@@ -74,13 +57,15 @@ ALTER TABLE people DROP COLUMN lname;
 }
 
 
-def example_app() -> Path:
-    """examples/python-app/app.py: in the checkout, or installed as data."""
-    rel = Path("examples") / "python-app" / "app.py"
+BACKFILL = "examples/migrations/migrations/20240602000100_backfill_people_name.py"
+
+
+def example(rel: str) -> Path:
+    """A file of the project's examples/: in the checkout, or installed as data."""
     for base in (Path(__file__).resolve().parent.parent, Path(sys.prefix) / "share" / "deployer"):
         if (base / rel).is_file():
             return base / rel
-    raise DeployerError(f"the example app {rel} is not installed with this package")
+    raise DeployerError(f"{rel} is not installed with this package")
 
 
 def free_port() -> int:
@@ -146,6 +131,7 @@ class Demo:
     out: TextIO
     started: float = 0.0
     port: int = 0
+    keep: bool = False
 
     @property
     def app(self) -> Path:
@@ -215,7 +201,7 @@ def run(directory: Path | None, keep: bool, out: TextIO) -> int:
     base = base.absolute()
     if base.exists() and any(base.iterdir()) and not temporary:
         raise BadInput(f"DIR: {base} is not empty (the demo builds everything in it)")
-    demo = Demo(base, out, time.monotonic())
+    demo = Demo(base, out, time.monotonic(), keep=keep)
     try:
         return demo_steps(demo)
     finally:
@@ -236,7 +222,7 @@ def demo_steps(demo: Demo) -> int:
 
     demo.app.mkdir()
     demo.run("git", "init", "-q", "-b", "main", cwd=demo.app)
-    app_py = example_app().read_text()
+    app_py = example("examples/python-app/app.py").read_text()
     demo.commit({"app.py": app_py, "VERSION": "v1\n"} | _migrations(V1_MIGRATIONS), "v1")
     bare = base / "deploy.git"
     for line in demo.deployer("init", "--repo", str(bare)).stdout.splitlines():
@@ -249,7 +235,9 @@ def demo_steps(demo: Demo) -> int:
     demo.push()
     before = {host: demo.revision(host) for host in ADDRESSES}
 
-    demo.commit({"VERSION": "v2\n"} | _migrations(V2_MIGRATIONS), "v2: name instead of fname/lname")
+    # the example's chunked, resumable backfill works on SQLite as it does on PostgreSQL
+    v2 = V2_MIGRATIONS | {"20261102000100_backfill_people_name.py": example(BACKFILL).read_text()}
+    demo.commit({"VERSION": "v2\n"} | _migrations(v2), "v2: name instead of fname/lname")
     say("git push deploy main   # v2, while 4 connections per host keep requesting /")
     loads = {h: Load(port, threads=4, duration=60, address=a) for h, a in ADDRESSES.items()}
     for load in loads.values():
@@ -286,11 +274,10 @@ def out_table(
     for _, kind, text in failures:
         demo.out.write(f"  failure: {kind}: {text}\n")
     inv = demo.inventory
-    demo.out.write(
-        "\nTry next:\n"
-        f"  deployer -i {inv} status\n"
-        f"  deployer -i {inv} history\n"
-        f"  deployer -i {inv} logs\n"
-        f"  deployer -i {inv} rollback\n"
-        f"  (with --keep the hosts stay up: curl http://127.0.0.1:{demo.port}/)\n\n"
-    )
+    if demo.keep:
+        demo.out.write(f"\nThe hosts stay up (curl http://127.0.0.1:{demo.port}/). Try next:\n")
+    else:
+        demo.out.write("\nTry next, after `deployer demo DIR --keep` (this run stops its hosts):\n")
+    for command in ("status", "history", "logs", "rollback"):
+        demo.out.write(f"  deployer -i {inv} {command}\n")
+    demo.out.write("\n")
