@@ -490,36 +490,65 @@ def load_run(m: Target, args: argparse.Namespace, reloading: bool) -> Run:
     return run
 
 
-def bench_target(name: str, args: argparse.Namespace, baselines: dict[str, Run]) -> dict:
-    rows: dict = {"target": name}
-    for reloading in (False, True):
-        workdir = Path(tempfile.mkdtemp(prefix=f"bench-master-{name}-"))
-        m = make_target(name, workdir, args)
-        kind = "reload" if reloading else "baseline"
-        if not reloading and m.baseline in baselines:
-            rows["baseline"] = baselines[m.baseline]
-            rows["baseline_shared"] = m.baseline
-            continue
-        try:
-            m.start()
-            time.sleep(0.5)
-            run = load_run(m, args, reloading)
-            rows[kind] = run
-            if not reloading:
-                baselines[m.baseline] = run
-            if isinstance(m, MasterUnderTest):
-                # One kill per slot: a second kill of the same slot within STABLE_AFTER
-                # would (rightly) count as a crash loop and back off.
-                rows.setdefault("crash_restart", []).extend(
-                    m.crash_restart_seconds(slot) for slot in range(1, m.workers + 1)
-                )
-                rows.setdefault("boot", []).extend(m.boot_seconds())
-        finally:
-            m.stop()
-            if not args.keep:
-                shutil.rmtree(workdir, ignore_errors=True)
-        print(f"{name} {kind}: {summary(run)}", flush=True)
+def bench_target(name: str, args: argparse.Namespace, baselines: dict[str, list[Run]]) -> dict:
+    """`--repeat` pairs of runs (no reloads, then reloads), alternating, so that
+    the other sessions' load drifts over both kinds alike."""
+    rows: dict = {"target": name, "baseline": [], "reload": []}
+    for i in range(args.repeat):
+        for reloading in (False, True):
+            workdir = Path(tempfile.mkdtemp(prefix=f"bench-master-{name}-"))
+            m = make_target(name, workdir, args)
+            kind = "reload" if reloading else "baseline"
+            shared = baselines.setdefault(m.baseline, [])
+            if not reloading and len(shared) > i:
+                rows["baseline"].append(shared[i])
+                rows["baseline_shared"] = m.baseline
+                continue
+            try:
+                m.start()
+                time.sleep(0.5)
+                run = load_run(m, args, reloading)
+                rows[kind].append(run)
+                if not reloading:
+                    shared.append(run)
+                if isinstance(m, MasterUnderTest):
+                    # One kill per slot: a second kill of the same slot within STABLE_AFTER
+                    # would (rightly) count as a crash loop and back off.
+                    rows.setdefault("crash_restart", []).extend(
+                        m.crash_restart_seconds(slot) for slot in range(1, m.workers + 1)
+                    )
+                    rows.setdefault("boot", []).extend(m.boot_seconds())
+            finally:
+                m.stop()
+                if not args.keep:
+                    shutil.rmtree(workdir, ignore_errors=True)
+            print(f"{name} {kind} #{i + 1}: {summary(run)}", flush=True)
+    rows["runs"] = {k: rows[k] for k in ("baseline", "reload")}
+    rows["baseline"], rows["reload"] = combine(rows["baseline"]), combine(rows["reload"])
     return rows
+
+
+def combine(runs: list[Run]) -> Run:
+    """Counts add up over the runs; rps, p99 and load average are medians."""
+    med = statistics.median
+    w = Wrk(
+        requests=sum(r.wrk.requests for r in runs),
+        seconds=sum(r.wrk.seconds for r in runs),
+        rps=med(r.wrk.rps for r in runs),
+        p99_ms=med(r.wrk.p99_ms for r in runs),
+        **{
+            k: sum(getattr(r.wrk, k) for r in runs)
+            for k in ("non2xx", "connect", "read", "write", "timeout")
+        },
+    )
+    return Run(
+        wrk=w,
+        reloads=[x for r in runs for x in r.reloads],
+        rss_max=max(r.rss_max for r in runs),
+        master_cpu=sum(r.master_cpu for r in runs),
+        workers_cpu=sum(r.workers_cpu for r in runs),
+        load_avg=med(r.load_avg for r in runs),
+    )
 
 
 def reload_stats(run: Run) -> tuple[str, str]:
@@ -575,17 +604,19 @@ def verdict(rows: dict) -> list[str]:
 
 HEADER = (
     "| target | run | requests | rps | p99 ms | non-2xx | connect | read | write | timeout"
-    " | reloads finished | reload s (median / max) | requests per worker cpu-s | load avg |"
+    " | reloads finished | reload s (median / max) | rps per run | requests per worker cpu-s"
+    " | load avg |"
 )
 
 
-def table_row(name: str, kind: str, run: Run, interval: float) -> str:
+def table_row(name: str, kind: str, run: Run, interval: float, runs: list[Run]) -> str:
     w = run.wrk
     ok, spread = reload_stats(run)
     label = f"reload every {interval:g} s" if kind == "reload" else "no reloads"
     cells = [
         name, label, f"{w.requests:,}", f"{w.rps:,.0f}", f"{w.p99_ms:.1f}", w.non2xx, w.connect,
-        w.read, w.write, w.timeout, ok, spread, f"{w.requests / max(run.workers_cpu, 0.01):,.0f}",
+        w.read, w.write, w.timeout, ok, spread, " ".join(f"{r.wrk.rps:,.0f}" for r in runs),
+        f"{w.requests / max(run.workers_cpu, 0.01):,.0f}",
         f"{run.load_avg:.1f}",
     ]  # fmt: skip
     return "| " + " | ".join(str(c) for c in cells) + " |"
@@ -599,9 +630,11 @@ def markdown(all_rows: list[dict], args: argparse.Namespace) -> str:
         "",
         f"`python bench/reload_under_load.py --targets {args.targets}"
         f" --connections {args.connections} --duration {args.duration}"
-        f" --interval {args.interval:g}` ({when}):"
+        f" --interval {args.interval:g} --repeat {args.repeat}` ({when}):"
         f" wrk -t2 -c{args.connections} -d{args.duration}s --latency, 2 workers, a reload"
-        f" every {args.interval:g} s against the same run without reloads. A reload is"
+        f" every {args.interval:g} s against the same run without reloads;"
+        f" {args.repeat} pair(s) of runs per target, alternating: requests, non-2xx and"
+        " errors are totals over the runs, rps, p99 and load average medians. A reload is"
         " waited for until it finished (every old worker gone) or the run ended; the next"
         " one starts 2 s after the previous one started, or at once if it took longer."
         " `master-*`: `deployer master` with the example apps (each reload switches"
@@ -612,14 +645,14 @@ def markdown(all_rows: list[dict], args: argparse.Namespace) -> str:
         " `pm2` = pm2 cluster mode, 2 instances, `pm2 reload` (defaults); `gunicorn` ="
         " 2 sync workers (its default class), `kill -HUP`. Node"
         f" {node_version()}. {os.cpu_count()} cores shared with wrk and with other"
-        " sessions' work (load average column): compare rows of the same run.",
+        " sessions' work (load average column): compare rows of the same target.",
         "",
         HEADER,
-        "|" + "---|" * 2 + "---:|" * 12,
+        "|" + "---|" * 2 + "---:|" * 13,
     ]
     for rows in all_rows:
         for kind in ("baseline", "reload"):
-            row = table_row(rows["target"], kind, rows[kind], args.interval)
+            row = table_row(rows["target"], kind, rows[kind], args.interval, rows["runs"][kind])
             if kind == "baseline" and "baseline_shared" in rows:
                 row = row.replace("| no reloads |", f"| no reloads (= {rows['baseline_shared']}) |")
             lines.append(row)
@@ -663,6 +696,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--duration", type=int, default=30)
     parser.add_argument("--interval", type=float, default=2.0)
+    parser.add_argument("--repeat", type=int, default=1, help="pairs of runs per target")
     parser.add_argument("--pm2", default="pm2", help="the pm2 executable")
     parser.add_argument("--gunicorn", default="gunicorn", help="the gunicorn executable")
     parser.add_argument("--out", metavar="FILE", help="also write the markdown section here")
@@ -677,13 +711,12 @@ def main() -> int:
             print(f"{tool}: {getattr(args, tool)} not found (--{tool} PATH)", file=sys.stderr)
             return 2
     raise_fd_limit()
-    baselines: dict[str, Run] = {}
+    baselines: dict[str, list[Run]] = {}
     all_rows = [bench_target(name, args, baselines) for name in args.targets.split(",")]
     section = markdown(all_rows, args)
     print(section)
     if args.json:
-        print(json.dumps([{k: (v.__dict__ if isinstance(v, Run) else v) for k, v in r.items()}
-                          for r in all_rows], default=lambda o: o.__dict__, indent=1))  # fmt: skip
+        print(json.dumps(all_rows, default=lambda o: o.__dict__, indent=1))
     if args.out:
         Path(args.out).write_text(section)
     return 0

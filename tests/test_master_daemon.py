@@ -137,3 +137,24 @@ def test_log_prefixes_and_sigusr1_reopen(daemons: Daemons) -> None:
     new = log.read_text()
     assert "serving release" in new and "reload 1 done" in new
     assert "reload 1 done" not in rotated.read_text()
+
+
+@pytest.mark.timeout(60)
+def test_upgrade_of_a_daemon_keeps_pidfile_and_stop_still_cleans_up(daemons: Daemons) -> None:
+    r, port, sock, pidfile, log = daemons.start()
+    assert r.returncode == 0, r.stderr
+    pid = int(pidfile.read_text())
+    workers = sorted(w["pid"] for w in control(sock, {"cmd": "status"})[-1]["status"]["workers"])
+    up = master_cli("upgrade", "--socket", str(sock))
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"master pid {pid} upgraded in place" in up.stdout
+    status = control(sock, {"cmd": "status"})[-1]["status"]
+    assert status["pid"] == pid and status["upgrades"] == 1
+    assert sorted(w["pid"] for w in status["workers"]) == workers
+    assert int(pidfile.read_text()) == pid and "200 OK" in get(port)
+    stop = master_cli("stop", "--socket", str(sock))
+    assert stop.returncode == 0, stop.stderr
+    wait_for(lambda: not pid_alive(pid), 10, "the daemon to exit")
+    assert not pidfile.exists() and not sock.exists()
+    assert not any(pid_alive(w) for w in workers)
+    assert "upgraded in place" in log.read_text()
