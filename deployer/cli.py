@@ -355,24 +355,19 @@ def migrate(ctx: click.Context, args: tuple[str, ...]) -> None:
     from deployer.schema import REMOTE_COMMANDS, on_host
 
     argv = list(args)
-    local = (
-        "--local" in argv or "--database" in argv or any(a.startswith("--database=") for a in argv)
-    )
+    local = "--local" in argv or any(a.split("=")[0] == "--database" for a in argv)
     argv = [a for a in argv if a != "--local"]
-    if local or not argv or argv[0] not in REMOTE_COMMANDS:
-        sys.exit(migrate_main(argv))
-    if not Path(ctx.obj["inventory_path"]).exists():
-        sys.exit(migrate_main(argv))  # no inventory: a plain local runner
-    inv, deploy = open_deploy(ctx, None)
-    if inv.migrations is None:
-        deploy.close()
-        sys.exit(migrate_main(argv))
-    try:
-        code, stderr = on_host(deploy, argv, click.echo)
-    finally:
-        deploy.close()
-    sys.stderr.write(stderr)
-    sys.exit(code)
+    remote = argv and argv[0] in REMOTE_COMMANDS and not local
+    if remote and Path(ctx.obj["inventory_path"]).exists():
+        inv, deploy = open_deploy(ctx, None)
+        try:
+            if inv.migrations is not None:
+                code, stderr = on_host(deploy, argv, click.echo)
+                sys.stderr.write(stderr)
+                sys.exit(code)
+        finally:
+            deploy.close()
+    sys.exit(migrate_main(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

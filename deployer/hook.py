@@ -274,17 +274,11 @@ def post_update(cfg: HookConfig, refs: list[str], out: TextIO) -> int:
     out.write(f"deployer: rollout {run.id} of {sha[:12]} started; log: {run.log}\n")
     out.flush()
     started = time.monotonic()
-    code = None
-
-    def alive() -> bool:
-        nonlocal code
-        code = run.proc.poll()
-        return code is None
-
-    follow(run.log, alive, out)
-    out.write(summary(cfg, run, code if code is not None else run.proc.wait(), started) + "\n")
+    follow(run.log, lambda: run.proc.poll() is None, out)
+    code = run.proc.wait()
+    out.write(summary(cfg, run, code, started) + "\n")
     out.flush()
-    return code or 0
+    return code
 
 
 @dataclass
@@ -366,17 +360,17 @@ def summary(cfg: HookConfig, run: Run, code: int, started: float) -> str:
 
 
 def log_path(state: Path, deploy_id: str | None) -> Path:
-    """A rollout's log by id (or a unique prefix), or the newest one."""
+    """A rollout's log by id (or a unique prefix of it), or the newest one."""
     index = state / "logs"
-    logs = sorted(index.glob("*.log")) if index.is_dir() else []
-    if deploy_id:
-        logs = [p for p in logs if p.name.startswith(deploy_id)]
+    # ids start with a UTC stamp: name order is age order
+    logs = sorted(index.glob(f"{deploy_id or ''}*.log")) if index.is_dir() else []
+    exact = [p for p in logs if p.stem == deploy_id]
+    if exact or (logs and not deploy_id) or len(logs) == 1:
+        return (exact or logs)[-1]
     if not logs:
         what = f"no log matches {deploy_id!r}" if deploy_id else "no rollout logs yet"
         raise BadInput(f"{what} in {index}")
-    if deploy_id and len(logs) > 1 and not any(p.stem == deploy_id for p in logs):
-        raise BadInput(f"{deploy_id!r} matches {len(logs)} logs: {', '.join(p.stem for p in logs)}")
-    return logs[-1] if not deploy_id else next((p for p in logs if p.stem == deploy_id), logs[0])
+    raise BadInput(f"{deploy_id!r} matches {len(logs)} logs: {', '.join(p.stem for p in logs)}")
 
 
 def running(state: Path, app: str, deploy_id: str) -> bool:

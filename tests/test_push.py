@@ -264,3 +264,21 @@ def test_demo_deploys_two_hosts_under_load_with_no_failed_request(tmp_path: Path
     # nothing left running: each master removes its pidfile when it has stopped
     for host in ("web1", "web2"):
         assert not (tmp_path / "demo" / "hosts" / host / "run" / "master.pid").exists()
+
+
+def test_log_path_by_id_prefix_or_newest(tmp_path: Path) -> None:
+    from deployer.errors import BadInput
+    from deployer.hook import log_path
+
+    with pytest.raises(BadInput, match="no rollout logs yet"):
+        log_path(tmp_path, None)
+    (tmp_path / "logs").mkdir()
+    for name in ("20261130070000-aaaaaaa-0001", "20261130080000-bbbbbbb-0002"):
+        (tmp_path / "logs" / f"{name}.log").write_text(name)
+    assert log_path(tmp_path, None).stem == "20261130080000-bbbbbbb-0002"
+    assert log_path(tmp_path, "20261130070000").stem == "20261130070000-aaaaaaa-0001"
+    assert log_path(tmp_path, "20261130080000-bbbbbbb-0002").stem.endswith("0002")
+    with pytest.raises(BadInput, match="matches 2 logs"):
+        log_path(tmp_path, "2026")
+    with pytest.raises(BadInput, match="no log matches 'zzz'"):
+        log_path(tmp_path, "zzz")
