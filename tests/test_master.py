@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import tempfile
@@ -21,6 +22,7 @@ from master_helpers import (
     NODE_APP,
     PYTHON,
     PYTHON_APP,
+    REPO,
     Load,
     Master,
     Masters,
@@ -506,3 +508,57 @@ def test_idle_master_sleeps(masters: Masters) -> None:
     before = cpu_seconds(m.pid)
     time.sleep(2)
     assert cpu_seconds(m.pid) - before < 0.1
+
+
+# --- under systemd: socket activation and sd_notify for the master itself ---
+
+
+@pytest.mark.timeout(60)
+def test_systemd_socket_activation_and_notify_reload(tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(20)
+    sock, log = tmp_path / "m.sock", tmp_path / "m.log"
+    # What systemd does: the socket on fd 3, LISTEN_PID = the pid that runs the master.
+    launcher = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid());"
+        " os.execv(sys.executable, [sys.executable, '-m', 'deployer.master', *sys.argv[2:]])"
+    )
+    argv = [PYTHON, "-c", launcher, str(listener.fileno()), "run", "--workers", "2",
+            "--socket", str(sock), "--log", str(log), "--ready-soak", "0.2",
+            "--", PYTHON, str(PYTHON_APP)]  # fmt: skip
+    env = {**os.environ, "LISTEN_FDS": "1", "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, pass_fds=(listener.fileno(),))
+    listener.close()  # the master holds it now: no --listen, it binds nothing
+    m = Master(proc, sock, port, log)
+    try:
+
+        def notification(key: str) -> dict[str, str]:
+            while True:
+                fields = dict(
+                    line.split("=", 1) for line in notify.recv(4096).decode().splitlines()
+                )
+                if key in fields:
+                    return fields
+
+        ready = notification("READY")
+        assert ready["MAINPID"] == str(proc.pid) and "2 workers ready" in ready["STATUS"]
+        assert m.get("/")[0] == 200
+        assert m.status()["listen"] == f"127.0.0.1:{port}"
+        assert m.cli("reload", "--wait").returncode == 0
+        assert "MONOTONIC_USEC" in notification("RELOADING")
+        assert notification("READY")["STATUS"].startswith("reload 1 ok")
+        assert m.cli("upgrade").returncode == 0
+        assert notification("READY")["STATUS"] == "upgrade ok"
+        proc.send_signal(signal.SIGTERM)
+        assert "STOPPING" in notification("STOPPING")
+        assert m.wait_exit(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
