@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -56,11 +57,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_op(args: argparse.Namespace) -> dict[str, Any]:
-    if args.op == "version":
+def _bundle_id() -> str:
+    """BUNDLE_ID read through this package's own loader (the zipapp's zipimporter).
+
+    Not bundle.running_id(): importing bundle (zipfile, hashlib, dataclasses) and
+    importlib.resources costs ~30 ms, and every rollout asks every host."""
+    import deployer.agent as package
+
+    try:
+        path = os.path.join(os.path.dirname(package.__file__), "BUNDLE_ID")
+        return package.__loader__.get_data(path).decode()
+    except (AttributeError, TypeError, OSError):  # not running from a zipapp: the source tree
         from deployer.agent.bundle import running_id
 
-        return {"version": __version__, "bundle": running_id(), "python": sys.version.split()[0]}
+        return running_id()
+
+
+def run_op(args: argparse.Namespace) -> dict[str, Any]:
+    if args.op == "version":
+        return {"version": __version__, "bundle": _bundle_id(), "python": sys.version.split()[0]}
     if args.op == "health":
         return ops.health(args.url, args.expect, args.timeout, args.passes, args.interval)
     layout = Layout.at(args.root)
