@@ -707,6 +707,19 @@ def snapshot_deployer(base: Path) -> tuple[list[str], dict[str, str], str]:
     return [python, "-m", "deployer"], env, sha
 
 
+def deployer_from(package: Path, base: Path) -> tuple[list[str], dict[str, str], str]:
+    """--deployer-src: an uncommitted tree (experiments), labelled with its path."""
+    if not (package / "__init__.py").is_file():
+        raise RuntimeError(f"--deployer-src {package}: not a python package directory")
+    python = deployer_python()
+    env = {"PYTHONPATH": str(package.parent)}
+    probe = [python, "-c", "import deployer; print(deployer.__file__)"]
+    where = run(probe, env=os.environ | env, cwd=base).stdout.strip()
+    if not where.startswith(str(package)):
+        raise RuntimeError(f"--deployer-src: python imports deployer from {where}")
+    return [python, "-m", "deployer"], env, f"{package} (uncommitted)"
+
+
 @dataclass
 class Deployer:
     fleet: Fleet
@@ -1004,6 +1017,11 @@ def naive(net: Network, fleet: Fleet, work: Path) -> Measure:
 NAIVE = "naive: git archive, ssh tar"
 
 
+def short(sha: str) -> str:
+    """A commit as its first 12 digits; anything else (a --deployer-src label) as is."""
+    return sha[:12] if len(sha) == 40 else sha
+
+
 def kb(n: float) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
 
@@ -1111,7 +1129,7 @@ def markdown(
     results: list[Measure], facts: dict[str, float], sha: str, runs: int, load: list[float]
 ) -> str:
     lines = [
-        f"deployer {sha[:12]}; repository {facts['commits']} commits, "
+        f"deployer {short(sha)}; repository {facts['commits']} commits, "
         f"{kb(facts['history_bytes'])} packed history, {kb(facts['tree_bytes'])} tree "
         f"({facts['files']} files); {len(results[0].to_host)} hosts; "
         f"{runs} run(s), medians (min-max); load average during the runs "
@@ -1158,6 +1176,12 @@ def main() -> int:
         help="diagnostics: log every host agent call (op, wall time) through a wrapper",
     )
     parser.add_argument("--json", type=Path, help="also write every figure and output line here")
+    parser.add_argument(
+        "--deployer-src",
+        type=Path,
+        help="experiments: run the deployer package in this directory (its parent on "
+        "PYTHONPATH) instead of a snapshot of HEAD",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("run as root: it creates network namespaces, veths and sshd hosts", file=sys.stderr)
@@ -1192,8 +1216,14 @@ def bench(args: argparse.Namespace, cleanup: Cleanup) -> int:
     fleet = Fleet(cleanup, base, net)
     fleet.start()
     log(f"{len(net.hosts)} hosts up: {', '.join(h.address for h in net.hosts)}")
-    argv, env, sha = snapshot_deployer(base)
-    log(f"deployer {sha[:12]}: a snapshot of HEAD, so commits made during the run do not count")
+    if args.deployer_src:
+        argv, env, sha = deployer_from(args.deployer_src.resolve(), base)
+    else:
+        argv, env, sha = snapshot_deployer(base)
+    if args.deployer_src:
+        log(f"deployer from {sha}")
+    else:
+        log(f"deployer {sha[:12]}: a snapshot of HEAD, so commits made during the run do not count")
     dep = Deployer(fleet, base, work, args.batch, argv, env, trace=args.trace)
     cap = Capistrano(fleet, base, work)
 
