@@ -562,3 +562,34 @@ def test_systemd_socket_activation_and_notify_reload(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         notify.close()
+
+
+def listen_backlog(port: int) -> int:
+    """Send-Q of a listening socket in `ss -ltn` is its backlog."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True)
+    return int(out.stdout.split()[2])
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_shrinking_the_shared_backlog_is_put_back(masters: Masters) -> None:
+    # Like Node (511), asyncio (100) or gunicorn (2048): listen() again on fd 3.
+    shrinker = (
+        "import os, socket, time; s = socket.socket(fileno=3); s.listen(7);"
+        " d = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM);"
+        " a = os.environ['NOTIFY_SOCKET']; d.sendto(b'READY=1', '\\0' + a[1:]);"
+        " time.sleep(600)"
+    )
+    m = masters.start(command=[PYTHON, "-c", shrinker], workers=1)
+    wait_for(lambda: listen_backlog(m.port) > 7, 5, "the backlog to be put back")
+    deep = listen_backlog(m.port)
+    assert deep >= 128, deep
+    assert "set the listen backlog to 7; put back to" in m.log_text()
+    m.cli("reload", "--wait")
+    assert listen_backlog(m.port) == deep
+    # The example apps ask for the deepest queue themselves.
+    for app in (PYTHON_APP, NODE_APP):
+        command = [PYTHON, str(app)] if app == PYTHON_APP else ["node", str(app)]
+        options = ("--ready", "pipe") if app == NODE_APP else ()
+        e = masters.start(command=command, workers=1, options=options)
+        assert listen_backlog(e.port) == deep
+        assert "listen backlog" not in e.log_text()

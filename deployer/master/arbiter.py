@@ -138,6 +138,10 @@ class Arbiter:
         self.started = time.time()
         self.counts = {"reloads": 0, "failed_reloads": 0, "crashes": 0}
         self.last_reload: dict[str, Any] | None = None
+        # Every worker's listen() on fd 3 sets the shared queue's backlog (Node: 511,
+        # asyncio: 100, gunicorn: 2048): we put ours back when a worker is ready.
+        self.backlog = listener_mod.backlog(listener)
+        self.backlog_noted = False
         self.upgrades = 0  # successful in-place upgrades (re-execs) of this master
         self.upgrade_requester: Connection | None = None  # set on the resumed master
 
@@ -362,9 +366,27 @@ class Arbiter:
         w.state = "ready"
         w.ready_at = now
         self.log.master(f"{w.label} ready after {w.uptime(now):.2f}s")
+        self.restore_backlog(w)
         slot = self.slots.get(w.id)
         if self.job is not None and slot is not None and slot.replacement is w:
             self.emit(self.job, "ready", w)
+
+    def restore_backlog(self, w: Worker) -> None:
+        """A worker's listen() shrank the accept queue all workers share: a burst of
+        reconnects during a reload would overflow it (clients then wait for SYN
+        retransmits, 1 s and more). listen() again with our backlog."""
+        if self.backlog is None:
+            return
+        theirs = listener_mod.backlog(self.listener)
+        if theirs is not None and theirs != self.backlog:
+            with contextlib.suppress(OSError):
+                self.listener.listen(self.backlog)
+            if not self.backlog_noted:
+                self.backlog_noted = True
+                self.log.master(
+                    f"{w.label} set the listen backlog to {theirs}; put back to {self.backlog}"
+                    " (noted once)"
+                )
 
     # --- spawning ---
 

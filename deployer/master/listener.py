@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import stat
+import struct
 
 from deployer.master.config import ConfigError
 from deployer.master.control import check_path
@@ -81,6 +82,23 @@ def inherited() -> socket.socket | None:
     sock = socket.socket(fileno=SD_LISTEN_FDS_START)
     os.set_inheritable(sock.fileno(), False)
     return sock
+
+
+# struct tcp_info: 8 one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked,
+# sacked. On a listening socket unacked is the accept queue's length and sacked
+# its limit (the backlog).
+TCP_INFO_HEAD = struct.Struct("8B6I")
+
+
+def backlog(sock: socket.socket) -> int | None:
+    """The accept queue limit of a listening TCP socket (None: not TCP, or unknown)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_HEAD.size)
+        return TCP_INFO_HEAD.unpack(info)[13]
+    except (OSError, struct.error):
+        return None
 
 
 def describe(sock: socket.socket) -> str:

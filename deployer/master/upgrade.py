@@ -109,6 +109,7 @@ def snapshot(arb: Arbiter, requester: Connection, code: str, simulate_failure: b
         "started": arb.started,
         "base_cwd": arb.base_cwd,
         "upgrades": arb.upgrades,
+        "backlog": arb.backlog,
         "code": {"previous": code_root(), "next": code},
         "pythonpath": os.environ.get("PYTHONPATH"),
         "simulate_adopt_failure": simulate_failure,
@@ -278,7 +279,8 @@ def restore(state: dict, dry_run: bool = False) -> Arbiter:
     arb.pinned = pinned
     arb.generation = state["generation"]
     arb.target = state["target"]
-    for key in ("counts", "last_reload", "job_ids", "announced", "started", "base_cwd", "upgrades"):
+    keys = ("counts", "last_reload", "job_ids", "announced", "started", "base_cwd", "upgrades")
+    for key in (*keys, "backlog"):
         setattr(arb, key, state[key])
     arb.lingering = lingering
     arb.workers = workers

@@ -48,6 +48,13 @@ function countBoot() {
   return fs.statSync('.boots').size;
 }
 
+// listen() on the inherited socket sets the backlog of the queue every worker
+// shares (Node's default is 511; with {fd} only a backlog given as the second
+// argument counts, not options.backlog): ask for the deepest (the kernel caps it at
+// net.core.somaxconn), or reconnect bursts during a reload overflow the queue
+// and clients wait for SYN retransmits (1 s, 3 s...).
+const BACKLOG = 65535;
+
 function listenTarget() {
   const pids = [String(process.pid), String(process.ppid)]; // ppid: under a wrapper like npm
   if (Number(process.env.LISTEN_FDS) >= 1 && pids.includes(process.env.LISTEN_PID)) {
@@ -108,7 +115,7 @@ process.on('SIGTERM', drain);
 process.on('SIGINT', drain);
 
 setTimeout(() => {
-  server.listen(listenTarget(), () => {
+  server.listen(listenTarget(), BACKLOG, () => {
     if (!flag('NEVER_READY')) notifyReady();
     console.log(`pid ${process.pid} serving release ${release}`);
   });

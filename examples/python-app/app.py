@@ -32,6 +32,7 @@ import time
 from urllib.parse import parse_qs, urlsplit
 
 MAX_HEADER = 64 * 1024
+BACKLOG = 65535
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
 
 
@@ -233,7 +234,13 @@ async def main() -> None:
     time.sleep(float(os.environ.get("BOOT_DELAY", "0")))
     app = App()
     loop = asyncio.get_running_loop()
-    app.server = await loop.create_server(lambda: Connection(app), sock=listening_socket())
+    # listen() on the inherited socket sets the backlog of the queue every worker
+    # shares (asyncio's default is 100): ask for the deepest (the kernel caps it at
+    # net.core.somaxconn), or reconnect bursts during a reload overflow the queue
+    # and clients wait for SYN retransmits (1 s, 3 s...).
+    app.server = await loop.create_server(
+        lambda: Connection(app), sock=listening_socket(), backlog=BACKLOG
+    )
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.drain)
     if not flag("NEVER_READY"):
