@@ -153,6 +153,13 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def listen_overflows() -> int:
+    """TcpExt ListenOverflows (system-wide): SYNs dropped on a full accept queue."""
+    with open("/proc/net/netstat") as f:
+        rows = [line.split() for line in f if line.startswith("TcpExt:")]
+    return int(dict(zip(rows[0], rows[1], strict=True))["ListenOverflows"])
+
+
 def http_ok(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
@@ -464,11 +471,13 @@ class Run:
     master_cpu: float = 0.0  # seconds of CPU the master used during the run
     workers_cpu: float = 0.0  # seconds of CPU all workers used during the run
     load_avg: float = 0.0  # 1-minute load average at the end (other sessions share the box)
+    overflows: int = 0  # accept queue overflows during the run (system-wide counter)
 
 
 def load_run(m: Target, args: argparse.Namespace, reloading: bool) -> Run:
     cpu_before = cpu_seconds(m.pid)
     workers_before = m.workers_cpu()
+    overflows_before = listen_overflows()
     wrk = run_wrk(m.port, args.connections, args.duration)
     run = Run(Wrk())
     started = time.monotonic()
@@ -487,6 +496,7 @@ def load_run(m: Target, args: argparse.Namespace, reloading: bool) -> Run:
     run.master_cpu = cpu_seconds(m.pid) - cpu_before
     run.workers_cpu = m.workers_cpu() - workers_before
     run.load_avg = os.getloadavg()[0]
+    run.overflows = listen_overflows() - overflows_before
     return run
 
 
@@ -548,6 +558,7 @@ def combine(runs: list[Run]) -> Run:
         master_cpu=sum(r.master_cpu for r in runs),
         workers_cpu=sum(r.workers_cpu for r in runs),
         load_avg=med(r.load_avg for r in runs),
+        overflows=sum(r.overflows for r in runs),
     )
 
 
@@ -567,7 +578,7 @@ def summary(run: Run) -> str:
         f" errors connect {w.connect} read {w.read} write {w.write} timeout {w.timeout},"
         f" master cpu {run.master_cpu:.2f}s rss {run.rss_max / 1e6:.1f} MB,"
         f" workers cpu {run.workers_cpu:.1f}s ({per_cpu:.0f} requests per worker cpu-second),"
-        f" load {run.load_avg:.1f}"
+        f" load {run.load_avg:.1f}, accept queue overflows {run.overflows}"
     )
     if run.reloads:
         ok, spread = reload_stats(run)
@@ -605,7 +616,7 @@ def verdict(rows: dict) -> list[str]:
 HEADER = (
     "| target | run | requests | rps | p99 ms | non-2xx | connect | read | write | timeout"
     " | reloads finished | reload s (median / max) | rps per run | requests per worker cpu-s"
-    " | load avg |"
+    " | accept queue overflows | load avg |"
 )
 
 
@@ -616,7 +627,7 @@ def table_row(name: str, kind: str, run: Run, interval: float, runs: list[Run]) 
     cells = [
         name, label, f"{w.requests:,}", f"{w.rps:,.0f}", f"{w.p99_ms:.1f}", w.non2xx, w.connect,
         w.read, w.write, w.timeout, ok, spread, " ".join(f"{r.wrk.rps:,.0f}" for r in runs),
-        f"{w.requests / max(run.workers_cpu, 0.01):,.0f}",
+        f"{w.requests / max(run.workers_cpu, 0.01):,.0f}", f"{run.overflows:,}",
         f"{run.load_avg:.1f}",
     ]  # fmt: skip
     return "| " + " | ".join(str(c) for c in cells) + " |"
@@ -645,10 +656,12 @@ def markdown(all_rows: list[dict], args: argparse.Namespace) -> str:
         " `pm2` = pm2 cluster mode, 2 instances, `pm2 reload` (defaults); `gunicorn` ="
         " 2 sync workers (its default class), `kill -HUP`. Node"
         f" {node_version()}. {os.cpu_count()} cores shared with wrk and with other"
-        " sessions' work (load average column): compare rows of the same target.",
+        " sessions' work (load average column): compare rows of the same target."
+        " Accept queue overflows: the kernel's TcpExt ListenOverflows during the runs"
+        " (SYNs dropped on a full queue; the client retries after 1 s, 3 s...).",
         "",
         HEADER,
-        "|" + "---|" * 2 + "---:|" * 13,
+        "|" + "---|" * 2 + "---:|" * 14,
     ]
     for rows in all_rows:
         for kind in ("baseline", "reload"):
