@@ -174,8 +174,8 @@ def prepare(
 
 def _extract(layout: Layout, revision: str, dest: Path) -> None:
     """`git archive | tar -x`: the archive is git's own (export-ignore and export-subst
-    apply), the extraction native: python's tarfile took ~3x the user CPU, which with many
-    hosts preparing at once was most of a redeploy's prepare. tar refuses absolute and
+    apply), the extraction native: python's tarfile took ~3x the user CPU, a large part
+    of a redeploy's prepare when many hosts prepare at once. tar refuses absolute and
     `..` member names by default; files belong to the deploy user."""
     archive = subprocess.Popen(
         ["git", f"--git-dir={layout.repo}", "archive", "--format=tar", revision],
