@@ -159,12 +159,16 @@ def test_rollout_survives_the_pusher_being_killed(project: Pushed) -> None:
     pusher = project.push(wait=False)
     try:
         wait_until(project.lock().exists, 60, "the rollout to take the lock")
+        deploy_id = json.loads(project.lock().read_text())["id"]
         time.sleep(0.5)  # mid-rollout
         pusher.send_signal(signal.SIGKILL)
     finally:
         pusher.wait(timeout=30)
     assert pusher.returncode == -signal.SIGKILL
-    wait_until(lambda: not project.lock().exists(), 180, "the rollout to finish")
+    # `logs -f` follows the orphaned rollout to its end
+    followed = project.deployer("logs", "-f", deploy_id, check=True, timeout=180).stdout
+    assert "rollout ok in" in followed.splitlines()[-1], followed
+    assert not project.lock().exists()
     assert all(project.revision(h) == v2 for h in project.hosts)
     entry = project.history()[0]
     assert entry["result"] == "ok" and entry["revision"] == v2
