@@ -37,10 +37,11 @@ deployer's prepare+switch wall time <= half of Capistrano's whole deploy, for
 each of the three scenarios.
 
     python bench/rollout.py [--runs 3] [--hosts 8] [--seed 5] [--no-capistrano]
-                            [--batch SPEC] [--trace] [--json FILE]
+                            [--batch SPEC] [--trace] [--json FILE] [--deployer-src DIR]
 
 --trace runs the host agent through a wrapper that logs every call (op, wall
 time) and prints calls per host and their mean time per op (diagnostics).
+--deployer-src runs an uncommitted deployer package instead (experiments).
 
 Needs root (namespaces, veths, sshd). Installs the `capistrano` Debian package
 when `cap` is missing. Everything it creates (namespaces, veths, bridge, sshd
