@@ -16,13 +16,18 @@ def setup(deploy: Deploy) -> dict[str, str]:
     say = deploy.reporter.say
 
     def one(remote: RemoteHost) -> None:
+        before = remote.installed_bundle()
         remote.install(bundle)
         say(f"agent {bundle.id} installed at {remote.pyz}", remote.name)
         if remote.config.master is None:
             return
         remote.write_master_config()
         state = remote.state()
-        if state["master"]["running"]:
+        if state["master"]["running"] and before != bundle.id:
+            # A master of the old agent: re-exec it on the new one without a restart.
+            remote.upgrade_master(on_line=lambda s: say(f"master: {s}", remote.name))
+            say(f"master upgraded in place (pid {state['master']['pid']})", remote.name)
+        elif state["master"]["running"]:
             say(f"master running (pid {state['master']['pid']})", remote.name)
         elif state["current"]:
             remote.start_master(on_line=lambda s: say(f"master: {s}", remote.name))

@@ -220,6 +220,19 @@ class RemoteHost:
             timeout=timeout + 10,
         )
 
+    def upgrade_master(self, on_line: LineCallback | None = None) -> Result:
+        """Re-exec the running master on the agent just installed (same pid, socket and
+        workers): by default it takes the code from where it runs from, the pyz path."""
+        sock = f"{self.root}/run/master.sock"
+        return self._master("upgrade", "--socket", sock, on_line=on_line, timeout=120)
+
+    def installed_bundle(self) -> str | None:
+        """The bundle id of the agent installed on the host (None: none installed)."""
+        try:
+            return self.version().get("bundle")
+        except StepFailed:
+            return None
+
     def stop_master(self) -> Result:
         return self._master(
             "stop", "--socket", f"{self.root}/run/master.sock", on_line=None, timeout=120

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import pytest
 from master_helpers import Load, free_port
 from rollout_helpers import APP, Project, commit, git, make_project, master_extra, stop_masters
 from sshd import SSHTestHost
+
+from deployer.agent.bundle import ID_FILE
 
 
 @pytest.fixture
@@ -78,3 +82,47 @@ def test_release_crashing_at_boot_keeps_old_workers(project: Project, port: int)
     assert "master reload failed" in proc.stdout
     assert {h.name: project.current(h) for h in project.hosts} == before
     assert result.failed == 0, result.summary()
+
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+def _pretend_older_agent(host: SSHTestHost) -> None:
+    """Rewrite the host's installed zipapp with another bundle id, as an older
+    deployer would have left it (same code: the master keeps running from it)."""
+    pyz = host.root / ".deployer" / "deployer.pyz"
+    with zipfile.ZipFile(pyz) as old:
+        entries = {i.filename: old.read(i) for i in old.infolist()}
+    entries[ID_FILE] = b"0.0.1+older"
+    with open(pyz, "wb") as fh, zipfile.ZipFile(fh, "w") as new:  # same inode and owner
+        for name, data in entries.items():
+            new.writestr(name, data)
+
+
+def test_setup_upgrades_a_running_master_in_place_when_the_agent_changes(
+    project: Project, port: int
+) -> None:
+    host = project.hosts[0]
+    pid = int((host.root / "run" / "master.pid").read_text())
+    workers = _children(pid)
+    assert len(workers) >= 2  # the workers (and the master's helpers)
+    _pretend_older_agent(host)
+    with Load(port, threads=3, duration=120, address=host.address) as load:
+        load.wait_requests(20)
+        out = project.deployer("setup", check=True).stdout
+        time.sleep(0.5)
+        result = load.stop()
+    assert f"{host.name}" in out and "master upgraded in place" in out, out
+    # only the host whose agent changed was upgraded
+    assert out.count("master upgraded in place") == 1, out
+    assert int((host.root / "run" / "master.pid").read_text()) == pid
+    assert _children(pid) == workers  # same workers, never restarted
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b"_resume" in cmdline  # the same pid now runs the re-exec'd master
+    assert result.failed == 0, result.summary()
+    # and it still does its job: a rollout reloads it
+    v2 = commit(project.repo, {"app.py": APP + "\n# v2\n"}, "v2")
+    project.deployer("rollout", check=True)
+    assert project.revision(host) == v2

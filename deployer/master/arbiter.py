@@ -850,8 +850,9 @@ class Arbiter:
             refusal = "a reload is running; upgrade once it has ended"
         elif not self.announced:
             refusal = "the workers are not all ready yet"
-        elif not isinstance(code, str) or not os.path.isdir(code):
-            refusal = f"code directory {code!r} does not exist"
+        elif not isinstance(code, str) or not os.path.exists(code):
+            # a directory holding the package, or the zipapp deployer setup installs
+            refusal = f"code {code!r} does not exist"
         if refusal is not None:
             conn.send({"ok": False, "error": f"upgrade refused: {refusal}"})
             return

@@ -81,7 +81,7 @@ def build_parser() -> Parser:
     upgrade.add_argument(
         "--code",
         metavar="DIR",
-        help="directory holding the new `deployer` package (default: where the master's"
+        help="directory or zipapp holding the new `deployer` package (default: where the master's"
         " own deployer package is, as it is on disk now)",
     )
     return parser
