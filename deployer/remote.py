@@ -99,17 +99,23 @@ class RemoteHost:
     def state(self) -> dict[str, Any]:
         return self.agent("state")
 
-    def receive(self, pack: bytes, revisions: list[str]) -> dict[str, Any]:
-        args = [a for rev in revisions for a in ("--revision", rev)]
-        return self.agent("receive", *args, stdin=pack)
-
-    def prepare(self, revision: str, release: str, on_line: LineCallback | None = None) -> dict:
+    def prepare(
+        self,
+        revision: str,
+        release: str,
+        pack: bytes | None = None,
+        on_line: LineCallback | None = None,
+    ) -> dict:
+        """Create the release; `pack` (see sync.pack_for_host), when not None, is
+        indexed into repo/ first, in the same call."""
         app = self.config.app
         args = ["--revision", revision, "--release", release]
         args += [a for path in app.shared for a in ("--shared", path)]
         if app.build:
             args += ["--build", app.build]
-        return self.agent("prepare", *args, on_line=on_line)
+        if pack is not None:
+            args.append("--receive")
+        return self.agent("prepare", *args, stdin=pack, on_line=on_line)
 
     def switch(self, release: str) -> dict[str, Any]:
         return self.agent("switch", "--release", release)

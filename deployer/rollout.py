@@ -355,14 +355,16 @@ def check_agents(deploy: Deploy, names: Sequence[str]) -> tuple[dict[str, Any], 
     ours = build().id
 
     def check(remote: RemoteHost) -> dict[str, Any]:
-        theirs = remote.version().get("bundle")
+        state = remote.state()  # carries the agent's bundle id: one call for both
+        theirs = state.get("bundle")
         if theirs != ours:
             raise StepFailed(
                 remote.name,
                 "version check",
-                f"host agent is {theirs}, this controller is {ours}: run `deployer setup`",
+                f"host agent is {theirs or 'an older one'}, this controller is {ours}: "
+                "run `deployer setup`",
             )
-        return remote.state()
+        return state
 
     return deploy.each(names, check)
 
@@ -413,7 +415,7 @@ def run_rollout(
 
     `deploy_id` names the rollout (history, lock owner) when the caller already
     told someone its name (the post-update hook names the log after it)."""
-    from deployer.sync import sync
+    from deployer.sync import pack_for_host
 
     say = deploy.reporter.say
     release = next(iter(plan.targets.values()))
@@ -443,12 +445,13 @@ def run_rollout(
 
         def prepare(remote: RemoteHost) -> None:
             t0 = time.monotonic()
-            sent = sync(source, remote, revision)
-            t1 = time.monotonic()
-            remote.prepare(plan.revision or "", release, on_line=lambda s: say(s, remote.name))
+            pack = pack_for_host(source, revision, states[remote.name]["have"])
+            remote.prepare(
+                plan.revision or "", release, pack, on_line=lambda s: say(s, remote.name)
+            )
             say(
-                f"prepared: sent {sent} bytes in {t1 - t0:.2f}s, "
-                f"release ready in {time.monotonic() - t1:.2f}s",
+                f"prepared: sent {len(pack or b'')} bytes, release ready in "
+                f"{time.monotonic() - t0:.2f}s",
                 remote.name,
             )
 

@@ -104,14 +104,10 @@ class Source:
         return proc
 
 
-def sync(source: Source, host, revision: Revision) -> int:  # host: RemoteHost
-    """Bring `revision` into the host's object cache; returns the bytes sent."""
-    have = host.state()["have"]
+def pack_for_host(source: Source, revision: Revision, have: list[str]) -> bytes | None:
+    """What a host holding the revisions `have` must receive for `revision`: None if
+    it has it already, else a pack (empty when every object is there, e.g. a
+    re-tagged tree: receiving it still pins the revision)."""
     if revision.sha in have:
-        return 0
-    pack = source.pack_for(revision.sha, have)
-    if pack is None:  # every object already there (e.g. a re-tagged tree)
-        host.receive(b"", [revision.sha])
-        return 0
-    host.receive(pack, [revision.sha])
-    return len(pack)
+        return None
+    return source.pack_for(revision.sha, have) or b""

@@ -8,7 +8,9 @@ differs (run `deployer setup`).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
+import marshal
 import zipfile
 from dataclasses import dataclass
 from functools import cache
@@ -49,11 +51,32 @@ def build() -> Bundle:
     for name, data in sources:
         digest.update(name.encode() + b"\0" + data + b"\0")
     bundle_id = f"{deployer.__version__}+{digest.hexdigest()[:12]}"
+    compiled = [(f"{name}c", _pyc(name, data)) for name, data in sources]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in [("__main__.py", MAIN.encode()), *sources, (ID_FILE, bundle_id.encode())]:
+        for name, data in [
+            ("__main__.py", MAIN.encode()),
+            *sources,
+            *compiled,
+            (ID_FILE, bundle_id.encode()),
+        ]:
             zf.writestr(zipfile.ZipInfo(name, FIXED_TIME), data, zipfile.ZIP_DEFLATED)
     return Bundle(bundle_id, buf.getvalue())
+
+
+def _pyc(name: str, source: bytes) -> bytes:
+    """Bytecode beside each source: zipimport cannot cache what it compiles, so
+    without it every agent call recompiles the agent (~13 ms of its ~60 ms here).
+    Unchecked hash-based (PEP 552): valid without an mtime; a host Python of
+    another version sees another magic number and falls back to the source."""
+    code = compile(source, name, "exec", dont_inherit=True)
+    flags = (1).to_bytes(4, "little")  # hash-based, source not checked
+    return (
+        importlib.util.MAGIC_NUMBER
+        + flags
+        + importlib.util.source_hash(source)
+        + marshal.dumps(code)
+    )
 
 
 def running_id() -> str:

@@ -32,13 +32,14 @@ def _parser() -> argparse.ArgumentParser:
 
     with_root("setup")
     with_root("state")
-    sp = with_root("receive")
-    sp.add_argument("--revision", action="append", default=[])
     sp = with_root("prepare")
     sp.add_argument("--revision", required=True)
     sp.add_argument("--release", required=True)
     sp.add_argument("--shared", action="append", default=[])
     sp.add_argument("--build")
+    sp.add_argument(
+        "--receive", action="store_true", help="first index the pack on stdin (see receive)"
+    )
     sp = with_root("switch")
     sp.add_argument("--release", required=True)
     sp = with_root("prune")
@@ -83,11 +84,13 @@ def run_op(args: argparse.Namespace) -> dict[str, Any]:
         case "setup":
             return ops.setup(layout)
         case "state":
-            return ops.state(layout)
-        case "receive":
-            return ops.receive(layout, args.revision)
+            # the bundle id too: a rollout checks the agent and reads state in one call
+            return {**ops.state(layout), "bundle": _bundle_id()}
         case "prepare":
-            return ops.prepare(layout, args.revision, args.release, args.shared, args.build)
+            # receive and prepare in one call: one python start and SSH round trip less
+            received = ops.receive(layout, [args.revision]) if args.receive else {}
+            prepared = ops.prepare(layout, args.revision, args.release, args.shared, args.build)
+            return {**received, **prepared}
         case "switch":
             return ops.switch(layout, args.release)
         case "prune":
