@@ -16,13 +16,14 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# the package's own bounded load generator (deployer demo uses it too)
+from deployer.loadgen import Load  # noqa: F401 - re-exported for the tests
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -226,97 +227,3 @@ class Masters:
         for pid in self.worker_pids:  # belt and braces: PDEATHSIG should have done it
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-
-
-# --- load ---
-
-
-@dataclass
-class LoadResult:
-    ok: int = 0
-    statuses: Counter[int] = field(default_factory=Counter)
-    bodies: Counter[str] = field(default_factory=Counter)  # release=... of each 200
-    failures: list[tuple[float, str, str]] = field(default_factory=list)
-
-    @property
-    def failed(self) -> int:
-        return len(self.failures) + sum(n for s, n in self.statuses.items() if s != 200)
-
-    def summary(self) -> str:
-        kinds = Counter(kind for _, kind, _ in self.failures)
-        first = self.failures[:5]
-        return f"ok={self.ok} statuses={dict(self.statuses)} failures={dict(kinds)} {first}"
-
-
-class Load:
-    """Keep-alive HTTP load from threads, for at most `duration` seconds.
-
-    Each thread holds one http.client connection and reconnects only when the
-    server said `Connection: close`, or after an error (counted).
-    """
-
-    def __init__(
-        self,
-        port: int,
-        threads: int = 8,
-        duration: float = 60,
-        path: str = "/",
-        address: str = "127.0.0.1",
-    ) -> None:
-        self.port = port
-        self.address = address
-        self.path = path
-        self.deadline = time.monotonic() + duration
-        self.stopped = threading.Event()
-        self.lock = threading.Lock()
-        self.result = LoadResult()
-        self.threads = [threading.Thread(target=self.loop, daemon=True) for _ in range(threads)]
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> LoadResult:
-        self.stopped.set()
-        for t in self.threads:
-            t.join(timeout=30)
-        return self.result
-
-    def running(self) -> bool:
-        return not self.stopped.is_set() and time.monotonic() < self.deadline
-
-    def loop(self) -> None:
-        conn: http.client.HTTPConnection | None = None
-        while self.running():
-            if conn is None:
-                conn = http.client.HTTPConnection(self.address, self.port, timeout=10)
-            try:
-                conn.request("GET", self.path)
-                resp = conn.getresponse()
-                body = resp.read().decode()
-                self.record(resp.status, body)
-                if resp.will_close:
-                    conn.close()
-                    conn = None
-            except (OSError, http.client.HTTPException) as e:
-                with self.lock:
-                    self.result.failures.append((time.time(), type(e).__name__, str(e)))
-                conn.close()
-                conn = None
-        if conn is not None:
-            conn.close()
-
-    def record(self, status: int, body: str) -> None:
-        with self.lock:
-            self.result.statuses[status] += 1
-            if status == 200:
-                self.result.ok += 1
-                release = body.split("release=")[-1].strip() if "release=" in body else "?"
-                self.result.bodies[release] += 1
-
-    def wait_requests(self, n: int, timeout: float = 10) -> None:
-        wait_for(lambda: self.result.ok >= n, timeout, f"{n} successful requests")
