@@ -175,12 +175,11 @@ class Demo:
         self.run("git", "add", "-A", cwd=self.app)
         self.run("git", "commit", "-q", "-m", message, cwd=self.app)
 
-    def push(self) -> str:
+    def push(self) -> None:
         """`git push deploy main`; its output (the remote: lines) indented."""
         proc = self.run("git", "push", "deploy", "main", cwd=self.app)
         text = (proc.stdout + proc.stderr).rstrip()
         self.out.write("".join(f"    {line}\n" for line in text.splitlines()))
-        return text
 
     def revision(self, host: str) -> str:
         path = self.base / "hosts" / host / "current" / "REVISION"
@@ -234,18 +233,19 @@ def demo_steps(demo: Demo) -> int:
     say("git push deploy main   # v1")
     demo.push()
     before = {host: demo.revision(host) for host in ADDRESSES}
+    if "-" in before.values():
+        raise DeployerError("v1 did not reach every host: see the push output above")
 
     # the example's chunked, resumable backfill works on SQLite as it does on PostgreSQL
     v2 = V2_MIGRATIONS | {"20261102000100_backfill_people_name.py": example(BACKFILL).read_text()}
     demo.commit({"VERSION": "v2\n"} | _migrations(v2), "v2: name instead of fname/lname")
     say("git push deploy main   # v2, while 4 connections per host keep requesting /")
     loads = {h: Load(port, threads=4, duration=60, address=a) for h, a in ADDRESSES.items()}
-    for load in loads.values():
-        load.__enter__()
-    try:
+    with contextlib.ExitStack() as running:  # each load stops (and joins) on the way out
+        for load in loads.values():
+            running.enter_context(load)
         demo.push()
-    finally:
-        results = {h: load.stop() for h, load in loads.items()}
+    results = {h: load.result for h, load in loads.items()}
     after = {host: demo.revision(host) for host in ADDRESSES}
     out_table(demo, before, after, results)
     ok = all(after[h] != before[h] for h in ADDRESSES) and not any(

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 # tests/ is on sys.path (rootdir conftest, no __init__.py): import as `sshd`
+from master_helpers import Masters
 from sshd import SSHD, SSHDFleet, SSHTestHost
 
 
@@ -48,3 +49,13 @@ def ssh_hosts(
     # short: unix socket paths under a host root must stay below 108 bytes
     label = re.sub(r"\W+", "-", request.node.name)[:20]
     return sshd_fleet.fresh_copies(_shared_ssh_hosts, label=label)
+
+
+@pytest.fixture
+def masters(tmp_path: Path) -> Iterator[Masters]:
+    """Masters started by a test, killed by pid at its end (workers die with them)."""
+    fleet = Masters(tmp_path)
+    try:
+        yield fleet
+    finally:
+        fleet.cleanup()

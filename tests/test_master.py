@@ -14,7 +14,6 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,15 +30,6 @@ from master_helpers import (
     pid_alive,
     wait_for,
 )
-
-
-@pytest.fixture
-def masters(tmp_path: Path) -> Iterator[Masters]:
-    fleet = Masters(tmp_path)
-    try:
-        yield fleet
-    finally:
-        fleet.cleanup()
 
 
 @pytest.fixture

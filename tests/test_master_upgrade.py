@@ -4,20 +4,10 @@ same listening socket, same workers) with real processes, sockets and load."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from master_helpers import REPO, Load, Master, Masters, pid_alive, wait_for
-
-
-@pytest.fixture
-def masters(tmp_path: Path) -> Iterator[Masters]:
-    fleet = Masters(tmp_path)
-    try:
-        yield fleet
-    finally:
-        fleet.cleanup()
 
 
 def worker_pids(m: Master) -> list[int]:
