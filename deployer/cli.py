@@ -370,10 +370,24 @@ def migrate(ctx: click.Context, args: tuple[str, ...]) -> None:
     sys.exit(migrate_main(argv))
 
 
+def verbatim_master_args(args: list[str]) -> list[str] | None:
+    """The arguments after `master` (behind any -i/--inventory), exactly as given:
+    click would drop the `--` before the worker command (`master run ... -- CMD`)."""
+    i = 0
+    while i < len(args) and (args[i] in ("-i", "--inventory") or args[i].startswith("--inv")):
+        i += 1 if "=" in args[i] else 2
+    return args[i + 1 :] if i < len(args) and args[i] == "master" else None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected errors become a message and an exit code."""
     import signal
 
+    rest = verbatim_master_args(sys.argv[1:] if argv is None else argv)
+    if rest is not None:
+        from deployer.master.cli import main as master_main
+
+        sys.exit(master_main(rest))
     signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="deployer", standalone_mode=False)

@@ -76,3 +76,15 @@ def test_missing_inventory_and_bad_usage_exit_2() -> None:
     assert proc.returncode == 2 and "--bogus-flag" in proc.stderr
     for p in (proc,):
         assert "Traceback" not in p.stderr
+
+
+def test_master_keeps_the_double_dash_before_the_worker_command() -> None:
+    """`deployer master run ... -- CMD ARGS`: the command after `--` reaches the master
+    intact (click alone would swallow the `--`), with or without -i before `master`."""
+    for prefix in ((), ("-i", EXAMPLE), (f"--inventory={EXAMPLE}",)):
+        proc = deployer(*prefix, "master", "unit", "--listen", "127.0.0.1:8000", "--",
+                        "node", "app.js", "--port", "3")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert "-- node app.js --port 3" in proc.stdout
+    bad = deployer("master", "run", "--workers", "0", "--", "true")
+    assert bad.returncode == 2 and "--workers" in bad.stderr and "Traceback" not in bad.stderr
