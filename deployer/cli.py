@@ -329,6 +329,8 @@ def unlock(ctx: click.Context, force: bool, patterns: str | None) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def master(args: tuple[str, ...]) -> None:
     """The resident cluster master (run, start, reload, status, scale, stop, unit, upgrade)."""
+    # main() hands `deployer master ...` over before click parses it (see
+    # verbatim_master_args); this body serves callers of `cli` itself.
     from deployer.master.cli import main as master_main
 
     sys.exit(master_main(list(args)))

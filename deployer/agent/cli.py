@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--shared", action="append", default=[])
     sp.add_argument("--build")
     sp.add_argument(
-        "--receive", action="store_true", help="first index the pack on stdin (see receive)"
+        "--receive",
+        action="store_true",
+        help="first index the pack on stdin into repo/ and pin the revision",
     )
     sp = with_root("switch")
     sp.add_argument("--release", required=True)

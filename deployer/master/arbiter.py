@@ -881,6 +881,8 @@ class Arbiter:
         for c in self.conns.values():  # nothing left in our buffers: the new master has none
             c.flush_blocking(1.0)
             c.sock.setblocking(False)
+        # A fresh snapshot, not the checked one: workers and clients may have moved
+        # while the check ran in its subprocess.
         failure = upgrade.reexec(upgrade.snapshot(self, conn, code, simulate), code)
         signal.set_wakeup_fd(self.wake_w)  # only reached if exec failed
         self.log.master(f"upgrade: exec failed, still on the old code: {failure}")
