@@ -187,7 +187,9 @@ def test_failed_reload_converts_already_replaced_slots_back(
     masters: Masters, releases: Releases
 ) -> None:
     m = masters.start(cwd=releases.current, workers=3)
-    releases.make("flaky", CRASH_AFTER_BOOTS="1")  # the 2nd worker of this release crashes
+    # The 3rd worker of this release crashes at boot. It boots once slot 1's
+    # replacement has soaked and slot 1 is converted.
+    releases.make("flaky", CRASH_AFTER_BOOTS="2")
     releases.switch("flaky")
     with Load(m.port, duration=30) as load:
         load.wait_requests(100)
@@ -197,7 +199,9 @@ def test_failed_reload_converts_already_replaced_slots_back(
     events = [a.get("event") for a in answers]
     assert answers[-1]["ok"] is False and "aborting" in events, answers
     reverted = [a for a in answers if a.get("phase") == "revert" and a.get("event") == "ready"]
-    assert len(reverted) == 1 and reverted[0]["release"].endswith("releases/r1")
+    # Slot 1 is converted by then; slot 2 too if its soak ended before the crash.
+    assert 1 <= len(reverted) <= 2, answers
+    assert all(r["release"].endswith("releases/r1") for r in reverted)
     assert releases_of(m) == {"r1"}
     assert len(m.ready_workers()) == 3
 
@@ -424,6 +428,28 @@ def test_worker_environment_follows_socket_activation(masters: Masters, tmp_path
     assert "[worker 1 pid" in line
 
 
+@pytest.mark.timeout(30)
+def test_listen_fds_passes_copies_of_the_one_socket(masters: Masters) -> None:
+    # fds 3, 4, 5: the same listening socket (same inode); the ready pipe moves to 6.
+    probe = (
+        "import os, socket;"
+        "n = int(os.environ['LISTEN_FDS']);"
+        "inodes = {os.fstat(3 + i).st_ino for i in range(n)};"
+        "ports = {socket.socket(fileno=os.dup(3 + i)).getsockname()[1] for i in range(n)};"
+        "print('FDS', n, os.environ['LISTEN_FDNAMES'], len(inodes), *ports,"
+        " os.environ['DEPLOYER_READY_FD'], flush=True);"
+        "os.write(int(os.environ['DEPLOYER_READY_FD']), b'READY=1\\n');"
+        "import time; time.sleep(60)"
+    )
+    m = masters.start(
+        command=[PYTHON, "-c", probe], workers=1, options=("--ready", "pipe", "--listen-fds", "3")
+    )
+    wait_for(lambda: "FDS" in m.log_text(), 5, "probe output")
+    line = next(x for x in m.log_text().splitlines() if "FDS" in x)
+    assert line.endswith(f"FDS 3 listen:listen:listen 1 {m.port} 6"), line
+    assert m.status()["listen_fds"] == 3
+
+
 @pytest.mark.timeout(60)
 def test_master_sigkill_also_kills_a_wrappers_children(masters: Masters) -> None:
     # `sh -c '...; exit'` keeps sh as the worker and runs the app as its child,
@@ -469,8 +495,11 @@ def test_node_app_reload_under_load_zero_failures(masters: Masters, tmp_path: Pa
     releases = Releases(tmp_path / "node", app=NODE_APP)
     releases.make("r1")
     releases.switch("r1")
+    # Several listening handles per worker (see the app): each is drained on SIGTERM.
     m = masters.start(
-        command=["node", NODE_APP.name], cwd=releases.current, options=("--ready", "pipe")
+        command=["node", NODE_APP.name],
+        cwd=releases.current,
+        options=("--ready", "pipe", "--listen-fds", "4"),
     )
     with Load(m.port, duration=40) as load:
         load.wait_requests(200)

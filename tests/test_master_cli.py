@@ -28,6 +28,8 @@ def run_args(*options: str, command: list[str] | None = APP) -> list[str]:
         (run_args("--workers", "many"), "--workers: expected a positive integer or 'auto'"),
         (run_args("--ready", "sometimes"), "--ready: expected one of notify, pipe, delay:SECONDS"),
         (run_args("--ready-timeout", "-1"), "--ready-timeout: expected a number of seconds > 0"),
+        (run_args("--listen-fds", "0"), "--listen-fds: expected a positive integer, got '0'"),
+        (run_args("--listen-fds", "65"), "--listen-fds: expected at most 64, got '65'"),
         (run_args(command=None), "missing command: give it after --"),
         (run_args(command=["no-such-program-xyz"]), "command: 'no-such-program-xyz' not found"),
         (run_args("--cwd", "/nonexistent/dir"), "--cwd: /nonexistent/dir is not a directory"),

@@ -10,7 +10,8 @@ reload's next step, and the worker count.
 Workers sit in numbered slots (1..workers). A reload converts slot by slot: a
 replacement is spawned next to the slot's worker, and the old one is drained
 only once the replacement is ready and has stayed up for ready_soak, so the
-number of ready workers never drops below `workers`.
+number of ready workers never drops below `workers`. The next slot's
+replacement boots while the previous one soaks.
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ from deployer.master.readiness import (
 )
 from deployer.master.worker import (
     CAUGHT_SIGNALS,
-    READY_FD,
     Launch,
     Spec,
     Worker,
     describe_exit,
+    ready_fd_number,
     rss_bytes,
     start_process,
     worker_env,
@@ -409,15 +410,16 @@ class Arbiter:
         if self.notify is not None:
             extra["NOTIFY_SOCKET"] = self.notify.address
         if ready_w is not None:
-            extra[READY_FD_ENV] = str(READY_FD)
+            extra[READY_FD_ENV] = str(ready_fd_number(self.cfg.listen_fds))
         launch = Launch(
             command=self.cfg.command,
             cwd=spec.release,
-            env=worker_env(dict(os.environ), extra),
+            env=worker_env(dict(os.environ), extra, self.cfg.listen_fds),
             listener_fd=self.listener.fileno(),
             stdout_fd=out_w,
             stderr_fd=err_w,
             ready_fd=ready_w,
+            listen_fds=self.cfg.listen_fds,
         )
         try:
             pid = start_process(launch)
@@ -594,8 +596,14 @@ class Arbiter:
             job.queue = []
 
     def step_reload(self, job: ReloadJob, now: float) -> None:
+        # Up to reload_batch replacements boot at a time, and the next batch may
+        # boot while the previous one soaks (so soaks overlap instead of adding
+        # up): at most 2 x reload_batch candidates exist at once. Old workers are
+        # still stopped only once their own replacement is ready and soaked.
+        batch = self.cfg.reload_batch
         in_flight = [s for s in self.slots.values() if s.replacement is not None]
-        while len(in_flight) < self.cfg.reload_batch and job.queue:
+        booting = sum(1 for s in in_flight if s.replacement and s.replacement.ready_at is None)
+        while booting < batch and len(in_flight) < 2 * batch and job.queue:
             slot = self.slots.get(job.queue.pop(0))
             if slot is None or (slot.worker is not None and slot.worker.spec == job.spec):
                 continue
@@ -605,6 +613,7 @@ class Arbiter:
                 return
             self.emit(job, "spawned", slot.replacement)
             in_flight.append(slot)
+            booting += 1
         for slot in in_flight:
             w = slot.replacement
             soaked = w is not None and w.ready_at is not None and w.state == "ready"
@@ -944,6 +953,7 @@ class Arbiter:
             "pid": os.getpid(),
             "state": state,
             "listen": listener_mod.describe(self.listener),
+            "listen_fds": self.cfg.listen_fds,
             "release": self.pinned.release,
             "generation": self.pinned.generation,
             "configured": self.target,

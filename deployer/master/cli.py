@@ -39,6 +39,12 @@ def server_options(p: argparse.ArgumentParser) -> None:
     add("--ready-timeout", metavar="S", help="a worker not ready by then failed (default 60)")
     add("--ready-soak", metavar="S", help="a replacement must stay up this long (default 1)")
     add("--reload-batch", metavar="N", help="workers replaced at a time (default 1)")
+    add(
+        "--listen-fds",
+        metavar="N",
+        help="give each worker the socket N times, as fds 3.. with LISTEN_FDS=N (default 1);"
+        " Node accepts one connection per listening handle per event-loop pass",
+    )
     add("--shutdown-timeout", metavar="S", help="SIGKILL a draining worker after S (default 30)")
     add("--stop-signal", metavar="SIG", help="signal that asks a worker to drain (default SIGTERM)")
     add("--socket", metavar="PATH", help="control socket (unix, mode 0600)")
@@ -145,6 +151,7 @@ FLAG_PARSERS: dict[str, Any] = {
     "ready_timeout": lambda v, w: config_mod.parse_seconds(v, w, allow_zero=False),
     "ready_soak": config_mod.parse_seconds,
     "reload_batch": config_mod.parse_positive_int,
+    "listen_fds": config_mod.parse_listen_fds,
     "shutdown_timeout": config_mod.parse_seconds,
     "stop_signal": config_mod.parse_signal,
     "cwd": lambda v, w: os.path.abspath(v),

@@ -43,6 +43,7 @@ class MasterConfig:
     stop_signal: int = signal.SIGTERM
     ready_soak: float = 1.0
     reload_batch: int = 1
+    listen_fds: int = 1  # copies of the socket per worker: fds 3.., LISTEN_FDS=N
     socket: str | None = None
     log: str | None = None
     pidfile: str | None = None
@@ -78,6 +79,16 @@ def parse_positive_int(value: Any, what: str) -> int:
         n = 0
     if isinstance(value, bool) or n < 1 or str(n) != str(value).strip():
         raise ConfigError(f"{what}: expected a positive integer, got {value!r}")
+    return n
+
+
+MAX_LISTEN_FDS = 64
+
+
+def parse_listen_fds(value: Any, what: str = "--listen-fds") -> int:
+    n = parse_positive_int(value, what)
+    if n > MAX_LISTEN_FDS:
+        raise ConfigError(f"{what}: expected at most {MAX_LISTEN_FDS}, got {value!r}")
     return n
 
 
@@ -163,6 +174,7 @@ def _file_keys(base: Path) -> dict[str, Any]:
         "stop_signal": parse_signal,
         "ready_soak": parse_seconds,
         "reload_batch": parse_positive_int,
+        "listen_fds": parse_listen_fds,
         "socket": path,
         "log": path,
         "pidfile": path,

@@ -29,6 +29,7 @@ def server_argv(cfg: MasterConfig, with_listen: bool) -> list[str]:
         "--ready-timeout": f"{cfg.ready_timeout:g}",
         "--ready-soak": f"{cfg.ready_soak:g}",
         "--reload-batch": str(cfg.reload_batch),
+        "--listen-fds": str(cfg.listen_fds),
         "--shutdown-timeout": f"{cfg.shutdown_timeout:g}",
         "--stop-signal": signal.Signals(cfg.stop_signal).name,
         "--socket": cfg.socket,

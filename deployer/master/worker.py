@@ -1,7 +1,8 @@
 """A worker: its record in the master, and how it is started.
 
 Every worker gets the listening socket as fd 3 with LISTEN_FDS=1 and
-LISTEN_PID=<its own pid> (the systemd socket-activation convention), runs in
+LISTEN_PID=<its own pid> (the systemd socket-activation convention; with
+listen_fds N, N copies of the one socket as fds 3..N+2), runs in
 its own process group (signals go to the group, so `npm start` wrappers leave
 nothing behind), and dies with the master (PR_SET_PDEATHSIG).
 
@@ -24,7 +25,6 @@ from dataclasses import dataclass, field
 from deployer.master.readiness import READY_FD_ENV, ReadyPipe
 
 LISTEN_FD = 3
-READY_FD = 4  # pipe readiness: the write end, named by $DEPLOYER_READY_FD
 PR_SET_PDEATHSIG = 1
 EXEC_FAILED = 127
 # Signals the master catches; a child must not keep our handlers between
@@ -127,14 +127,20 @@ class Launch:
     listener_fd: int
     stdout_fd: int
     stderr_fd: int
-    ready_fd: int | None = None  # pipe mode: write end, becomes fd 4
+    ready_fd: int | None = None  # pipe mode: write end, placed at ready_fd_number()
+    listen_fds: int = 1
 
 
-def worker_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+def ready_fd_number(listen_fds: int) -> int:
+    """Where the pipe-readiness fd goes: right after the listening fds."""
+    return LISTEN_FD + listen_fds
+
+
+def worker_env(base: dict[str, str], extra: dict[str, str], listen_fds: int = 1) -> dict[str, str]:
     env = {k: v for k, v in base.items() if k not in MASTER_ONLY_ENV}
     env.update(extra)
-    env["LISTEN_FDS"] = "1"
-    env["LISTEN_FDNAMES"] = "listen"
+    env["LISTEN_FDS"] = str(listen_fds)
+    env["LISTEN_FDNAMES"] = ":".join(["listen"] * listen_fds)
     return env
 
 
@@ -173,12 +179,15 @@ def _become_worker(launch: Launch, master: int, libc: ctypes.CDLL) -> None:  # p
 
 
 def _install_fds(launch: Launch) -> None:  # pragma: no cover - child only
-    """Put each inherited fd at its fixed number. Copies go above 9 first so a
-    source that already sits on a target number is not clobbered."""
-    wanted = {LISTEN_FD: launch.listener_fd, 1: launch.stdout_fd, 2: launch.stderr_fd}
+    """Put each inherited fd at its fixed number. Copies go above every target
+    first so a source that already sits on a target number is not clobbered."""
+    wanted = {1: launch.stdout_fd, 2: launch.stderr_fd}
+    for i in range(launch.listen_fds):
+        wanted[LISTEN_FD + i] = launch.listener_fd
     if launch.ready_fd is not None:
-        wanted[READY_FD] = launch.ready_fd
-    high = {target: fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, 10) for target, src in wanted.items()}
+        wanted[ready_fd_number(launch.listen_fds)] = launch.ready_fd
+    floor = max(10, max(wanted) + 1)
+    high = {t: fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, floor) for t, src in wanted.items()}
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     for target, src in high.items():

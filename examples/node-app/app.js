@@ -2,7 +2,10 @@
 // Example worker for `deployer master` (run it with `--ready pipe`), Node core only.
 //
 // - Serves on the socket the master passes as fd 3 (LISTEN_FDS / LISTEN_PID);
-//   run alone it binds $PORT.
+//   run alone it binds $PORT. With `--listen-fds N` the master passes N copies
+//   of that socket (fds 3..N+2) and we listen on each: libuv (Node >= 20)
+//   accepts one connection per listening handle per event-loop pass, so a
+//   busy worker with one handle takes seconds to accept a reconnect burst.
 // - Tells the master it is ready by writing `READY=1\n` to the pipe whose fd
 //   is in $DEPLOYER_READY_FD (Node has no unix datagram sockets for sd_notify).
 // - Drains correctly on SIGTERM. Careful: since Node 19, `server.close()` also
@@ -55,12 +58,13 @@ function countBoot() {
 // and clients wait for SYN retransmits (1 s, 3 s...).
 const BACKLOG = 65535;
 
-function listenTarget() {
+function listenTargets() {
   const pids = [String(process.pid), String(process.ppid)]; // ppid: under a wrapper like npm
-  if (Number(process.env.LISTEN_FDS) >= 1 && pids.includes(process.env.LISTEN_PID)) {
-    return { fd: 3 };
+  const count = Number(process.env.LISTEN_FDS || 0);
+  if (count >= 1 && pids.includes(process.env.LISTEN_PID)) {
+    return Array.from({ length: count }, (_, i) => ({ fd: 3 + i }));
   }
-  return { host: '127.0.0.1', port: Number(process.env.PORT || 8000) };
+  return [{ host: '127.0.0.1', port: Number(process.env.PORT || 8000) }];
 }
 
 function notifyReady() {
@@ -86,7 +90,7 @@ function send(res, status, body) {
   res.end(body);
 }
 
-const server = http.createServer((req, res) => {
+function handle(req, res) {
   const url = new URL(req.url, 'http://localhost');
   if (url.pathname === '/') return send(res, 200, `ok pid=${process.pid} release=${release}\n`);
   if (url.pathname === '/health') {
@@ -98,25 +102,44 @@ const server = http.createServer((req, res) => {
     return undefined;
   }
   return send(res, 404, 'not found\n');
+}
+
+const servers = listenTargets().map((target) => {
+  const server = http.createServer(handle);
+  server.keepAliveTimeout = Number(process.env.IDLE_TIMEOUT || 5) * 1000;
+  server.target = target;
+  return server;
 });
-server.keepAliveTimeout = Number(process.env.IDLE_TIMEOUT || 5) * 1000;
 
 function drain() {
   if (draining) return;
   draining = true;
-  // net.Server's close, not http.Server's: stop accepting, keep open connections.
-  net.Server.prototype.close.call(server, () => {
-    console.log(`pid ${process.pid} drained, exiting`);
-    process.exit(0);
-  });
+  // net.Server's close, not http.Server's: stop accepting, keep open connections;
+  // its callback runs once that server's last connection is gone.
+  let open = servers.length;
+  for (const server of servers) {
+    net.Server.prototype.close.call(server, () => {
+      open -= 1;
+      if (open > 0) return;
+      console.log(`pid ${process.pid} drained, exiting`);
+      process.exit(0);
+    });
+  }
   setTimeout(() => process.exit(0), Number(process.env.SHUTDOWN_TIMEOUT || 30) * 1000).unref();
 }
 process.on('SIGTERM', drain);
 process.on('SIGINT', drain);
 
-setTimeout(() => {
-  server.listen(listenTarget(), BACKLOG, () => {
-    if (!flag('NEVER_READY')) notifyReady();
-    console.log(`pid ${process.pid} serving release ${release}`);
-  });
-}, Number(process.env.BOOT_DELAY || 0) * 1000);
+function listenAll() {
+  let pending = servers.length;
+  for (const server of servers) {
+    server.listen(server.target, BACKLOG, () => {
+      pending -= 1;
+      if (pending > 0) return;
+      if (!flag('NEVER_READY')) notifyReady();
+      console.log(`pid ${process.pid} serving release ${release} on ${servers.length} handle(s)`);
+    });
+  }
+}
+
+setTimeout(listenAll, Number(process.env.BOOT_DELAY || 0) * 1000);
