@@ -52,9 +52,18 @@ sys.path.insert(0, str(REPO))
 
 from deployer.master.control import ControlError, request  # noqa: E402
 
+# app -> (source, command, master options): what the README recommends for each.
 APPS = {
-    "python": (REPO / "examples/python-app/app.py", [sys.executable, "app.py"], "notify"),
-    "node": (REPO / "examples/node-app/app.js", ["node", "app.js"], "pipe"),
+    "python": (
+        REPO / "examples/python-app/app.py",
+        [sys.executable, "app.py"],
+        ["--ready", "notify"],
+    ),
+    "node": (
+        REPO / "examples/node-app/app.js",
+        ["node", "app.js"],
+        ["--ready", "pipe", "--listen-fds", "8"],
+    ),
 }
 ANCHORS = REPO / "bench" / "anchors"
 BEGIN, END = "<!-- master-bench:begin -->", "<!-- master-bench:end -->"
@@ -153,11 +162,21 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def kernel_counter(path: str, group: str, name: str) -> int:
+    """A system-wide counter of /proc/net/netstat or /proc/net/snmp."""
+    with open(path) as f:
+        rows = [line.split() for line in f if line.startswith(group + ":")]
+    return int(dict(zip(rows[0], rows[1], strict=True))[name])
+
+
 def listen_overflows() -> int:
-    """TcpExt ListenOverflows (system-wide): SYNs dropped on a full accept queue."""
-    with open("/proc/net/netstat") as f:
-        rows = [line.split() for line in f if line.startswith("TcpExt:")]
-    return int(dict(zip(rows[0], rows[1], strict=True))["ListenOverflows"])
+    """TcpExt ListenOverflows: SYNs dropped on a full accept queue."""
+    return kernel_counter("/proc/net/netstat", "TcpExt", "ListenOverflows")
+
+
+def accepted() -> int:
+    """Tcp PassiveOpens: connections accepted (wrk's reconnects show here)."""
+    return kernel_counter("/proc/net/snmp", "Tcp", "PassiveOpens")
 
 
 def http_ok(port: int) -> bool:
@@ -255,10 +274,10 @@ class MasterUnderTest(Target):
 
     def start(self) -> None:
         self.switch("r0")
-        _, command, ready = APPS[self.app]
+        _, command, options = APPS[self.app]
         argv = [sys.executable, "-m", "deployer.master", "run", "--workers", str(self.workers),
                 "--listen", f"127.0.0.1:{self.port}", "--cwd", str(self.workdir / "current"),
-                "--socket", self.socket, "--log", str(self.log), "--ready", ready,
+                "--socket", self.socket, "--log", str(self.log), *options,
                 "--shutdown-timeout", "30", "--", *command]  # fmt: skip
         self.proc = subprocess.Popen(argv, cwd=REPO)
         deadline = time.monotonic() + 30
@@ -472,12 +491,13 @@ class Run:
     workers_cpu: float = 0.0  # seconds of CPU all workers used during the run
     load_avg: float = 0.0  # 1-minute load average at the end (other sessions share the box)
     overflows: int = 0  # accept queue overflows during the run (system-wide counter)
+    accepted: int = 0  # TCP connections accepted during the run (system-wide counter)
 
 
 def load_run(m: Target, args: argparse.Namespace, reloading: bool) -> Run:
     cpu_before = cpu_seconds(m.pid)
     workers_before = m.workers_cpu()
-    overflows_before = listen_overflows()
+    overflows_before, accepted_before = listen_overflows(), accepted()
     wrk = run_wrk(m.port, args.connections, args.duration)
     run = Run(Wrk())
     started = time.monotonic()
@@ -497,6 +517,7 @@ def load_run(m: Target, args: argparse.Namespace, reloading: bool) -> Run:
     run.workers_cpu = m.workers_cpu() - workers_before
     run.load_avg = os.getloadavg()[0]
     run.overflows = listen_overflows() - overflows_before
+    run.accepted = accepted() - accepted_before
     return run
 
 
@@ -559,6 +580,7 @@ def combine(runs: list[Run]) -> Run:
         workers_cpu=sum(r.workers_cpu for r in runs),
         load_avg=med(r.load_avg for r in runs),
         overflows=sum(r.overflows for r in runs),
+        accepted=sum(r.accepted for r in runs),
     )
 
 
@@ -578,7 +600,8 @@ def summary(run: Run) -> str:
         f" errors connect {w.connect} read {w.read} write {w.write} timeout {w.timeout},"
         f" master cpu {run.master_cpu:.2f}s rss {run.rss_max / 1e6:.1f} MB,"
         f" workers cpu {run.workers_cpu:.1f}s ({per_cpu:.0f} requests per worker cpu-second),"
-        f" load {run.load_avg:.1f}, accept queue overflows {run.overflows}"
+        f" load {run.load_avg:.1f}, accept queue overflows {run.overflows},"
+        f" connections accepted {run.accepted}"
     )
     if run.reloads:
         ok, spread = reload_stats(run)
@@ -616,7 +639,7 @@ def verdict(rows: dict) -> list[str]:
 HEADER = (
     "| target | run | requests | rps | p99 ms | non-2xx | connect | read | write | timeout"
     " | reloads finished | reload s (median / max) | rps per run | requests per worker cpu-s"
-    " | accept queue overflows | load avg |"
+    " | connections accepted | accept queue overflows | load avg |"
 )
 
 
@@ -627,8 +650,8 @@ def table_row(name: str, kind: str, run: Run, interval: float, runs: list[Run]) 
     cells = [
         name, label, f"{w.requests:,}", f"{w.rps:,.0f}", f"{w.p99_ms:.1f}", w.non2xx, w.connect,
         w.read, w.write, w.timeout, ok, spread, " ".join(f"{r.wrk.rps:,.0f}" for r in runs),
-        f"{w.requests / max(run.workers_cpu, 0.01):,.0f}", f"{run.overflows:,}",
-        f"{run.load_avg:.1f}",
+        f"{w.requests / max(run.workers_cpu, 0.01):,.0f}", f"{run.accepted:,}",
+        f"{run.overflows:,}", f"{run.load_avg:.1f}",
     ]  # fmt: skip
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -649,7 +672,9 @@ def markdown(all_rows: list[dict], args: argparse.Namespace) -> str:
         " waited for until it finished (every old worker gone) or the run ended; the next"
         " one starts 2 s after the previous one started, or at once if it took longer."
         " `master-*`: `deployer master` with the example apps (each reload switches"
-        " `current` to the other release; ready_soak 1 s). Anchors (bench/anchors/, same"
+        " `current` to the other release; ready_soak 1 s; master options:"
+        f" python `{' '.join(APPS['python'][2])}`, node `{' '.join(APPS['node'][2])}`)."
+        " Anchors (bench/anchors/, same"
         " trivial handler): `node-sighup` = Node cluster, SIGHUP forks a fresh set and"
         " kills the old set once the new one listens; `node-usr2` = the classic one-by-one"
         " SIGUSR2 recipe (`worker.disconnect()`, fork on exit, next on `listening`);"
@@ -658,10 +683,12 @@ def markdown(all_rows: list[dict], args: argparse.Namespace) -> str:
         f" {node_version()}. {os.cpu_count()} cores shared with wrk and with other"
         " sessions' work (load average column): compare rows of the same target."
         " Accept queue overflows: the kernel's TcpExt ListenOverflows during the runs"
-        " (SYNs dropped on a full queue; the client retries after 1 s, 3 s...).",
+        " (SYNs dropped on a full queue; the client retries after 1 s, 3 s...);"
+        " connections accepted: Tcp PassiveOpens (wrk opens 1 per connection, more"
+        " when a worker closes keep-alive connections).",
         "",
         HEADER,
-        "|" + "---|" * 2 + "---:|" * 14,
+        "|" + "---|" * 2 + "---:|" * 15,
     ]
     for rows in all_rows:
         for kind in ("baseline", "reload"):
