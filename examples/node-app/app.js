@@ -82,12 +82,15 @@ if (crashAfter && countBoot() > crashAfter) failOnPurpose(`boot number > CRASH_A
 
 const release = path.basename(process.env.DEPLOYER_RELEASE || process.cwd());
 let draining = false;
+let served = 0; // reported at exit
+let accepted = 0;
 
 function send(res, status, body) {
   // Draining: this is the connection's last response, and the client is told.
   if (draining) res.setHeader('Connection', 'close');
   res.writeHead(status, { 'Content-Type': 'text/plain', 'Content-Length': Buffer.byteLength(body) });
   res.end(body);
+  served += 1;
 }
 
 function handle(req, res) {
@@ -108,6 +111,9 @@ const servers = listenTargets().map((target) => {
   const server = http.createServer(handle);
   server.keepAliveTimeout = Number(process.env.IDLE_TIMEOUT || 5) * 1000;
   server.target = target;
+  server.on('connection', () => {
+    accepted += 1;
+  });
   return server;
 });
 
@@ -121,7 +127,11 @@ function drain() {
     net.Server.prototype.close.call(server, () => {
       open -= 1;
       if (open > 0) return;
-      console.log(`pid ${process.pid} drained, exiting`);
+      const cpu = process.cpuUsage();
+      const seconds = ((cpu.user + cpu.system) / 1e6).toFixed(2);
+      console.log(
+        `pid ${process.pid} drained, exiting: ${served} requests on ${accepted} connections, ${seconds} s cpu`,
+      );
       process.exit(0);
     });
   }
