@@ -236,6 +236,7 @@ class MasterConfig:
     ready_timeout: float = key(number(), 60.0)
     ready_soak: float = key(number(minimum=-1e-9), 1.0)
     reload_batch: int = key(integer(minimum=1), 1)
+    listen_fds: int = key(integer(minimum=1, maximum=64), 1)
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,7 @@ class RemoteHost:
             "ready_timeout": m.ready_timeout,
             "ready_soak": m.ready_soak,
             "reload_batch": m.reload_batch,
+            "listen_fds": m.listen_fds,
             "cwd": f"{self.root}/current",
             "socket": f"{self.root}/run/master.sock",
             "pidfile": f"{self.root}/run/master.pid",
