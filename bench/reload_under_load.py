@@ -66,6 +66,7 @@ APPS = {
     ),
 }
 ANCHORS = REPO / "bench" / "anchors"
+READY_SOAK = 1.0  # the master's default, used here
 BEGIN, END = "<!-- master-bench:begin -->", "<!-- master-bench:end -->"
 
 
@@ -278,6 +279,7 @@ class MasterUnderTest(Target):
         argv = [sys.executable, "-m", "deployer.master", "run", "--workers", str(self.workers),
                 "--listen", f"127.0.0.1:{self.port}", "--cwd", str(self.workdir / "current"),
                 "--socket", self.socket, "--log", str(self.log), *options,
+                "--ready-soak", f"{READY_SOAK:g}",
                 "--shutdown-timeout", "30", "--", *command]  # fmt: skip
         self.proc = subprocess.Popen(argv, cwd=REPO)
         deadline = time.monotonic() + 30
@@ -633,6 +635,24 @@ def verdict(rows: dict) -> list[str]:
     if "crash_restart" in rows:
         rss = max(rows["reload"].rss_max, rows["baseline"].rss_max)
         checks.append((rss <= 30e6, f"master RSS max {rss / 1e6:.1f} MB (<= 30)"))
+        boot = statistics.median(rows["boot"])
+        if done:
+            took, limit = statistics.median(done), 1 + boot + READY_SOAK
+            checks.append(
+                (
+                    took <= limit,
+                    f"reload to last old worker stopped: median {took:.2f} s"
+                    f" (<= 1 s + boot {boot:.2f} s + soak {READY_SOAK:g} s = {limit:.2f} s)",
+                )
+            )
+        crash = statistics.median(rows["crash_restart"])
+        checks.append(
+            (
+                crash <= 1 + boot,
+                f"worker SIGKILL to ready replacement: median {crash:.2f} s"
+                f" (<= 1 s + boot {boot:.2f} s)",
+            )
+        )
     return [f"{'met' if ok else '**missed**'}: {text}" for ok, text in checks]
 
 
@@ -672,7 +692,7 @@ def markdown(all_rows: list[dict], args: argparse.Namespace) -> str:
         " waited for until it finished (every old worker gone) or the run ended; the next"
         " one starts 2 s after the previous one started, or at once if it took longer."
         " `master-*`: `deployer master` with the example apps (each reload switches"
-        " `current` to the other release; ready_soak 1 s; master options:"
+        f" `current` to the other release; ready_soak {READY_SOAK:g} s; master options:"
         f" python `{' '.join(APPS['python'][2])}`, node `{' '.join(APPS['node'][2])}`)."
         " Anchors (bench/anchors/, same"
         " trivial handler): `node-sighup` = Node cluster, SIGHUP forks a fresh set and"
