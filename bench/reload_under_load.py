@@ -62,7 +62,7 @@ APPS = {
     "node": (
         REPO / "examples/node-app/app.js",
         ["node", "app.js"],
-        ["--ready", "pipe", "--listen-fds", "8"],
+        ["--ready", "pipe", "--listen-fds", "64"],
     ),
 }
 ANCHORS = REPO / "bench" / "anchors"
