@@ -131,7 +131,11 @@ BAD = [
     ("batch 150%", GOOD + '\n[rollout]\nbatch = "150%"\n', ["[rollout] batch", "1% and 100%"]),
     ("ramp item", GOOD + '\n[rollout]\nbatch = [1, "x"]\n', ["[rollout] batch", "percentage"]),
     ("workers 0", GOOD.replace('listen = "', 'workers = 0\nlisten = "'), ["[master] workers"]),
-    ("listen_fds", GOOD.replace('listen = "', 'listen_fds = 65\nlisten = "'), ["[master] listen_fds"]),
+    (
+        "listen_fds 65",
+        GOOD.replace('listen = "', 'listen_fds = 65\nlisten = "'),
+        ["[master] listen_fds", "<= 64"],
+    ),
     (
         "duplicate endpoint",
         GOOD + '\n[hosts.web4]\naddress = "10.0.0.1"\n',
