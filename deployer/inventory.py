@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from deployer.errors import HostSelectionError, InventoryError
+from deployer.master.config import MAX_LISTEN_FDS
 
 DEFAULT_PATH = "inventory.toml"
 ENV_VAR = "DEPLOYER_INVENTORY"
@@ -236,7 +237,7 @@ class MasterConfig:
     ready_timeout: float = key(number(), 60.0)
     ready_soak: float = key(number(minimum=-1e-9), 1.0)
     reload_batch: int = key(integer(minimum=1), 1)
-    listen_fds: int = key(integer(minimum=1, maximum=64), 1)
+    listen_fds: int = key(integer(minimum=1, maximum=MAX_LISTEN_FDS), 1)
 
 
 @dataclass(frozen=True)

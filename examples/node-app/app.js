@@ -107,10 +107,10 @@ function handle(req, res) {
   return send(res, 404, 'not found\n');
 }
 
-const servers = listenTargets().map((target) => {
+const targets = listenTargets();
+const servers = targets.map(() => {
   const server = http.createServer(handle);
   server.keepAliveTimeout = Number(process.env.IDLE_TIMEOUT || 5) * 1000;
-  server.target = target;
   server.on('connection', () => {
     accepted += 1;
   });
@@ -142,14 +142,14 @@ process.on('SIGINT', drain);
 
 function listenAll() {
   let pending = servers.length;
-  for (const server of servers) {
-    server.listen(server.target, BACKLOG, () => {
+  servers.forEach((server, i) => {
+    server.listen(targets[i], BACKLOG, () => {
       pending -= 1;
       if (pending > 0) return;
       if (!flag('NEVER_READY')) notifyReady();
       console.log(`pid ${process.pid} serving release ${release} on ${servers.length} handle(s)`);
     });
-  }
+  });
 }
 
 setTimeout(listenAll, Number(process.env.BOOT_DELAY || 0) * 1000);
