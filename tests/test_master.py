@@ -102,6 +102,24 @@ def test_twenty_reloads_in_a_loop_under_load_zero_failures(
 
 
 @pytest.mark.timeout(60)
+def test_next_replacement_boots_while_the_previous_one_soaks(
+    masters: Masters, releases: Releases
+) -> None:
+    m = masters.start(cwd=releases.current, workers=3, options=("--ready-soak", "1"))
+    answers = m.request({"cmd": "reload"}, timeout=30)
+    assert answers[-1]["ok"], answers
+    events = [(a["event"], a["worker"]) for a in answers if "worker" in a]
+    at = {e: i for i, e in enumerate(events)}
+    # Slot 2's replacement is spawned before slot 1's old worker drains, and each old
+    # worker drains only after its own replacement was ready.
+    assert at[("spawned", 2)] < at[("draining", 1)], events
+    for slot in (1, 2, 3):
+        assert at[("ready", slot)] < at[("draining", slot)], events
+    # Never more than 2 candidates (reload_batch 1): slot 3 waits for slot 1's promotion.
+    assert at[("draining", 1)] < at[("spawned", 3)], events
+
+
+@pytest.mark.timeout(60)
 def test_signals_hup_and_usr2_reload(masters: Masters, releases: Releases) -> None:
     m = masters.start(cwd=releases.current)
     for n, sig in enumerate((signal.SIGHUP, signal.SIGUSR2), start=1):
