@@ -187,8 +187,9 @@ def _install_fds(launch: Launch) -> None:  # pragma: no cover - child only
     if launch.ready_fd is not None:
         wanted[ready_fd_number(launch.listen_fds)] = launch.ready_fd
     floor = max(10, max(wanted) + 1)
-    high = {t: fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, floor) for t, src in wanted.items()}
+    # One high copy per source: the listener's N targets share it.
+    high = {src: fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, floor) for src in set(wanted.values())}
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    for target, src in high.items():
-        os.dup2(src, target)  # dup2 makes the target inheritable
+    for target, src in wanted.items():
+        os.dup2(high[src], target)  # dup2 makes the target inheritable
