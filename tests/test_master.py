@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -522,7 +523,8 @@ def test_node_app_reload_under_load_zero_failures(masters: Masters, tmp_path: Pa
     with Load(m.port, duration=40) as load:
         load.wait_requests(200)
         for name in ("r2", "r3", "r4"):
-            releases.make(name)
+            # From r2 on, every worker warms V8 up before it listens (see the app).
+            releases.make(name, WARMUP="500")
             releases.switch(name)
             before = load.result.ok
             r = m.cli("reload", "--wait")
@@ -530,6 +532,7 @@ def test_node_app_reload_under_load_zero_failures(masters: Masters, tmp_path: Pa
             load.wait_requests(before + 200)
         assert_no_failures(load)
     assert releases_of(m) == {"r4"} and load.result.bodies["r4"] > 0
+    assert len(re.findall(r"warmed up with \d+ requests", m.log_text())) >= 6, m.log_text()
 
 
 def cpu_seconds(pid: int) -> float:
