@@ -6,7 +6,7 @@ operators use today) with the same harness, handler and load.
 
     python bench/reload_under_load.py [--targets master-python,master-node,...]
         [--connections 1000] [--duration 30] [--interval 2] [--out FILE]
-        [--pm2 PATH] [--gunicorn PATH]
+        [--node-warmup 2000] [--pm2 PATH] [--gunicorn PATH]
 
 Targets: master-python, master-node (the examples under `deployer master`);
 anchors (bench/anchors/): node-sighup and node-usr2 (the Node cluster SIGHUP
@@ -238,9 +238,11 @@ class Target:
 
 
 class MasterUnderTest(Target):
-    def __init__(self, app: str, workdir: Path) -> None:
+    def __init__(self, app: str, workdir: Path, release_env: dict[str, str]) -> None:
         super().__init__(workdir)
         self.app = app
+        self.release_env = release_env  # the app's switches, as release.env
+        self.reload_batch = 1
         self.name = self.baseline = f"master-{app}"
         self.proc: subprocess.Popen | None = None
         self.generation = 0
@@ -264,6 +266,8 @@ class MasterUnderTest(Target):
         source = APPS[self.app][0]
         with contextlib.suppress(FileExistsError):
             (path / source.name).symlink_to(source)
+        env = "".join(f"{k}={v}\n" for k, v in self.release_env.items())
+        (path / "release.env").write_text(env)
         return path
 
     def switch(self, name: str) -> None:
@@ -279,7 +283,7 @@ class MasterUnderTest(Target):
         argv = [sys.executable, "-m", "deployer.master", "run", "--workers", str(self.workers),
                 "--listen", f"127.0.0.1:{self.port}", "--cwd", str(self.workdir / "current"),
                 "--socket", self.socket, "--log", str(self.log), *options,
-                "--ready-soak", f"{READY_SOAK:g}",
+                "--ready-soak", f"{READY_SOAK:g}", "--reload-batch", str(self.reload_batch),
                 "--shutdown-timeout", "30", "--", *command]  # fmt: skip
         self.proc = subprocess.Popen(argv, cwd=REPO)
         deadline = time.monotonic() + 30
@@ -471,7 +475,11 @@ class Gunicorn(Target):
 
 def make_target(name: str, workdir: Path, args: argparse.Namespace) -> Target:
     if name.startswith("master-"):
-        return MasterUnderTest(name.split("-", 1)[1], workdir)
+        app = name.split("-", 1)[1]
+        env = {"WARMUP": str(args.node_warmup)} if app == "node" else {}
+        m = MasterUnderTest(app, workdir, env)
+        m.reload_batch = args.reload_batch
+        return m
     if name in ("node-sighup", "node-usr2"):
         return NodeCluster(name.split("-", 1)[1], workdir)
     if name == "pm2":
@@ -684,7 +692,8 @@ def markdown(all_rows: list[dict], args: argparse.Namespace) -> str:
         "",
         f"`python bench/reload_under_load.py --targets {args.targets}"
         f" --connections {args.connections} --duration {args.duration}"
-        f" --interval {args.interval:g} --repeat {args.repeat}` ({when}):"
+        f" --interval {args.interval:g} --repeat {args.repeat}"
+        f" --node-warmup {args.node_warmup}` ({when}):"
         f" wrk -t2 -c{args.connections} -d{args.duration}s --latency, 2 workers, a reload"
         f" every {args.interval:g} s against the same run without reloads;"
         f" {args.repeat} pair(s) of runs per target, alternating: requests, non-2xx and"
@@ -693,7 +702,9 @@ def markdown(all_rows: list[dict], args: argparse.Namespace) -> str:
         " one starts 2 s after the previous one started, or at once if it took longer."
         " `master-*`: `deployer master` with the example apps (each reload switches"
         f" `current` to the other release; ready_soak {READY_SOAK:g} s; master options:"
-        f" python `{' '.join(APPS['python'][2])}`, node `{' '.join(APPS['node'][2])}`)."
+        f" python `{' '.join(APPS['python'][2])}`, node `{' '.join(APPS['node'][2])}`;"
+        f" the node app answers {args.node_warmup} requests to itself before it listens,"
+        " `WARMUP` in its release.env)."
         " Anchors (bench/anchors/, same"
         " trivial handler): `node-sighup` = Node cluster, SIGHUP forks a fresh set and"
         " kills the old set once the new one listens; `node-usr2` = the classic one-by-one"
@@ -757,6 +768,14 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=30)
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--repeat", type=int, default=1, help="pairs of runs per target")
+    parser.add_argument(
+        "--node-warmup", type=int, default=2000, metavar="N",
+        help="master-node: requests each Node worker answers itself before it listens",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reload-batch", type=int, default=1, metavar="N",
+        help="master-*: workers replaced at a time (the master's reload_batch)",
+    )  # fmt: skip
     parser.add_argument("--pm2", default="pm2", help="the pm2 executable")
     parser.add_argument("--gunicorn", default="gunicorn", help="the gunicorn executable")
     parser.add_argument("--out", metavar="FILE", help="also write the markdown section here")
