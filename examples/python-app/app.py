@@ -33,6 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 
 MAX_HEADER = 64 * 1024
 BACKLOG = 65535
+ACCEPT_BATCH = 64  # connections taken per wakeup: the rest of a burst is left to other workers
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
 
 
@@ -90,10 +91,11 @@ class App:
         self.idle_timeout = float(os.environ.get("IDLE_TIMEOUT", "5"))
         self.shutdown_timeout = float(os.environ.get("SHUTDOWN_TIMEOUT", "30"))
         self.connections: set[Connection] = set()
+        self.adopting = 0  # accepted, transport not made yet: not in connections
         self.served = self.accepted = 0  # reported when the worker exits
         self.draining = False
         self.done = asyncio.get_running_loop().create_future()
-        self.server: asyncio.Server | None = None
+        self.listener: socket.socket | None = None
 
     async def handle(self, method: str, target: str) -> tuple[int, bytes]:
         url = urlsplit(target)
@@ -107,12 +109,63 @@ class App:
             return 200, f"slow ok pid={self.pid} after {seconds:g}s\n".encode()
         return 404, b"not found\n"
 
+    # Our own accept loop rather than loop.create_server(): asyncio's Server.close()
+    # makes the transport of a connection it accepted just before fail to be created
+    # (an assertion in Server._attach, swallowed), and that client waits for an
+    # answer until the worker exits. The benchmark saw it as a few read errors when
+    # both workers drained at once.
+
+    def listen(self, sock: socket.socket) -> None:
+        # listen() on the inherited socket sets the backlog of the queue every worker
+        # shares: ask for the deepest (the kernel caps it at net.core.somaxconn), or
+        # reconnect bursts during a reload overflow the queue and clients wait for
+        # SYN retransmits (1 s, 3 s...).
+        sock.listen(BACKLOG)
+        self.listener = sock
+        self.resume_accepting()
+
+    def resume_accepting(self) -> None:
+        if self.listener is not None and not self.draining:
+            asyncio.get_running_loop().add_reader(self.listener.fileno(), self.accept)
+
+    def stop_accepting(self) -> None:
+        if self.listener is not None:
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+
+    def accept(self) -> None:
+        assert self.listener is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:  # out of fds or memory: back off rather than spin
+                print(f"accept failed ({e}), pausing for 1 s", file=sys.stderr, flush=True)
+                self.stop_accepting()
+                asyncio.get_running_loop().call_later(1.0, self.resume_accepting)
+                return
+            conn.setblocking(False)
+            self.adopting += 1
+            asyncio.ensure_future(self.adopt(conn))
+
+    async def adopt(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: Connection(self), conn)
+        except OSError:
+            conn.close()  # the client went away before we got to it
+        finally:
+            self.adopting -= 1
+            self.maybe_finish()
+
     def drain(self) -> None:
         if self.draining:
             return
         self.draining = True
-        if self.server is not None:
-            self.server.close()  # stop accepting; the queue stays with the other workers
+        self.stop_accepting()  # the queue stays with the other workers
+        if self.listener is not None:
+            self.listener.close()  # our copy only
+            self.listener = None
         # Open connections are left alone: a busy one closes after its response
         # (sent with Connection: close), an idle one after answering its next
         # request or when its idle timeout expires.
@@ -121,7 +174,7 @@ class App:
         self.maybe_finish()
 
     def maybe_finish(self) -> None:
-        if self.draining and not self.connections:
+        if self.draining and not self.connections and not self.adopting:
             self.finish()
 
     def finish(self) -> None:
@@ -247,13 +300,7 @@ async def main() -> None:
     time.sleep(float(os.environ.get("BOOT_DELAY", "0")))
     app = App()
     loop = asyncio.get_running_loop()
-    # listen() on the inherited socket sets the backlog of the queue every worker
-    # shares (asyncio's default is 100): ask for the deepest (the kernel caps it at
-    # net.core.somaxconn), or reconnect bursts during a reload overflow the queue
-    # and clients wait for SYN retransmits (1 s, 3 s...).
-    app.server = await loop.create_server(
-        lambda: Connection(app), sock=listening_socket(), backlog=BACKLOG
-    )
+    app.listen(listening_socket())
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.drain)
     if not flag("NEVER_READY"):

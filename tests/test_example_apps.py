@@ -1,0 +1,57 @@
+"""The example apps' own drain logic, in process, with real sockets (the master
+tests run the same apps as workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import socket
+from types import ModuleType
+
+import pytest
+from master_helpers import PYTHON_APP
+
+
+def load_python_app() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("example_python_app", PYTHON_APP)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_until_eof(client: socket.socket) -> bytes:
+    client.settimeout(2)
+    data = b""
+    try:
+        while chunk := client.recv(4096):
+            data += chunk
+    except TimeoutError:
+        data += b"(no EOF within 2 s)"
+    return data
+
+
+@pytest.mark.timeout(30)
+def test_python_app_serves_connections_accepted_just_before_it_drains() -> None:
+    """asyncio's Server.close() loses the connections it accepted in the same
+    tick (their transports fail to attach, the clients hang until the worker
+    exits); the app's accept loop must serve them, and not exit before."""
+    example = load_python_app()
+
+    async def scenario() -> list[bytes]:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(10)]
+        for c in clients:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        app = example.App()
+        app.listen(listener)
+        app.accept()  # takes all 10 from the queue; their transports come later...
+        app.drain()  # ...after the drain has started
+        await asyncio.wait_for(app.done, 10)
+        return [read_until_eof(c) for c in clients]
+
+    answers = asyncio.run(scenario())
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+        assert b"\r\nConnection: close\r\n" in answer, answer
