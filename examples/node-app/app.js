@@ -173,7 +173,11 @@ function warmUp(count, done) {
   const server = http.createServer(handle);
   const clients = new Set();
   let answered = 0;
+  let finished = false;
   const finish = () => {
+    if (finished) return;
+    finished = true;
+    clearTimeout(deadline);
     for (const client of clients) client.destroy();
     server.close(() => {
       served = 0; // the exit report counts real requests only
@@ -189,17 +193,20 @@ function warmUp(count, done) {
     client.on('error', () => {}); // the warm-up is best effort: 'close' follows
     let inFlight = 0;
     let onThis = 0;
+    let tail = ''; // a status line may be split across two chunks
     const send = () => {
       client.write(batch);
       inFlight += WARMUP_PIPELINE;
     };
     client.on('connect', send);
     client.on('data', (chunk) => {
-      for (let i = chunk.indexOf('HTTP/1.1 '); i !== -1; i = chunk.indexOf('HTTP/1.1 ', i + 1)) {
+      const text = tail + chunk.toString('latin1');
+      for (let i = text.indexOf('HTTP/1.1 '); i !== -1; i = text.indexOf('HTTP/1.1 ', i + 1)) {
         answered += 1;
         onThis += 1;
         inFlight -= 1;
       }
+      tail = text.slice(-8); // shorter than 'HTTP/1.1 ': never counted twice
       if (inFlight > 0) return;
       if (answered >= count) {
         finish();
@@ -211,6 +218,8 @@ function warmUp(count, done) {
       }
     });
   };
+  // Never let the warm-up keep a worker from serving.
+  const deadline = setTimeout(finish, 10000);
   server.listen(0, '127.0.0.1', () => {
     for (let i = 0; i < WARMUP_CONNECTIONS; i += 1) connect();
   });
