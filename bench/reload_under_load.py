@@ -6,7 +6,7 @@ operators use today) with the same harness, handler and load.
 
     python bench/reload_under_load.py [--targets master-python,master-node,...]
         [--connections 1000] [--duration 30] [--interval 2] [--out FILE]
-        [--node-warmup 2000] [--pm2 PATH] [--gunicorn PATH]
+        [--node-warmup 2000] [--reload-batch 1] [--pm2 PATH] [--gunicorn PATH]
 
 Targets: master-python, master-node (the examples under `deployer master`);
 anchors (bench/anchors/): node-sighup and node-usr2 (the Node cluster SIGHUP
@@ -238,11 +238,13 @@ class Target:
 
 
 class MasterUnderTest(Target):
-    def __init__(self, app: str, workdir: Path, release_env: dict[str, str]) -> None:
+    def __init__(
+        self, app: str, workdir: Path, release_env: dict[str, str], reload_batch: int = 1
+    ) -> None:
         super().__init__(workdir)
         self.app = app
         self.release_env = release_env  # the app's switches, as release.env
-        self.reload_batch = 1
+        self.reload_batch = reload_batch
         self.name = self.baseline = f"master-{app}"
         self.proc: subprocess.Popen | None = None
         self.generation = 0
@@ -477,9 +479,7 @@ def make_target(name: str, workdir: Path, args: argparse.Namespace) -> Target:
     if name.startswith("master-"):
         app = name.split("-", 1)[1]
         env = {"WARMUP": str(args.node_warmup)} if app == "node" else {}
-        m = MasterUnderTest(app, workdir, env)
-        m.reload_batch = args.reload_batch
-        return m
+        return MasterUnderTest(app, workdir, env, args.reload_batch)
     if name in ("node-sighup", "node-usr2"):
         return NodeCluster(name.split("-", 1)[1], workdir)
     if name == "pm2":
