@@ -1,15 +1,21 @@
-"""The example apps' own drain logic, in process, with real sockets (the master
-tests run the same apps as workers)."""
+"""The example apps' own accept and drain logic, with real sockets and processes
+(the master tests run the same apps as workers)."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
+import resource
+import signal
 import socket
+import subprocess
+import time
+from pathlib import Path
 from types import ModuleType
 
 import pytest
-from master_helpers import PYTHON_APP
+from master_helpers import PYTHON, PYTHON_APP, free_port, wait_for
 
 
 def load_python_app() -> ModuleType:
@@ -55,3 +61,40 @@ def test_python_app_serves_connections_accepted_just_before_it_drains() -> None:
     for answer in answers:
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
         assert b"\r\nConnection: close\r\n" in answer, answer
+
+
+def serves(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return read_until_eof(s).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(30)
+def test_python_app_out_of_fds_pauses_accepting_and_recovers(tmp_path: Path) -> None:
+    port = free_port()
+    app = subprocess.Popen(
+        [PYTHON, str(PYTHON_APP)],
+        cwd=tmp_path,
+        env={**os.environ, "PORT": str(port)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24)),
+    )
+    try:
+        wait_for(lambda: serves(port), 10, "the app serving")
+        # More open connections than the app has fds: it runs out (EMFILE) while
+        # accepting, and the kernel's queue keeps the rest.
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]
+        time.sleep(1)
+        for c in clients:
+            c.close()
+        wait_for(lambda: serves(port), 15, "serving again once the clients are gone")
+    finally:
+        app.send_signal(signal.SIGTERM)
+        out, _ = app.communicate(timeout=15)
+    assert "accept failed ([Errno 24] Too many open files), pausing for 1 s" in out, out
+    assert "Traceback" not in out, out
