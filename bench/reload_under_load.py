@@ -263,13 +263,14 @@ class MasterUnderTest(Target):
         return self.workdir / "master.log"
 
     def release(self, name: str) -> Path:
+        """The release dir `name`, made on first use: the app and its release.env."""
         path = self.workdir / "releases" / name
-        path.mkdir(parents=True, exist_ok=True)
-        source = APPS[self.app][0]
-        with contextlib.suppress(FileExistsError):
+        if not path.exists():
+            path.mkdir(parents=True)
+            source = APPS[self.app][0]
             (path / source.name).symlink_to(source)
-        env = "".join(f"{k}={v}\n" for k, v in self.release_env.items())
-        (path / "release.env").write_text(env)
+            env = "".join(f"{k}={v}\n" for k, v in self.release_env.items())
+            (path / "release.env").write_text(env)
         return path
 
     def switch(self, name: str) -> None:
