@@ -56,6 +56,19 @@ class MasterConfig:
         out["stop_signal"] = signal.Signals(self.stop_signal).name
         return out
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values; from_dict() gives the same config back (upgrade state)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["ready"] = {"mode": self.ready.mode, "delay": self.ready.delay}
+        out["stop_signal"] = int(self.stop_signal)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MasterConfig:
+        data = dict(data)
+        data["ready"] = Readiness(**data["ready"])
+        return cls(**data)
+
 
 # --- parsers for single values; `what` is the option name used in messages ---
 
