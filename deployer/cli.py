@@ -65,14 +65,14 @@ def hosts(ctx: click.Context, patterns: str | None, as_json: bool) -> None:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
-def open_deploy(ctx: click.Context, patterns: str | None, lock_wait: float = 0.0):
-    """(inventory, Deploy) for the selected hosts; the caller closes the Deploy."""
+def open_fleet(ctx: click.Context, patterns: str | None, lock_wait: float = 0.0):
+    """A FleetSession of the selected hosts, to use in a `with` block."""
     from deployer.history import state_dir
-    from deployer.rollout import Deploy
+    from deployer.session import FleetSession
 
     inv = load_inventory(ctx)
     hosts = inv.select(patterns)
-    return inv, Deploy(inv, hosts, state_dir(inv.path), lock_wait=lock_wait)
+    return FleetSession(inv, hosts, state_dir(inv.path), lock_wait=lock_wait)
 
 
 def parse_batch(value: str | None) -> tuple[int | str, ...] | None:
@@ -95,11 +95,8 @@ def setup(ctx: click.Context, patterns: str | None) -> None:
     """Prepare hosts: layout, host agent, master config, master running. Idempotent."""
     from deployer import fleet
 
-    _, deploy = open_deploy(ctx, patterns)
-    try:
-        failures = fleet.setup(deploy)
-    finally:
-        deploy.close()
+    with open_fleet(ctx, patterns) as session:
+        failures = fleet.setup(session)
     if failures:
         sys.exit(1)
 
@@ -132,18 +129,16 @@ def rollout(
     from deployer.rollout import plan_rollout, run_rollout
     from deployer.sync import Source
 
-    inv, deploy = open_deploy(ctx, patterns, lock_wait)
-    try:
+    with open_fleet(ctx, patterns, lock_wait) as session:
+        inv = session.inventory
         repo = repo_path or (str(expand_path(inv.app.repo, inv.path)) if inv.app.repo else ".")
         source = Source(repo)
         revision = source.resolve(rev)
-        plan = plan_rollout(inv, list(deploy.remotes), revision.sha, parse_batch(batch), canary)
+        plan = plan_rollout(inv, session.names, revision.sha, parse_batch(batch), canary)
         if dry_run:
             click.echo(plan.render())
             return
-        outcome = run_rollout(deploy, plan, source, deploy_id, log_file)
-    finally:
-        deploy.close()
+        outcome = run_rollout(session, plan, source, deploy_id, log_file)
     sys.exit(outcome.exit_code)
 
 
@@ -165,11 +160,8 @@ def rollback(
     """Switch hosts back to their previous release, batch by batch with health checks."""
     from deployer.rollout import run_rollback
 
-    _, deploy = open_deploy(ctx, patterns)
-    try:
-        plan, outcome = run_rollback(deploy, to, dry_run, force, migrations)
-    finally:
-        deploy.close()
+    with open_fleet(ctx, patterns) as session:
+        plan, outcome = run_rollback(session, to, dry_run, force, migrations)
     if outcome is None:
         click.echo(plan.render())
         return
@@ -184,11 +176,8 @@ def status(ctx: click.Context, patterns: str | None, as_json: bool) -> None:
     """Per host: current release, revision, master workers, health."""
     from deployer import fleet
 
-    _, deploy = open_deploy(ctx, patterns)
-    try:
-        rows = fleet.status(deploy)
-    finally:
-        deploy.close()
+    with open_fleet(ctx, patterns) as session:
+        rows = fleet.status(session)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -313,11 +302,8 @@ def unlock(ctx: click.Context, force: bool, patterns: str | None) -> None:
     """Break a stale deploy lock, saying whose it was."""
     from deployer import lock as locks
 
-    inv, deploy = open_deploy(ctx, patterns)
-    try:
-        broke = locks.break_locks(deploy, force)
-    finally:
-        deploy.close()
+    with open_fleet(ctx, patterns) as session:
+        broke = locks.break_locks(session, force)
     for line in broke:
         click.echo(line)
 
@@ -353,22 +339,19 @@ def migrate(ctx: click.Context, args: tuple[str, ...]) -> None:
     explicit --database run on this machine."""
     from pathlib import Path
 
+    from deployer.migrating import REMOTE_COMMANDS, on_host
     from deployer.migrations.cli import main as migrate_main
-    from deployer.schema import REMOTE_COMMANDS, on_host
 
     argv = list(args)
     local = "--local" in argv or any(a.split("=")[0] == "--database" for a in argv)
     argv = [a for a in argv if a != "--local"]
     remote = argv and argv[0] in REMOTE_COMMANDS and not local
     if remote and Path(ctx.obj["inventory_path"]).exists():
-        inv, deploy = open_deploy(ctx, None)
-        try:
-            if inv.migrations is not None:
-                code, stderr = on_host(deploy, argv, click.echo)
+        with open_fleet(ctx, None) as session:
+            if session.inventory.migrations is not None:
+                code, stderr = on_host(session, argv, click.echo)
                 sys.stderr.write(stderr)
                 sys.exit(code)
-        finally:
-            deploy.close()
     sys.exit(migrate_main(argv))
 
 

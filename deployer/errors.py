@@ -1,27 +1,29 @@
 """Errors a user can cause or meet, each with the exit code DESIGN.md gives it.
 
-The CLI turns any of these into a message on stderr and the exit code, never a
-traceback; anything else is a bug and keeps its traceback.
+The base classes and exit codes are the host contract's (deployer.hostapi),
+shared with the host side; these are the controller's own. The CLI turns any
+of them into a message on stderr and the exit code, never a traceback.
 """
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_LOCKED = 3
+from deployer.hostapi.errors import BadInput, DeployerError, LockHeld
+from deployer.hostapi.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_LOCKED, EXIT_OK
 
-
-class DeployerError(Exception):
-    """An expected failure: message for the user plus an exit code."""
-
-    exit_code = EXIT_FAILED
-
-
-class BadInput(DeployerError):
-    """Bad configuration or arguments: the message names the file, key or argument."""
-
-    exit_code = EXIT_BAD_INPUT
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILED",
+    "EXIT_LOCKED",
+    "EXIT_OK",
+    "BadInput",
+    "CommandFailed",
+    "DeployerError",
+    "HostSelectionError",
+    "InventoryError",
+    "LockHeld",
+    "StepFailed",
+    "TransportError",
+]
 
 
 class InventoryError(BadInput):
@@ -51,5 +53,9 @@ class CommandFailed(DeployerError):
         super().__init__(message)
 
 
-class LockHeld(DeployerError):
-    exit_code = EXIT_LOCKED
+class StepFailed(DeployerError):
+    """A step on one host failed; says which host, which step, and why."""
+
+    def __init__(self, host: str, step: str, message: str) -> None:
+        self.host, self.step, self.reason = host, step, message
+        super().__init__(f"{host}: {step} failed: {message}")

@@ -6,54 +6,54 @@ from typing import Any
 
 from deployer.agent.bundle import build
 from deployer.remote import RemoteHost
-from deployer.rollout import Deploy
+from deployer.session import FleetSession
 
 
-def setup(deploy: Deploy) -> dict[str, str]:
+def setup(fleet: FleetSession) -> dict[str, str]:
     """Idempotent: layout, agent zipapp, master.toml, master running if there is a
     release to run. Returns failures by host."""
     bundle = build()
-    say = deploy.reporter.say
+    say = fleet.reporter.say
 
     def one(remote: RemoteHost) -> None:
         before = remote.installed_bundle()
         remote.install(bundle)
-        say(f"agent {bundle.id} installed at {remote.pyz}", remote.name)
+        say(f"agent {bundle.id} installed at {remote.layout.pyz}", remote.name)
         if remote.config.master is None:
             return
         remote.write_master_config()
         state = remote.state()
-        if state["master"]["running"] and before != bundle.id:
+        if state.master.running and before != bundle.id:
             # A master of the old agent: re-exec it on the new one without a restart.
             remote.upgrade_master(on_line=lambda s: say(f"master: {s}", remote.name))
-            say(f"master upgraded in place (pid {state['master']['pid']})", remote.name)
-        elif state["master"]["running"]:
-            say(f"master running (pid {state['master']['pid']})", remote.name)
-        elif state["current"]:
+            say(f"master upgraded in place (pid {state.master.pid})", remote.name)
+        elif state.master.running:
+            say(f"master running (pid {state.master.pid})", remote.name)
+        elif state.current:
             remote.start_master(on_line=lambda s: say(f"master: {s}", remote.name))
             say("master started", remote.name)
         else:
             say("no release yet: the first rollout starts the master", remote.name)
 
-    _, failures = deploy.each(list(deploy.remotes), one)
+    _, failures = fleet.each(fleet.names, one)
     return failures
 
 
-def status(deploy: Deploy) -> list[dict[str, Any]]:
+def status(fleet: FleetSession) -> list[dict[str, Any]]:
     """Per host: current release and revision, master, health."""
 
     def one(remote: RemoteHost) -> dict[str, Any]:
         st = remote.state()
         row: dict[str, Any] = {
             "host": remote.name,
-            "current": st["current"],
-            "revision": st["current_revision"],
-            "previous": st["previous"],
-            "releases": len(st["releases"]),
-            "master": st["master"],
+            "current": st.current,
+            "revision": st.current_revision,
+            "previous": st.previous,
+            "releases": len(st.releases),
+            "master": st.master._asdict(),
             "health": None,
         }
-        if remote.config.health is not None and st["current"]:
+        if remote.config.health is not None and st.current:
             try:
                 remote.health()
                 row["health"] = "ok"
@@ -61,7 +61,7 @@ def status(deploy: Deploy) -> list[dict[str, Any]]:
                 row["health"] = f"failing: {e}"
         return row
 
-    results, failures = deploy.each(list(deploy.remotes), one)
-    rows = [results[n] for n in deploy.remotes if n in results]
+    results, failures = fleet.each(fleet.names, one)
+    rows = [results[n] for n in fleet.names if n in results]
     rows += [{"host": n, "error": why} for n, why in failures.items()]
     return rows

@@ -16,7 +16,6 @@ following, never the rollout.
 
 from __future__ import annotations
 
-import datetime as dt
 import getpass
 import os
 import shlex
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import TextIO
 
 from deployer.errors import BadInput, DeployerError
+from deployer.hostapi.layout import release_name
 
 HOOKS = ("pre-receive", "post-update")
 MARK = "deployer-hook"  # in every script we install: tells ours from a foreign hook
@@ -293,7 +293,7 @@ def start_rollout(cfg: HookConfig, sha: str) -> Run:
     SIGPIPE on the hook's stdout) never reaches it; its output goes to the log."""
     from deployer.history import state_dir
 
-    deploy_id = f"{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}-{sha[:7]}-{os.getpid() % 10000:04d}"
+    deploy_id = f"{release_name(sha)}-{os.getpid() % 10000:04d}"
     logs = cfg.repo / "deployer" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{deploy_id}.log"
@@ -378,7 +378,7 @@ def running(state: Path, app: str, deploy_id: str) -> bool:
     from deployer.lock import ControllerLock
 
     holder = ControllerLock(state, app).holder()
-    return bool(holder) and holder.get("id") == deploy_id
+    return holder is not None and holder.id == deploy_id
 
 
 def copy_file(src: Path, out: TextIO) -> None:

@@ -15,109 +15,36 @@ import getpass
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from deployer.errors import HostSelectionError, InventoryError
-from deployer.master.config import MAX_LISTEN_FDS
+from deployer.hostapi import checks, options
+from deployer.hostapi.checks import (
+    Checker,
+    Invalid,
+    boolean,
+    choice,
+    integer,
+    string,
+    string_list,
+)
+from deployer.hostapi.checks import describe as _describe
+from deployer.hostapi.checks import fail as _fail
+from deployer.hostapi.layout import Layout
+from deployer.hostapi.options import MasterConfig
 
 DEFAULT_PATH = "inventory.toml"
 ENV_VAR = "DEPLOYER_INVENTORY"
 
 
-class Invalid(ValueError):
-    """A checker's verdict: the text says what was expected."""
-
-
-# --- checkers: value -> normalized value, or Invalid("expected ...") -------------------
-
-Checker = Callable[[Any], Any]
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, str):
-        return f"string {value!r}"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return f"{type(value).__name__} {value!r}"
-
-
-def _int(value: Any, minimum: int, maximum: int | None = None) -> int:
-    expected = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum else "")
-    # bool is an int subclass in Python; `workers = true` is a mistake, not 1
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise Invalid(f"expected {expected}, got {_describe(value)}")
-    if value < minimum or (maximum is not None and value > maximum):
-        raise Invalid(f"expected {expected}, got {value}")
-    return value
-
-
-def integer(minimum: int = 0, maximum: int | None = None) -> Checker:
-    return lambda v: _int(v, minimum, maximum)
+# --- checkers beyond the shared ones (deployer.hostapi.checks) -------------------------
 
 
 def number(minimum: float = 0.0) -> Checker:
-    def check(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise Invalid(f"expected a number of seconds > {minimum:g}, got {_describe(v)}")
-        if v <= minimum:
-            raise Invalid(f"expected a number of seconds > {minimum:g}, got {v}")
-        return float(v)
-
-    return check
-
-
-def string(v: Any) -> str:
-    if not isinstance(v, str) or not v.strip():
-        raise Invalid(f"expected a non-empty string, got {_describe(v)}")
-    return v
-
-
-def boolean(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise Invalid(f"expected true or false, got {_describe(v)}")
-    return v
-
-
-def string_list(v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
-        raise Invalid(f"expected an array of non-empty strings, got {_describe(v)}")
-    return tuple(v)
-
-
-def choice(*options: str) -> Checker:
-    def check(v: Any) -> str:
-        if v not in options:
-            wanted = " or ".join(repr(o) for o in options)
-            raise Invalid(f"expected {wanted}, got {_describe(v)}")
-        return v
-
-    return check
-
-
-def command(v: Any) -> str | tuple[str, ...]:
-    """A shell string, or an argument list run without a shell."""
-    if isinstance(v, list):
-        return string_list(v) if v else _fail("expected a non-empty command", v)
-    return string(v)
-
-
-def _fail(expected: str, v: Any) -> Any:
-    raise Invalid(f"{expected}, got {_describe(v)}")
-
-
-def workers(v: Any) -> int | str:
-    if v == "auto":
-        return v
-    if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
-        return v
-    return _fail('expected a positive integer or "auto"', v)
+    return checks.seconds(minimum)
 
 
 def count_or_percent(v: Any, *, minimum: int) -> int | str:
@@ -126,17 +53,17 @@ def count_or_percent(v: Any, *, minimum: int) -> int | str:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", v)
         if m and 0 < float(m.group(1)) <= 100:
             return f"{m.group(1)}%"
-        return _fail("expected a percentage between 1% and 100%", v)
+        return _fail("a percentage between 1% and 100%", v)
     if isinstance(v, int) and not isinstance(v, bool) and v >= minimum:
         return v
-    return _fail(f'expected an integer >= {minimum} or a percentage like "25%"', v)
+    return _fail(f'an integer >= {minimum} or a percentage like "25%"', v)
 
 
 def batch(v: Any) -> tuple[int | str, ...]:
     """`batch = 2`, `batch = "25%"` or a ramp `batch = [1, "10%", "100%"]`."""
     items = v if isinstance(v, list) else [v]
     if not items:
-        return _fail("expected a batch size or a non-empty ramp list", v)
+        return _fail("a batch size or a non-empty ramp list", v)
     try:
         return tuple(count_or_percent(x, minimum=1) for x in items)
     except Invalid as e:
@@ -147,59 +74,24 @@ def max_failed(v: Any) -> int | str:
     return 0 if v == 0 else count_or_percent(v, minimum=0)
 
 
-SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH")
-
-
-def signal_name(v: Any) -> str:
-    name = v.upper() if isinstance(v, str) else v
-    if isinstance(name, str) and not name.startswith("SIG"):
-        name = "SIG" + name
-    if name not in SIGNALS:
-        return _fail("expected one of " + ", ".join(SIGNALS), v)
-    return name
-
-
-def listen(v: Any) -> str:
-    s = string(v)
-    if s.startswith("unix:"):
-        return s
-    host, sep, port = s.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        return _fail('expected "HOST:PORT" (port 1-65535) or "unix:/path"', v)
-    return s
-
-
-def ready(v: Any) -> str:
-    s = string(v)
-    if s in ("notify", "pipe"):
-        return s
-    if s.startswith("delay:"):
-        try:
-            if float(s.removeprefix("delay:")) > 0:
-                return s
-        except ValueError:
-            pass
-    return _fail('expected "notify", "pipe" or "delay:SECONDS"', v)
-
-
 def url(v: Any) -> str:
     s = string(v)
     if not re.match(r"https?://[^/\s]+", s):
-        return _fail("expected an http:// or https:// URL", v)
+        return _fail("an http:// or https:// URL", v)
     return s
 
 
 def database(v: Any) -> str:
     s = string(v)
     if not (s.startswith("sqlite:///") or re.match(r"postgres(ql)?://", s)):
-        return _fail('expected "sqlite:///PATH" or "postgresql://..."', v)
+        return _fail('"sqlite:///PATH" or "postgresql://..."', v)
     return s
 
 
 def host_address(v: Any) -> str:
     s = string(v)
     if re.search(r"[\s/@]", s):
-        return _fail("expected a host name or IP address (no spaces, '/' or '@')", v)
+        return _fail("a host name or IP address (no spaces, '/' or '@')", v)
     return s
 
 
@@ -224,20 +116,6 @@ class AppConfig:
     shared: tuple[str, ...] = key(string_list, ())
     build: str | None = key(string, None, expand=True)
     repo: str | None = key(string, None)
-
-
-@dataclass(frozen=True)
-class MasterConfig:
-    command: str | tuple[str, ...] = key(command, expand=True)
-    listen: str = key(listen, expand=True)
-    workers: int | str = key(workers, "auto")
-    ready: str = key(ready, "notify")
-    stop_signal: str = key(signal_name, "SIGTERM")
-    shutdown_timeout: float = key(number(), 30.0)
-    ready_timeout: float = key(number(), 60.0)
-    ready_soak: float = key(number(minimum=-1e-9), 1.0)
-    reload_batch: int = key(integer(minimum=1), 1)
-    listen_fds: int = key(integer(minimum=1, maximum=MAX_LISTEN_FDS), 1)
 
 
 @dataclass(frozen=True)
@@ -281,7 +159,7 @@ class SSHConfig:
 
 
 @dataclass(frozen=True)
-class Host:
+class HostConfig:
     """One target host, with [ssh] merged in and {host}/{address} expanded."""
 
     name: str
@@ -295,6 +173,24 @@ class Host:
     @property
     def port(self) -> int:
         return self.ssh.port or 22
+
+    @property
+    def layout(self) -> Layout:
+        """The host's paths under deploy_to (the host agent uses the same class)."""
+        return Layout.at(self.app.deploy_to)
+
+    def master_config(self) -> MasterConfig | None:
+        """What master.toml says on this host: [master], with the layout's paths."""
+        if self.master is None:
+            return None
+        layout = self.layout
+        return dataclasses.replace(
+            self.master,
+            cwd=str(layout.current),
+            socket=str(layout.socket),
+            pidfile=str(layout.pidfile),
+            log=str(layout.master_log),
+        )
 
     @property
     def user(self) -> str | None:
@@ -335,9 +231,9 @@ class Inventory:
     migrations: MigrationsConfig | None
     rollout: RolloutConfig
     ssh: SSHConfig
-    hosts: dict[str, Host]
+    hosts: dict[str, HostConfig]
 
-    def select(self, patterns: str | None) -> list[Host]:
+    def select(self, patterns: str | None) -> list[HostConfig]:
         return select_hosts(self.hosts, patterns)
 
 
@@ -369,20 +265,38 @@ def _unknown_keys(table: dict, known: Iterable[str], where: str, problems: _Prob
             )
 
 
+class _Key(NamedTuple):
+    name: str
+    check: Checker
+    required: bool
+    expand: bool
+
+
+def section_keys(cls: type) -> list[_Key]:
+    """A section's keys: [master]'s from the master options table, the others'
+    from their dataclass fields."""
+    if cls is MasterConfig:
+        return [_Key(o.key, o.check, o.required, o.expand) for o in options.INVENTORY_OPTIONS]
+    return [
+        _Key(f.name, f.metadata["check"], f.default is REQUIRED, f.metadata["expand"])
+        for f in dataclasses.fields(cls)
+    ]
+
+
 def _check_fields(cls: type, table: dict, where: str, problems: _Problems) -> dict[str, Any]:
-    """Check each key of `table` against the fields of `cls`; returns the good values."""
+    """Check each key of `table` against the keys of `cls`; returns the good values."""
     values: dict[str, Any] = {}
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _unknown_keys(table, fields, where, problems)
-    for name, f in fields.items():
-        if name not in table:
-            if f.default is REQUIRED:
-                problems.add(f"{where} {name}", "required key is missing")
+    keys = section_keys(cls)
+    _unknown_keys(table, [k.name for k in keys], where, problems)
+    for k in keys:
+        if k.name not in table:
+            if k.required:
+                problems.add(f"{where} {k.name}", "required key is missing")
             continue
         try:
-            values[name] = f.metadata["check"](table[name])
+            values[k.name] = k.check(table[k.name])
         except Invalid as e:
-            problems.add(f"{where} {name}", str(e))
+            problems.add(f"{where} {k.name}", str(e))
     return values
 
 
@@ -411,9 +325,7 @@ def _expand(section: Any, host_name: str, address: str) -> Any:
         return v
 
     changes = {
-        f.name: one(getattr(section, f.name))
-        for f in dataclasses.fields(section)
-        if f.metadata.get("expand")
+        k.name: one(getattr(section, k.name)) for k in section_keys(type(section)) if k.expand
     }
     return dataclasses.replace(section, **changes)
 
@@ -502,14 +414,14 @@ _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 def _parse_hosts(
     data: dict, sections: dict[str, Any], ssh: SSHConfig, problems: _Problems
-) -> dict[str, Host]:
+) -> dict[str, HostConfig]:
     table = _section(data, "hosts", problems)
     if not table:
         if table is not None or "hosts" not in data:
             problems.add("[hosts]", "no hosts defined (add at least one [hosts.NAME] table)")
         return {}
     ssh_fields = {f.name: f for f in dataclasses.fields(SSHConfig)}
-    hosts: dict[str, Host] = {}
+    hosts: dict[str, HostConfig] = {}
     endpoints: dict[tuple[str, int], str] = {}
     for name, spec in table.items():
         where = f"[hosts.{name}]"
@@ -556,7 +468,7 @@ def _parse_hosts(
         if sections.get("app") is None:
             continue  # already reported; nothing to expand
         address = good["address"]
-        hosts[name] = Host(
+        hosts[name] = HostConfig(
             name=name,
             address=address,
             transport=transport,
@@ -568,11 +480,11 @@ def _parse_hosts(
     return hosts
 
 
-def _same_machine_key(h: Host) -> str:
+def _same_machine_key(h: HostConfig) -> str:
     return "local" if h.transport == "local" else h.address
 
 
-def _check_conflicts(hosts: dict[str, Host], problems: _Problems) -> None:
+def _check_conflicts(hosts: dict[str, HostConfig], problems: _Problems) -> None:
     """Two hosts on one machine that would take the same port or directory."""
     seen: dict[tuple, str] = {}
 
@@ -593,7 +505,7 @@ def _check_conflicts(hosts: dict[str, Host], problems: _Problems) -> None:
 # --- selection ------------------------------------------------------------------------
 
 
-def select_hosts(hosts: dict[str, Host], patterns: str | None) -> list[Host]:
+def select_hosts(hosts: dict[str, HostConfig], patterns: str | None) -> list[HostConfig]:
     """`web*,db1,!web3`: names and globs, comma-separated; `!pattern` excludes.
 
     Every positive pattern must match something: a typo in a deploy command

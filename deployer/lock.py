@@ -14,19 +14,27 @@ import getpass
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from deployer.errors import LockHeld
+from deployer.errors import DeployerError, LockHeld, StepFailed
+from deployer.hostapi.answers import LockOwner
+
+if TYPE_CHECKING:
+    from deployer.session import FleetSession
 
 STALE_AFTER_S = 120.0  # a heartbeat older than this means the holder is gone
+HEARTBEAT_S = 10.0
 
 
 @dataclass(frozen=True)
 class Owner:
+    """Who takes a lock: this process, for one action of one app."""
+
     app: str
     revision: str
     action: str = "rollout"
@@ -41,15 +49,19 @@ class Owner:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def wire(self) -> LockOwner:
+        """As the host contract carries it."""
+        return LockOwner(**self.to_dict())
 
-def describe(holder: dict[str, Any], where: str) -> str:
+
+def describe(holder: LockOwner | None, where: str) -> str:
     """'alice@build1 (pid 42) since 2026-...: rollout abc1234 [stale: ...]'."""
-    if not holder:
+    if holder is None or not holder.id:
         return f"{where}: held (owner unknown)"
     text = (
-        f"{where}: held by {holder.get('user')}@{holder.get('controller')} "
-        f"(pid {holder.get('pid')}) since {holder.get('since')}: "
-        f"{holder.get('action', 'rollout')} of {str(holder.get('revision', ''))[:12]}"
+        f"{where}: held by {holder.user}@{holder.controller} "
+        f"(pid {holder.pid}) since {holder.since}: "
+        f"{holder.action} of {holder.revision[:12]}"
     )
     why = stale_reason(holder)
     if why:
@@ -57,17 +69,17 @@ def describe(holder: dict[str, Any], where: str) -> str:
     return text
 
 
-def stale_reason(holder: dict[str, Any]) -> str | None:
+def stale_reason(holder: LockOwner) -> str | None:
     """Why the holder is provably gone, or None if it may still be alive."""
-    if holder.get("controller") == socket.gethostname() and isinstance(holder.get("pid"), int):
+    if holder.controller == socket.gethostname() and isinstance(holder.pid, int):
         try:
-            os.kill(holder["pid"], 0)
+            os.kill(holder.pid, 0)
         except ProcessLookupError:
-            return f"pid {holder['pid']} is not running on {holder['controller']}"
+            return f"pid {holder.pid} is not running on {holder.controller}"
         except PermissionError:
             pass
-    beat = holder.get("heartbeat")
-    if isinstance(beat, int | float) and time.time() - beat > STALE_AFTER_S:
+    beat = holder.heartbeat
+    if isinstance(beat, (int, float)) and time.time() - beat > STALE_AFTER_S:
         return f"no heartbeat for {time.time() - beat:.0f}s"
     return None
 
@@ -78,15 +90,16 @@ class ControllerLock:
     def __init__(self, state_dir: Path, app: str) -> None:
         self.path = state_dir / f"{app}.lock"
 
-    def holder(self) -> dict[str, Any] | None:
+    def holder(self) -> LockOwner | None:
+        """None if free; a holder of unknown identity if the file is unreadable."""
         try:
             data = json.loads(self.path.read_text())
-            data["heartbeat"] = self.path.stat().st_mtime
-            return data
+            mtime = self.path.stat().st_mtime
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
-            return {}
+            return LockOwner("")
+        return (LockOwner.from_json(data) or LockOwner(""))._replace(heartbeat=mtime)
 
     def acquire(self, owner: Owner, wait: float = 0.0) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,22 +125,77 @@ class ControllerLock:
 
     def release(self, owner: Owner) -> None:
         holder = self.holder()
-        if holder is not None and holder.get("id") == owner.id:
+        if holder is not None and holder.id == owner.id:
             self.path.unlink(missing_ok=True)
 
-    def force_release(self) -> dict[str, Any] | None:
+    def force_release(self) -> LockOwner | None:
         holder = self.holder()
         self.path.unlink(missing_ok=True)
         return holder
 
 
-def break_locks(deploy: Any, force: bool) -> list[str]:
+class FleetLocks:
+    """The controller lock and a lock on every host of a fleet session, with a
+    heartbeat; released on every exit of the `with` block."""
+
+    def __init__(self, fleet: FleetSession, owner: Owner) -> None:
+        self.fleet = fleet
+        self.owner = owner
+        self.wire = owner.wire()
+        self.controller = ControllerLock(fleet.state_dir, owner.app)
+        self.held: list[str] = []
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def __enter__(self) -> FleetLocks:
+        self.controller.acquire(self.owner, wait=self.fleet.lock_wait)
+        try:
+            self._acquire_hosts()
+        except BaseException:
+            self._release()
+            raise
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True, name="heartbeat")
+        self._beat.start()
+        return self
+
+    def _acquire_hosts(self) -> None:
+        results, failures = self.fleet.each(
+            self.fleet.names, lambda r: r.lock("acquire", self.wire)
+        )
+        self.held = [n for n, answer in results.items() if answer.done]
+        busy = {n: answer.holder for n, answer in results.items() if not answer.done}
+        if busy:
+            name, holder = next(iter(busy.items()))
+            raise LockHeld(describe(holder, f"host {name}"))
+        if failures:
+            name, why = next(iter(failures.items()))
+            raise StepFailed(name, "lock", why)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self.controller.heartbeat()
+            for name in self.held:
+                # Quietly: a host that is down is reported by the step that needs it.
+                with contextlib.suppress(DeployerError):
+                    self.fleet.remotes[name].lock("heartbeat", self.wire)
+
+    def _release(self) -> None:
+        self._stop.set()
+        if self.held:
+            self.fleet.each(self.held, lambda r: r.lock("release", self.wire))
+        self.controller.release(self.owner)
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+
+def break_locks(fleet: FleetSession, force: bool) -> list[str]:
     """Break the controller lock and host locks whose holder is gone (or any, with force).
 
-    `deploy` is a rollout.Deploy. Who broke whose lock goes into the history.
+    Who broke whose lock goes into the history.
     """
-    app = deploy.inventory.app.name
-    controller = ControllerLock(deploy.state_dir, app)
+    app = fleet.inventory.app.name
+    controller = ControllerLock(fleet.state_dir, app)
     said: list[str] = []
     alive: list[str] = []
     holder = controller.holder()
@@ -137,19 +205,21 @@ def break_locks(deploy: Any, force: bool) -> list[str]:
             said.append("broke " + describe(holder, f"deploy lock {controller.path}"))
         else:
             alive.append(describe(holder, f"deploy lock {controller.path}"))
-    breaker = Owner(app, "", "unlock").to_dict()
-    results, _ = deploy.each(list(deploy.remotes), lambda r: r.lock("show", breaker))
-    for name, res in results.items():
-        h = res.get("holder")
-        if not h:
+    breaker = Owner(app, "", "unlock")
+    results, _ = fleet.each(fleet.names, lambda r: r.lock("show", breaker.wire()))
+    for name, answer in results.items():
+        h = answer.holder
+        if h is None:
             continue
         if stale_reason(h) or force:
-            deploy.remotes[name].lock("release", {**breaker, "force": True})
+            fleet.remotes[name].lock("release", breaker.wire(), force=True)
             said.append("broke " + describe(h, f"host {name}"))
         else:
             alive.append(describe(h, f"host {name}"))
     if said:
-        deploy.history.append({**breaker, "action": "unlock", "broke": said, "result": "ok"})
+        fleet.history.append(
+            {**breaker.to_dict(), "action": "unlock", "broke": said, "result": "ok"}
+        )
     if alive:
         raise LockHeld("\n".join(alive) + "\n(the holder looks alive; use --force to break it)")
     return said or ["no lock held"]

@@ -10,31 +10,22 @@ before (on_failure = "rollback"), with the same reload-and-health procedure.
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import math
-import os
-import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from deployer.errors import BadInput, DeployerError, LockHeld
-from deployer.history import History
-from deployer.inventory import Host as HostConfig
+from deployer import migrating
+from deployer.errors import BadInput, DeployerError, StepFailed
+from deployer.hostapi.answers import HostState
+from deployer.hostapi.exits import EXIT_FAILED, EXIT_OK
+from deployer.hostapi.layout import release_name, utc_stamp
 from deployer.inventory import Inventory
-from deployer.lock import ControllerLock, Owner, describe
-from deployer.remote import RemoteHost, StepFailed
-from deployer.schema import run_migrations
-from deployer.transport import HostPool
-
-EXIT_OK, EXIT_FAILED = 0, 1
-HEARTBEAT_S = 10.0
-
+from deployer.lock import FleetLocks, Owner
+from deployer.migrating import run_migrations
+from deployer.remote import RemoteHost
+from deployer.session import FleetSession
 
 # --- the plan -------------------------------------------------------------------------
 
@@ -65,11 +56,6 @@ def allowed_failures(max_failed: int | str, total: int) -> int:
     if isinstance(max_failed, int):
         return max_failed
     return math.floor(total * float(max_failed.rstrip("%")) / 100)
-
-
-def release_name(sha: str, now: dt.datetime | None = None) -> str:
-    now = now or dt.datetime.now(dt.UTC)
-    return f"{now:%Y%m%d%H%M%S}-{sha[:7]}"
 
 
 @dataclass(frozen=True)
@@ -109,75 +95,6 @@ class Plan:
         return "\n".join(lines)
 
 
-# --- output ---------------------------------------------------------------------------
-
-
-class Reporter:
-    """Plain timestamped lines: safe in a git hook, CI or a log file."""
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stdout
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        pass
-
-    def say(self, text: str, host: str | None = None) -> None:
-        stamp = dt.datetime.now().strftime("%H:%M:%S")
-        prefix = f"{stamp} {host:<12} " if host else f"{stamp} "
-        with self._lock:
-            for line in text.splitlines() or [""]:
-                self.stream.write(prefix + line + "\n")
-            self.stream.flush()
-
-
-class LiveReporter(Reporter):
-    """On a terminal: a live table of hosts (last step, elapsed), log lines above it."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.live import Live
-
-        super().__init__()
-        self.console = Console()
-        self.started = time.monotonic()
-        self.rows: dict[str, tuple[str, float]] = {}
-        self.live = Live(self._table(), console=self.console, refresh_per_second=4)
-        self.live.start()
-
-    def _table(self) -> Any:
-        from rich.table import Table
-        from rich.text import Text
-
-        table = Table(box=None, show_header=True, header_style="bold")
-        for column in ("host", "step", "since"):
-            table.add_column(column)
-        now = time.monotonic()
-        for host, (text, since) in self.rows.items():
-            style = "red" if "FAIL" in text else "green" if "healthy" in text else ""
-            table.add_row(host, Text(text, style=style), f"{now - since:.1f}s")
-        return table
-
-    def say(self, text: str, host: str | None = None) -> None:
-        with self._lock:
-            if host is not None:
-                self.rows[host] = (text.splitlines()[0][:100] if text else "", time.monotonic())
-            stamp = dt.datetime.now().strftime("%H:%M:%S")
-            self.live.console.print(f"{stamp} {host or '':<12} {text}", markup=False)
-            self.live.update(self._table())
-
-    def close(self) -> None:
-        self.live.stop()
-
-
-def reporter_for(stream: TextIO | None = None) -> Reporter:
-    """Live view on a terminal; plain timestamped lines anywhere else (hooks, CI)."""
-    stream = stream or sys.stdout
-    if stream.isatty() and os.environ.get("TERM") != "dumb":
-        return LiveReporter()
-    return Reporter(stream)
-
-
 # --- execution ------------------------------------------------------------------------
 
 
@@ -193,187 +110,84 @@ class Outcome:
         return EXIT_OK if self.ok else EXIT_FAILED
 
 
-class Deploy:
-    """One rollout or rollback over a set of hosts, under the deploy lock."""
-
-    def __init__(
-        self,
-        inventory: Inventory,
-        hosts: list[HostConfig],
-        state_dir: Path,
-        reporter: Reporter | None = None,
-        lock_wait: float = 0.0,
-    ) -> None:
-        self.inventory = inventory
-        self.reporter = reporter or reporter_for()
-        self.state_dir = state_dir
-        self.lock_wait = lock_wait
-        self.pool = HostPool()
-        self.remotes = {h.name: RemoteHost(h, self.pool.get(h)) for h in hosts}
-        self.history = History(state_dir)
-
-    # helpers
-
-    def each(
-        self, names: Sequence[str], fn: Callable[[RemoteHost], Any], limit: int | None = None
-    ) -> tuple[dict[str, Any], dict[str, str]]:
-        """fn on each host in parallel: (results, failures) keyed by host name."""
-        results: dict[str, Any] = {}
-        failures: dict[str, str] = {}
-        if not names:
-            return results, failures
-        workers = min(len(names), limit or self.inventory.rollout.parallel)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {n: pool.submit(fn, self.remotes[n]) for n in names}
-            for name, fut in futures.items():
-                try:
-                    results[name] = fut.result()
-                except DeployerError as e:
-                    # The host is named once, by the report line itself.
-                    failures[name] = str(e).removeprefix(f"{name}: ")
-                    self.reporter.say(f"FAILED: {failures[name]}", name)
-        return results, failures
-
-    def remote(self, name: str) -> RemoteHost:
-        """An inventory host outside the selection (e.g. the migrations host)."""
-        config = self.inventory.hosts[name]
-        return RemoteHost(config, self.pool.get(config))
-
-    def close(self) -> None:
-        self.reporter.close()
-        self.pool.close()
-
-    # locking
-
-    def locked(self, owner: Owner) -> _Locks:
-        return _Locks(self, owner)
-
-    # the switch of one host
-
-    def switch_host(self, remote: RemoteHost, release: str) -> None:
-        say = self.reporter.say
-        t0 = time.monotonic()
-        remote.switch(release)
-        say(f"switch: current -> {release}", remote.name)
-        t1 = time.monotonic()
-        self.reload(remote)
-        t2 = time.monotonic()
-        result = remote.health()
-        t3 = time.monotonic()
-        probes = f", {result['probes']} probe(s)" if result else " (no [health] configured)"
-        say(
-            f"healthy{probes}; switch {t1 - t0:.2f}s, reload {t2 - t1:.2f}s, health {t3 - t2:.2f}s",
-            remote.name,
-        )
-
-    def reload(self, remote: RemoteHost) -> None:
-        if remote.config.master is None:
-            return
-        if not remote.state()["master"]["running"]:
-            self.reporter.say("master not running: starting it", remote.name)
-            remote.start_master(on_line=lambda s: self.reporter.say(f"master: {s}", remote.name))
-            return
-        remote.reload_master(on_line=lambda s: self.reporter.say(f"reload: {s}", remote.name))
-
-    def revert(self, before: dict[str, str | None], names: Sequence[str]) -> dict[str, str]:
-        """Put hosts back on the release they ran before, the same careful way."""
-        targets = [n for n in names if before.get(n)]
-        for n in names:
-            if not before.get(n):
-                self.reporter.say("no previous release to go back to: left as is", n)
-        _, failures = self.each(targets, lambda r: self.switch_host(r, before[r.name]))
-        for n in targets:
-            if n not in failures:
-                self.reporter.say(f"rolled back to {before[n]}", n)
-        return failures
-
-    def record(self, entry: dict[str, Any], names: Sequence[str]) -> None:
-        self.history.append(entry)
-        self.each(names, lambda r: r.record(entry))
+def switch_host(fleet: FleetSession, remote: RemoteHost, release: str) -> None:
+    """Flip `current`, reload the master, check health: one host's switch."""
+    say = fleet.reporter.say
+    t0 = time.monotonic()
+    remote.switch(release)
+    say(f"switch: current -> {release}", remote.name)
+    t1 = time.monotonic()
+    reload(fleet, remote)
+    t2 = time.monotonic()
+    result = remote.health()
+    t3 = time.monotonic()
+    probes = f", {result.probes} probe(s)" if result else " (no [health] configured)"
+    say(
+        f"healthy{probes}; switch {t1 - t0:.2f}s, reload {t2 - t1:.2f}s, health {t3 - t2:.2f}s",
+        remote.name,
+    )
 
 
-class _Locks:
-    """Controller lock + a lock on every host, with a heartbeat; released on every exit."""
-
-    def __init__(self, deploy: Deploy, owner: Owner) -> None:
-        self.deploy = deploy
-        self.owner = owner
-        self.controller = ControllerLock(deploy.state_dir, owner.app)
-        self.held: list[str] = []
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
-
-    def __enter__(self) -> _Locks:
-        self.controller.acquire(self.owner, wait=self.deploy.lock_wait)
-        try:
-            self._acquire_hosts()
-        except BaseException:
-            self._release()
-            raise
-        self._beat = threading.Thread(target=self._heartbeat, daemon=True, name="heartbeat")
-        self._beat.start()
-        return self
-
-    def _acquire_hosts(self) -> None:
-        owner = self.owner.to_dict()
-        results, failures = self.deploy.each(
-            list(self.deploy.remotes), lambda r: r.lock("acquire", owner)
-        )
-        self.held = [n for n, res in results.items() if res.get("acquired")]
-        busy = {n: res["holder"] for n, res in results.items() if not res.get("acquired")}
-        if busy:
-            name, holder = next(iter(busy.items()))
-            raise LockHeld(describe(holder, f"host {name}"))
-        if failures:
-            name, why = next(iter(failures.items()))
-            raise StepFailed(name, "lock", why)
-
-    def _heartbeat(self) -> None:
-        owner = self.owner.to_dict()
-        while not self._stop.wait(HEARTBEAT_S):
-            self.controller.heartbeat()
-            for name in self.held:
-                # Quietly: a host that is down is reported by the step that needs it.
-                with contextlib.suppress(DeployerError):
-                    self.deploy.remotes[name].lock("heartbeat", owner)
-
-    def _release(self) -> None:
-        self._stop.set()
-        owner = self.owner.to_dict()
-        if self.held:
-            self.deploy.each(self.held, lambda r: r.lock("release", owner))
-        self.controller.release(self.owner)
-
-    def __exit__(self, *exc: object) -> None:
-        self._release()
+def reload(fleet: FleetSession, remote: RemoteHost) -> None:
+    if remote.config.master is None:
+        return
+    say = fleet.reporter.say
+    if not remote.state().master.running:
+        say("master not running: starting it", remote.name)
+        remote.start_master(on_line=lambda s: say(f"master: {s}", remote.name))
+        return
+    remote.reload_master(on_line=lambda s: say(f"reload: {s}", remote.name))
 
 
-def check_agents(deploy: Deploy, names: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
+def revert(
+    fleet: FleetSession,
+    before: dict[str, str | None],
+    names: Sequence[str],
+) -> dict[str, str]:
+    """Put hosts back on the release they ran before, the same careful way."""
+    targets = [n for n in names if before.get(n)]
+    for n in names:
+        if not before.get(n):
+            fleet.reporter.say("no previous release to go back to: left as is", n)
+    _, failures = fleet.each(targets, lambda r: switch_host(fleet, r, before[r.name] or ""))
+    for n in targets:
+        if n not in failures:
+            fleet.reporter.say(f"rolled back to {before[n]}", n)
+    return failures
+
+
+def record(fleet: FleetSession, entry: dict[str, Any], names: Sequence[str]) -> None:
+    fleet.history.append(entry)
+    fleet.each(names, lambda r: r.record(entry))
+
+
+def check_agents(
+    fleet: FleetSession, names: Sequence[str]
+) -> tuple[dict[str, HostState], dict[str, str]]:
     """State of each host, refusing an agent of another version than ours."""
     from deployer.agent.bundle import build
 
     ours = build().id
 
-    def check(remote: RemoteHost) -> dict[str, Any]:
+    def check(remote: RemoteHost) -> HostState:
         state = remote.state()  # carries the agent's bundle id: one call for both
-        theirs = state.get("bundle")
-        if theirs != ours:
+        if state.bundle != ours:
             raise StepFailed(
                 remote.name,
                 "version check",
-                f"host agent is {theirs or 'an older one'}, this controller is {ours}: "
+                f"host agent is {state.bundle or 'an older one'}, this controller is {ours}: "
                 "run `deployer setup`",
             )
         return state
 
-    return deploy.each(names, check)
+    return fleet.each(names, check)
 
 
-def reject_missing_release(states: dict[str, Any], targets: dict[str, str]) -> None:
+def reject_missing_release(states: dict[str, HostState], targets: dict[str, str]) -> None:
     missing = [
-        f"{n} (has: {', '.join(r['name'] for r in states[n]['releases']) or 'none'})"
+        f"{n} (has: {', '.join(states[n].release_names) or 'none'})"
         for n, rel in targets.items()
-        if rel not in {r["name"] for r in states[n]["releases"]}
+        if rel not in states[n].release_names
     ]
     if missing:
         raise BadInput(
@@ -409,7 +223,11 @@ def plan_rollout(
 
 
 def run_rollout(
-    deploy: Deploy, plan: Plan, source: Any, deploy_id: str | None = None, log: str | None = None
+    fleet: FleetSession,
+    plan: Plan,
+    source: Any,
+    deploy_id: str | None = None,
+    log: str | None = None,
 ) -> Outcome:
     """Execute a rollout plan; the caller holds nothing, this takes the locks.
 
@@ -417,7 +235,7 @@ def run_rollout(
     told someone its name (the post-update hook names the log after it)."""
     from deployer.sync import pack_for_host
 
-    say = deploy.reporter.say
+    say = fleet.reporter.say
     release = next(iter(plan.targets.values()))
     owner = Owner(plan.app, plan.revision or "", "rollout")
     if deploy_id:
@@ -435,17 +253,17 @@ def run_rollout(
         "hosts": plan.hosts,
     }
     outcome = Outcome(ok=False)
-    with deploy.locked(owner):
+    with FleetLocks(fleet, owner):
         say(f"rollout {plan.revision} as {release} to {', '.join(plan.hosts)}")
-        states, failed = check_agents(deploy, plan.hosts)
-        before = {n: s["current"] for n, s in states.items()}
+        states, failed = check_agents(fleet, plan.hosts)
+        before = {n: s.current for n, s in states.items()}
         outcome.releases = dict(before)
 
         revision = source.resolve(plan.revision)  # once: GitPython is not thread-safe
 
         def prepare(remote: RemoteHost) -> None:
             t0 = time.monotonic()
-            pack = pack_for_host(source, revision, states[remote.name]["have"])
+            pack = pack_for_host(source, revision, states[remote.name].have)
             remote.prepare(
                 plan.revision or "", release, pack, on_line=lambda s: say(s, remote.name)
             )
@@ -455,18 +273,18 @@ def run_rollout(
                 remote.name,
             )
 
-        _, prep_failed = deploy.each([n for n in plan.hosts if n not in failed], prepare)
+        _, prep_failed = fleet.each([n for n in plan.hosts if n not in failed], prepare)
         failed.update(prep_failed)
         if len(failed) > plan.max_failed:
             return _finish(
-                deploy, entry, outcome, failed, "prepare", started, "no host was switched"
+                fleet, entry, outcome, failed, "prepare", started, "no host was switched"
             )
         try:
-            run_migrations(deploy, "contract", "current", deferred=True)
-            run_migrations(deploy, "expand", release)
+            run_migrations(fleet, "contract", "current", deferred=True)
+            run_migrations(fleet, "expand", release)
         except DeployerError as e:
             return _finish(
-                deploy,
+                fleet,
                 entry,
                 outcome,
                 {"migrations": str(e)},
@@ -478,23 +296,23 @@ def run_rollout(
         try:
             for batch in plan.batches:
                 todo = [n for n in batch if n not in failed]
-                _, bad = deploy.each(todo, lambda r: deploy.switch_host(r, release))
+                _, bad = fleet.each(todo, lambda r: switch_host(fleet, r, release))
                 switched += [n for n in todo if n not in bad]
                 for n in todo:
                     outcome.releases[n] = release
                 failed.update(bad)
                 if len(failed) > plan.max_failed:
                     return _abort(
-                        deploy, plan, entry, outcome, failed, before, switched + list(bad), started
+                        fleet, plan, entry, outcome, failed, before, switched + list(bad), started
                     )
                 if bad:  # tolerated: those hosts go back and stay out of the rollout
-                    deploy.revert(before, list(bad))
+                    revert(fleet, before, list(bad))
                     for n in bad:
                         outcome.releases[n] = before.get(n)
         except KeyboardInterrupt:
             say("interrupted: putting switched hosts back")
             _abort(
-                deploy,
+                fleet,
                 plan,
                 entry,
                 outcome,
@@ -505,22 +323,22 @@ def run_rollout(
             )
             raise
         try:
-            run_migrations(deploy, "contract", release)
+            run_migrations(fleet, "contract", release)
         except DeployerError as e:
             # Contract only ever follows healthy hosts: they stay on the new code.
             failed["migrations"] = str(e)
             note = "hosts stay on the new release (safe: contract runs last)"
-            return _finish(deploy, entry, outcome, failed, "contract", started, note)
-        _, prune_failed = deploy.each(switched, lambda r: r.prune())
+            return _finish(fleet, entry, outcome, failed, "contract", started, note)
+        _, prune_failed = fleet.each(switched, lambda r: r.prune())
         for n, why in prune_failed.items():
             say(f"warning: prune failed: {why}", n)
         outcome.ok = True
         outcome.failed = failed
-        return _finish(deploy, entry, outcome, failed, None, started, None)
+        return _finish(fleet, entry, outcome, failed, None, started, None)
 
 
 def _abort(
-    deploy: Deploy,
+    fleet: FleetSession,
     plan: Plan,
     entry: dict[str, Any],
     outcome: Outcome,
@@ -530,8 +348,8 @@ def _abort(
     started: float,
 ) -> Outcome:
     if plan.on_failure == "rollback":
-        deploy.reporter.say(f"rolling back {', '.join(touched) or 'nothing'}")
-        still = deploy.revert(before, touched)
+        fleet.reporter.say(f"rolling back {', '.join(touched) or 'nothing'}")
+        still = revert(fleet, before, touched)
         for n in touched:
             if n not in still:
                 outcome.releases[n] = before.get(n)
@@ -540,11 +358,11 @@ def _abort(
         )
     else:
         note = "halted: " + ", ".join(f"{n} runs {r}" for n, r in outcome.releases.items())
-    return _finish(deploy, entry, outcome, failed, "switch", started, note)
+    return _finish(fleet, entry, outcome, failed, "switch", started, note)
 
 
 def _finish(
-    deploy: Deploy,
+    fleet: FleetSession,
     entry: dict[str, Any],
     outcome: Outcome,
     failed: dict[str, str],
@@ -563,10 +381,10 @@ def _finish(
         releases=outcome.releases,
     )
     try:
-        deploy.record(entry, [n for n in deploy.remotes if n not in failed])
+        record(fleet, entry, [n for n in fleet.remotes if n not in failed])
     except DeployerError as e:
-        deploy.reporter.say(f"warning: could not record history: {e}")
-    say = deploy.reporter.say
+        fleet.reporter.say(f"warning: could not record history: {e}")
+    say = fleet.reporter.say
     if outcome.ok:
         say(
             f"{entry['action']} ok in {entry['duration_s']}s: "
@@ -584,13 +402,13 @@ def _finish(
     return outcome
 
 
-def plan_rollback(inventory: Inventory, states: dict[str, Any], to: str | None) -> Plan:
+def plan_rollback(inventory: Inventory, states: dict[str, HostState], to: str | None) -> Plan:
     targets: dict[str, str] = {}
     missing: list[str] = []
     for name, st in states.items():
-        target = to or st["previous"]
+        target = to or st.previous
         if target is None:
-            missing.append(f"{name} (no release before {st['current']})")
+            missing.append(f"{name} (no release before {st.current})")
         else:
             targets[name] = target
     if missing:
@@ -612,22 +430,24 @@ def plan_rollback(inventory: Inventory, states: dict[str, Any], to: str | None) 
 
 
 def run_rollback(
-    deploy: Deploy, to: str | None, dry_run: bool, force: bool = False, migrations: bool = False
+    fleet: FleetSession,
+    to: str | None,
+    dry_run: bool,
+    force: bool = False,
+    migrations: bool = False,
 ) -> tuple[Plan, Outcome | None]:
-    from deployer import schema
-
-    names = list(deploy.remotes)
-    owner = Owner(deploy.inventory.app.name, to or "previous", "rollback")
-    with deploy.locked(owner):
-        states, failed = check_agents(deploy, names)
+    names = list(fleet.remotes)
+    owner = Owner(fleet.inventory.app.name, to or "previous", "rollback")
+    with FleetLocks(fleet, owner):
+        states, failed = check_agents(fleet, names)
         if failed:
             raise StepFailed(next(iter(failed)), "state", next(iter(failed.values())))
-        plan = plan_rollback(deploy.inventory, states, to)
+        plan = plan_rollback(fleet.inventory, states, to)
         oldest = min(plan.targets.values())
-        rows = schema.applied(deploy)
-        left = schema.check_rollback(rows, oldest, force)
+        rows = migrating.applied(fleet)
+        left = migrating.check_rollback(rows, oldest, force)
         if left:
-            deploy.reporter.say(
+            fleet.reporter.say(
                 "migrations applied by the releases being left: "
                 + "; ".join(left)
                 + ("" if migrations else " (they stay applied; --migrations reverts expand ones)")
@@ -635,9 +455,9 @@ def run_rollback(
         if dry_run:
             return plan, None
         started = time.monotonic()
-        before = {n: s["current"] for n, s in states.items()}
+        before = {n: s.current for n, s in states.items()}
         entry: dict[str, Any] = {
-            "id": f"{release_name(owner.id)}-rb",
+            "id": f"{utc_stamp()}-rollback-{owner.id[:4]}",
             "action": "rollback",
             "revision": None,
             "release": to,
@@ -648,15 +468,15 @@ def run_rollback(
         }
         outcome = Outcome(ok=False, releases=dict(before))
         for batch in plan.batches:
-            _, bad = deploy.each(batch, lambda r: deploy.switch_host(r, plan.targets[r.name]))
+            _, bad = fleet.each(batch, lambda r: switch_host(fleet, r, plan.targets[r.name]))
             for n in batch:
                 outcome.releases[n] = plan.targets[n]
             if bad:
-                deploy.revert(before, list(bad))
+                revert(fleet, before, list(bad))
                 for n in bad:
                     outcome.releases[n] = before[n]
                 return plan, _finish(
-                    deploy,
+                    fleet,
                     entry,
                     outcome,
                     bad,
@@ -666,11 +486,11 @@ def run_rollback(
                 )
         if migrations and left:
             try:
-                newer = [r["release"] for r in rows if (r.get("release") or "") > oldest]
-                schema.down_expand(deploy, newer)
+                newer = [r.release for r in rows if r.release and r.release > oldest]
+                migrating.down_expand(fleet, newer)
             except DeployerError as e:
                 return plan, _finish(
-                    deploy,
+                    fleet,
                     entry,
                     outcome,
                     {"migrations": str(e)},
@@ -679,4 +499,4 @@ def run_rollback(
                     "hosts are back; schema is not",
                 )
         outcome.ok = True
-        return plan, _finish(deploy, entry, outcome, {}, None, started, None)
+        return plan, _finish(fleet, entry, outcome, {}, None, started, None)

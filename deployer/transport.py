@@ -34,7 +34,7 @@ from typing import IO, TYPE_CHECKING, Any
 from deployer.errors import CommandFailed, TransportError
 
 if TYPE_CHECKING:
-    from deployer.inventory import Host as HostConfig
+    from deployer.inventory import HostConfig
 
 LineCallback = Callable[[str], None]
 Stdin = bytes | str | IO[bytes] | Iterable[bytes] | None
@@ -83,7 +83,7 @@ class Command:
         return command_line(self.argv, self.cwd, self.env)
 
 
-class Host(ABC):
+class Transport(ABC):
     """What every transport offers: run a command, put a file, close."""
 
     name: str
@@ -204,7 +204,7 @@ class CommandTimeout(TransportError):
 # --- local ----------------------------------------------------------------------------
 
 
-class LocalHost(Host):
+class LocalHost(Transport):
     """This machine, through subprocess; no shell involved."""
 
     def __init__(self, name: str = "local") -> None:
@@ -310,7 +310,7 @@ class Backoff:
             delay = min(delay * 2, self.cap)
 
 
-class SSHHost(Host):
+class SSHHost(Transport):
     """A host reached over SSH; one connection, opened on first use and reused."""
 
     def __init__(self, config: HostConfig) -> None:
@@ -549,13 +549,13 @@ class _KnownHostsPolicy:
 
 
 class HostPool:
-    """One Host per inventory host within a process; closes them all at the end."""
+    """One Transport per inventory host within a process; closes them all at the end."""
 
     def __init__(self) -> None:
-        self._hosts: dict[str, Host] = {}
+        self._hosts: dict[str, Transport] = {}
         self._lock = threading.Lock()
 
-    def get(self, config: HostConfig) -> Host:
+    def get(self, config: HostConfig) -> Transport:
         with self._lock:
             host = self._hosts.get(config.name)
             if host is None:
@@ -576,8 +576,8 @@ class HostPool:
         self.close()
 
 
-def connect(config: HostConfig) -> Host:
-    """The Host for an inventory entry (nothing is opened until the first command)."""
+def connect(config: HostConfig) -> Transport:
+    """The Transport for an inventory entry (nothing is opened until the first command)."""
     if config.transport == "local":
         return LocalHost(config.name)
     return SSHHost(config)

@@ -11,6 +11,7 @@ import pytest
 
 from deployer import inventory
 from deployer.errors import HostSelectionError, InventoryError
+from deployer.hostapi import options
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,8 +51,15 @@ def test_example_inventory_loads_and_documents_every_key() -> None:
     text = (REPO / "inventory.example.toml").read_text()
     for section, cls in inventory.SECTIONS.items():
         assert f"[{section}]" in text
-        for f in inventory.dataclasses.fields(cls):
-            assert f"{f.name} =" in text or f"# {f.name} =" in text, f"[{section}] {f.name}"
+        for k in inventory.section_keys(cls):
+            assert f"{k.name} =" in text or f"# {k.name} =" in text, f"[{section}] {k.name}"
+
+
+def test_example_master_section_is_the_options_table() -> None:
+    """The example's [master] is written from the table (options.example_lines())."""
+    text = (REPO / "inventory.example.toml").read_text()
+    section = text[text.index("[master]\n") : text.index("\n[health]")].rstrip("\n")
+    assert section.splitlines() == options.example_lines()
 
 
 def test_expansion_and_defaults(tmp_path: Path) -> None:

@@ -23,13 +23,31 @@ def run_args(*options: str, command: list[str] | None = APP) -> list[str]:
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (run_args("--stop-signal", "SIGFOO"), "--stop-signal: unknown signal 'SIGFOO'"),
-        (run_args("--workers", "0"), "--workers: expected a positive integer or 'auto', got '0'"),
-        (run_args("--workers", "many"), "--workers: expected a positive integer or 'auto'"),
-        (run_args("--ready", "sometimes"), "--ready: expected one of notify, pipe, delay:SECONDS"),
+        (
+            run_args("--stop-signal", "SIGFOO"),
+            "--stop-signal: expected one of SIGTERM, SIGINT, SIGQUIT",
+        ),
+        (
+            run_args("--workers", "0"),
+            "--workers: expected a positive integer (at most 1024) or 'auto', got '0'",
+        ),
+        (
+            run_args("--workers", "many"),
+            "--workers: expected a positive integer (at most 1024) or 'auto', got 'many'",
+        ),
+        (
+            run_args("--ready", "sometimes"),
+            "--ready: expected one of notify, pipe or delay:SECONDS, got 'sometimes'",
+        ),
         (run_args("--ready-timeout", "-1"), "--ready-timeout: expected a number of seconds > 0"),
-        (run_args("--listen-fds", "0"), "--listen-fds: expected a positive integer, got '0'"),
-        (run_args("--listen-fds", "65"), "--listen-fds: expected at most 64, got '65'"),
+        (
+            run_args("--listen-fds", "0"),
+            "--listen-fds: expected an integer >= 1 and <= 64, got '0'",
+        ),
+        (
+            run_args("--listen-fds", "65"),
+            "--listen-fds: expected an integer >= 1 and <= 64, got '65'",
+        ),
         (run_args(command=None), "missing command: give it after --"),
         (run_args(command=["no-such-program-xyz"]), "command: 'no-such-program-xyz' not found"),
         (run_args("--cwd", "/nonexistent/dir"), "--cwd: /nonexistent/dir is not a directory"),
@@ -38,7 +56,10 @@ def run_args(*options: str, command: list[str] | None = APP) -> list[str]:
         (["run", "--bogus", "--", *APP], "unrecognized arguments: --bogus"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["status"], "--socket PATH is required"),
-        (["scale", "zero", "--socket", "/tmp/x"], "scale N: expected a positive integer"),
+        (
+            ["scale", "zero", "--socket", "/tmp/x"],
+            "scale N: expected an integer >= 1 and <= 1024, got 'zero'",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(
@@ -95,7 +116,7 @@ def test_unit_prints_a_notify_service(tmp_path: Path, capsys: pytest.CaptureFixt
     reload = f"ExecReload={PYTHON} -m deployer.master reload --wait"
     assert f"{reload} --socket {tmp_path}/run/master.sock" in out
     assert "ListenStream=127.0.0.1:8000" in out
-    assert "-- node app.js" in out
+    assert "-- /bin/sh -c 'exec node app.js'" in out  # a string command runs through sh
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:

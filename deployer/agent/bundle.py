@@ -19,8 +19,8 @@ from pathlib import Path
 import deployer
 
 # Host side: standard library only. Nothing else is shipped.
-HOST_PACKAGES = ("agent", "master", "migrations")
-HOST_MODULES = ("__init__.py", "hostmain.py", "errors.py")
+HOST_PACKAGES = ("hostapi", "agent", "master", "migrations")
+HOST_MODULES = ("__init__.py", "hostmain.py")
 MAIN = "import sys\nfrom deployer.hostmain import main\n\nsys.exit(main())\n"
 ID_FILE = "deployer/agent/BUNDLE_ID"
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)  # deterministic zip bytes for identical sources

@@ -1,8 +1,9 @@
-"""`agent OP ...` on a host: one operation, one JSON result.
+"""`agent OP ...` on a host: one operation, one typed answer.
 
 Anything an operation streams (build output) goes to stdout as plain lines;
-the last line is `RESULT_MARK {json}`, so the controller can show the stream
-and still parse the outcome unambiguously.
+the last line is the answer's result line (deployer.hostapi.answers), so the
+controller can show the stream and still parse the outcome unambiguously.
+The argv each operation takes is built by deployer.hostapi.calls.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
 
 from deployer import __version__
 from deployer.agent import ops
-from deployer.agent.layout import Layout
-
-RESULT_MARK = "@@deployer-result"
+from deployer.hostapi import answers
+from deployer.hostapi.calls import LOCK_ACTIONS
+from deployer.hostapi.layout import Layout
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,8 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = with_root("record")
     sp.add_argument("--entry", required=True, help="JSON object")
     sp = with_root("lock")
-    sp.add_argument("action", choices=["acquire", "release", "heartbeat", "show"])
+    sp.add_argument("action", choices=LOCK_ACTIONS)
     sp.add_argument("--owner", default="{}", help="JSON object with at least an id")
+    sp.add_argument("--force", action="store_true", help="release whoever holds it")
     return p
 
 
@@ -76,44 +77,45 @@ def _bundle_id() -> str:
         return running_id()
 
 
-def run_op(args: argparse.Namespace) -> dict[str, Any]:
+def run_op(args: argparse.Namespace) -> tuple:
     if args.op == "version":
-        return {"version": __version__, "bundle": _bundle_id(), "python": sys.version.split()[0]}
+        return answers.Version(__version__, _bundle_id(), sys.version.split()[0])
     if args.op == "health":
         return ops.health(args.url, args.expect, args.timeout, args.passes, args.interval)
     layout = Layout.at(args.root)
-    match args.op:
-        case "setup":
-            return ops.setup(layout)
-        case "state":
-            # the bundle id too: a rollout checks the agent and reads state in one call
-            return {**ops.state(layout), "bundle": _bundle_id()}
-        case "prepare":
-            # receive and prepare in one call: one python start and SSH round trip less
-            received = ops.receive(layout, [args.revision]) if args.receive else {}
-            prepared = ops.prepare(layout, args.revision, args.release, args.shared, args.build)
-            return {**received, **prepared}
-        case "switch":
-            return ops.switch(layout, args.release)
-        case "prune":
-            return ops.prune(layout, args.keep)
-        case "record":
-            return ops.record(layout, json.loads(args.entry))
-        case "lock":
-            return ops.lock(layout, args.action, json.loads(args.owner))
+    if args.op == "setup":
+        return ops.setup(layout)
+    if args.op == "state":
+        # the bundle id too: a rollout checks the agent and reads state in one call
+        return ops.state(layout)._replace(bundle=_bundle_id())
+    if args.op == "prepare":
+        # receive and prepare in one call: one python start and SSH round trip less
+        received = ops.receive(layout, [args.revision]) if args.receive else {}
+        prepared = ops.prepare(layout, args.revision, args.release, args.shared, args.build)
+        return prepared._replace(**received)
+    if args.op == "switch":
+        return ops.switch(layout, args.release)
+    if args.op == "prune":
+        return ops.prune(layout, args.keep)
+    if args.op == "record":
+        return ops.record(layout, json.loads(args.entry))
+    if args.op == "lock":
+        owner = answers.LockOwner.from_json(json.loads(args.owner)) or answers.LockOwner("")
+        return ops.lock(layout, args.action, owner, args.force)
     raise ops.AgentError(f"unknown operation {args.op!r}")
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    error = None
     try:
-        result = {"ok": True, **run_op(args)}
+        answer = run_op(args)
     except (ops.AgentError, ValueError, OSError) as e:
-        result = {"ok": False, "error": str(e)}
+        error = str(e)
     except Exception as e:  # a bug: still answer in JSON, with the traceback on stderr
         import traceback  # only here: imported up front it slows every agent call
 
         traceback.print_exc()
-        result = {"ok": False, "error": f"agent internal error: {type(e).__name__}: {e}"}
-    print(f"{RESULT_MARK} {json.dumps(result)}", flush=True)
-    return 0 if result["ok"] else 1
+        error = f"agent internal error: {type(e).__name__}: {e}"
+    print(answers.result_line(None if error else answer, error), flush=True)
+    return 0 if error is None else 1

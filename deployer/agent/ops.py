@@ -1,4 +1,4 @@
-"""Host operations. Each returns a JSON-able dict or raises AgentError.
+"""Host operations. Each returns its typed answer (hostapi.answers) or raises AgentError.
 
 Standard library only: this runs on the hosts from the zipapp `deployer setup`
 uploads. Nothing that serves traffic changes before `switch`: a release is
@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deployer.agent.layout import RELEASE_NAME, Layout
+from deployer.hostapi import answers
+from deployer.hostapi.layout import RELEASE_NAME, Layout
 
 
 class AgentError(Exception):
@@ -39,13 +40,13 @@ def _git(layout: Layout, *args: str, stdin: Any = None, capture: bool = True) ->
 # --- layout ---------------------------------------------------------------------------
 
 
-def setup(layout: Layout) -> dict[str, Any]:
+def setup(layout: Layout) -> answers.SetupResult:
     """Create the layout; idempotent."""
     for d in layout.dirs():
         d.mkdir(parents=True, exist_ok=True)
     if not (layout.repo / "HEAD").exists():
         subprocess.run(["git", "init", "-q", "--bare", str(layout.repo)], check=True)
-    return {"root": str(layout.root), "dirs": [str(d) for d in layout.dirs()]}
+    return answers.SetupResult(str(layout.root), [str(d) for d in layout.dirs()])
 
 
 def releases(layout: Layout) -> list[str]:
@@ -77,32 +78,33 @@ def have(layout: Layout) -> list[str]:
     return sorted(set(out.split()))
 
 
-def state(layout: Layout) -> dict[str, Any]:
+def state(layout: Layout) -> answers.HostState:
     names = releases(layout)
     current = current_release(layout)
     previous = None
     if current in names:
         i = names.index(current)
         previous = names[i - 1] if i > 0 else None
-    return {
-        "root": str(layout.root),
-        "exists": layout.root.is_dir(),
-        "current": current,
-        "current_revision": _revision(layout, current) if current else None,
-        "previous": previous,
-        "releases": [{"name": n, "revision": _revision(layout, n)} for n in names],
-        "have": have(layout),
-        "master": master_state(layout),
-    }
+    return answers.HostState(
+        root=str(layout.root),
+        exists=layout.root.is_dir(),
+        current=current,
+        current_revision=_revision(layout, current) if current else None,
+        previous=previous,
+        releases=[answers.ReleaseInfo(n, _revision(layout, n)) for n in names],
+        have=have(layout),
+        master=master_state(layout),
+        cpus=os.cpu_count(),
+    )
 
 
-def master_state(layout: Layout) -> dict[str, Any]:
+def master_state(layout: Layout) -> answers.MasterState:
     try:
         pid = int(layout.pidfile.read_text().strip())
         os.kill(pid, 0)
     except (OSError, ValueError):
-        return {"running": False}
-    return {"running": True, "pid": pid, "socket": str(layout.socket)}
+        return answers.MasterState(running=False)
+    return answers.MasterState(running=True, pid=pid, socket=str(layout.socket))
 
 
 # --- code -----------------------------------------------------------------------------
@@ -169,7 +171,7 @@ def prepare(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return {"release": release, "path": str(final), "build_seconds": time.monotonic() - started}
+    return answers.PrepareResult(release, str(final), time.monotonic() - started)
 
 
 def _extract(layout: Layout, revision: str, dest: Path) -> None:
@@ -246,7 +248,7 @@ def _build(release: Path, command: str, layout: Layout) -> None:
         )
 
 
-def switch(layout: Layout, release: str) -> dict[str, Any]:
+def switch(layout: Layout, release: str) -> answers.SwitchResult:
     """Point `current` at a release atomically: a new symlink renamed over the old one."""
     target = layout.release(release)
     if not target.is_dir():
@@ -256,10 +258,10 @@ def switch(layout: Layout, release: str) -> dict[str, Any]:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(Path("releases") / release)
     os.replace(tmp, layout.current)
-    return {"previous": previous, "current": release}
+    return answers.SwitchResult(previous, release)
 
 
-def prune(layout: Layout, keep: int) -> dict[str, Any]:
+def prune(layout: Layout, keep: int) -> answers.PruneResult:
     """Remove the oldest releases beyond `keep`; never current, never the one before it."""
     names = releases(layout)
     current = current_release(layout)
@@ -273,13 +275,15 @@ def prune(layout: Layout, keep: int) -> dict[str, Any]:
         shutil.rmtree(layout.releases / name)
     for leftover in layout.releases.glob(".tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    return {"removed": removed, "kept": [n for n in names if n not in removed]}
+    return answers.PruneResult(removed, [n for n in names if n not in removed])
 
 
 # --- health ---------------------------------------------------------------------------
 
 
-def health(url: str, expect: int, timeout: float, passes: int, interval: float) -> dict[str, Any]:
+def health(
+    url: str, expect: int, timeout: float, passes: int, interval: float
+) -> answers.HealthResult:
     """Probe until `passes` answers in a row have status `expect`, within `timeout`."""
     end = time.monotonic() + timeout
     streak, probes, last = 0, 0, ""
@@ -288,7 +292,7 @@ def health(url: str, expect: int, timeout: float, passes: int, interval: float) 
         status, last = _probe(url, min(5.0, max(0.5, end - time.monotonic())))
         streak = streak + 1 if status == expect else 0
         if streak >= passes:
-            return {"url": url, "probes": probes, "status": status}
+            return answers.HealthResult(url, probes, status)
         if time.monotonic() + interval > end:
             raise AgentError(
                 f"health check {url} failed: wanted {passes} x {expect} in a row within "
@@ -314,14 +318,16 @@ def _probe(url: str, timeout: float) -> tuple[int | None, str]:
 # --- history and lock -----------------------------------------------------------------
 
 
-def record(layout: Layout, entry: dict[str, Any]) -> dict[str, Any]:
+def record(layout: Layout, entry: dict[str, Any]) -> answers.Recorded:
     layout.root.mkdir(parents=True, exist_ok=True)
     with open(layout.history, "a") as fh:
         fh.write(json.dumps(entry, sort_keys=True) + "\n")
-    return {"recorded": True}
+    return answers.Recorded()
 
 
-def lock(layout: Layout, action: str, owner: dict[str, Any]) -> dict[str, Any]:
+def lock(
+    layout: Layout, action: str, owner: answers.LockOwner, force: bool = False
+) -> answers.LockAnswer:
     """The host's deploy lock: a directory, because mkdir is atomic."""
     info = layout.lock / "owner.json"
     if action == "acquire":
@@ -329,29 +335,32 @@ def lock(layout: Layout, action: str, owner: dict[str, Any]) -> dict[str, Any]:
         try:
             layout.lock.mkdir()
         except FileExistsError:
-            return {"acquired": False, "holder": _read_owner(info)}
-        info.write_text(json.dumps(owner))
-        return {"acquired": True}
+            return answers.LockAnswer(False, _read_owner(info))
+        info.write_text(json.dumps(owner.to_json()))
+        return answers.LockAnswer(True)
     holder = _read_owner(info)
-    mine = holder.get("id") == owner.get("id")
+    mine = holder is not None and holder.id == owner.id
     if action == "heartbeat":
         if mine:
             os.utime(info)
-        return {"held": mine}
+        return answers.LockAnswer(mine, holder)
     if action == "release":
-        if mine or owner.get("force"):
+        if mine or (force and holder is not None):
             shutil.rmtree(layout.lock, ignore_errors=True)
-            return {"released": True, "holder": holder}
-        return {"released": False, "holder": holder}
+            return answers.LockAnswer(True, holder)
+        return answers.LockAnswer(False, holder)
     if action == "show":
-        return {"holder": holder or None}
+        return answers.LockAnswer(False, holder)
     raise AgentError(f"unknown lock action {action!r}")
 
 
-def _read_owner(path: Path) -> dict[str, Any]:
+def _read_owner(path: Path) -> answers.LockOwner | None:
+    """The holder; None if the lock is not held; one of unknown identity if its
+    owner file is unreadable (a crash between mkdir and the write)."""
+    if not path.parent.is_dir():
+        return None
     try:
-        holder = json.loads(path.read_text())
-        holder["heartbeat"] = path.stat().st_mtime
-        return holder
-    except (OSError, ValueError):
-        return {}
+        holder = answers.LockOwner.from_json(json.loads(path.read_text()))
+        return (holder or answers.LockOwner(""))._replace(heartbeat=path.stat().st_mtime)
+    except (OSError, ValueError, TypeError):
+        return answers.LockOwner("")

@@ -14,11 +14,13 @@ import shutil
 import sys
 from typing import Any, NoReturn
 
+from deployer.hostapi import checks
+from deployer.hostapi.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from deployer.hostapi.options import FLAG_OPTIONS
 from deployer.master import config as config_mod
 from deployer.master import control, daemon, units
 from deployer.master.config import ConfigError, MasterConfig
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 PROG = "deployer master"
 
 
@@ -30,26 +32,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def server_options(p: argparse.ArgumentParser) -> None:
-    add = p.add_argument
-    add("--config", metavar="FILE", help="TOML file; its [master] section gives defaults")
-    add("--workers", metavar="N|auto", help="number of workers (default: auto = CPU count)")
-    add("--listen", metavar="HOST:PORT", help="address to bind once and share as fd 3")
-    add("--cwd", metavar="DIR", help="workers' directory; a symlink is resolved at each reload")
-    add("--ready", metavar="MODE", help="notify (default), pipe, or delay:SECONDS")
-    add("--ready-timeout", metavar="S", help="a worker not ready by then failed (default 60)")
-    add("--ready-soak", metavar="S", help="a replacement must stay up this long (default 1)")
-    add("--reload-batch", metavar="N", help="workers replaced at a time (default 1)")
-    add(
-        "--listen-fds",
-        metavar="N",
-        help="give each worker the socket N times, as fds 3.. with LISTEN_FDS=N (default 1);"
-        " Node accepts one connection per listening handle per event-loop pass",
+    p.add_argument(
+        "--config", metavar="FILE", help="TOML file; its [master] section gives defaults"
     )
-    add("--shutdown-timeout", metavar="S", help="SIGKILL a draining worker after S (default 30)")
-    add("--stop-signal", metavar="SIG", help="signal that asks a worker to drain (default SIGTERM)")
-    add("--socket", metavar="PATH", help="control socket (unix, mode 0600)")
-    add("--log", metavar="FILE", help="master and worker log (default: stderr; SIGUSR1 reopens)")
-    add("--pidfile", metavar="PATH", help="write the master's pid here")
+    for option in FLAG_OPTIONS:
+        p.add_argument(option.flag_name, metavar=option.metavar, help=option.help)
 
 
 def client_options(p: argparse.ArgumentParser, timeout: bool = False) -> None:
@@ -144,32 +131,16 @@ def dispatch(args: argparse.Namespace, command: list[str]) -> int:
 
 # --- server options ---
 
-FLAG_PARSERS: dict[str, Any] = {
-    "workers": config_mod.parse_workers,
-    "listen": config_mod.parse_listen,
-    "ready": config_mod.parse_ready,
-    "ready_timeout": lambda v, w: config_mod.parse_seconds(v, w, allow_zero=False),
-    "ready_soak": config_mod.parse_seconds,
-    "reload_batch": config_mod.parse_positive_int,
-    "listen_fds": config_mod.parse_listen_fds,
-    "shutdown_timeout": config_mod.parse_seconds,
-    "stop_signal": config_mod.parse_signal,
-    "cwd": lambda v, w: os.path.abspath(v),
-    "socket": lambda v, w: os.path.abspath(v),
-    "log": lambda v, w: os.path.abspath(v),
-    "pidfile": lambda v, w: os.path.abspath(v),
-}
-
 
 def server_config(args: argparse.Namespace, command: list[str]) -> MasterConfig:
     file_values = config_mod.load_file(args.config) if args.config else {}
     flags: dict[str, Any] = {}
-    for key, parse in FLAG_PARSERS.items():
-        value = getattr(args, key)
+    for option in FLAG_OPTIONS:
+        value = getattr(args, option.key)
         if value is not None:
-            flags[key] = parse(value, "--" + key.replace("_", "-"))
+            flags[option.key] = option.parse_flag(value)
     if command:
-        flags["command"] = command
+        flags["command"] = tuple(command)
     cfg = config_mod.build(file_values, flags)
     if args.command != "unit":
         check_runnable(cfg)
@@ -205,7 +176,9 @@ def client_socket(args: argparse.Namespace) -> str:
 
 def client_timeout(args: argparse.Namespace) -> float | None:
     value = getattr(args, "timeout", None)
-    return None if value is None else config_mod.parse_seconds(value, "--timeout", allow_zero=False)
+    if value is None:
+        return None
+    return config_mod.parse_flag_number(value, "--timeout", checks.seconds())
 
 
 def exchange(path: str, message: dict[str, Any], timeout: float | None = 30.0):
@@ -293,7 +266,7 @@ def render_status(s: dict[str, Any]) -> str:
 
 
 def cmd_scale(args: argparse.Namespace, path: str) -> int:
-    n = config_mod.parse_positive_int(args.n, "scale N")
+    n = config_mod.parse_flag_number(args.n, "scale N", checks.integer(1, checks.MAX_WORKERS))
     answer = final(exchange(path, {"cmd": "scale", "workers": n}))
     if answer.get("ok"):
         note = f" ({answer['note']})" if answer.get("note") else ""

@@ -13,32 +13,17 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import sys
 
 from deployer.master.config import MasterConfig
 
 
 def server_argv(cfg: MasterConfig, with_listen: bool) -> list[str]:
-    argv = [sys.executable, "-m", "deployer.master", "run", "--workers", str(cfg.workers)]
-    if with_listen and cfg.listen:
-        argv += ["--listen", cfg.listen]
-    options = {
-        "--cwd": cfg.cwd,
-        "--ready": str(cfg.ready),
-        "--ready-timeout": f"{cfg.ready_timeout:g}",
-        "--ready-soak": f"{cfg.ready_soak:g}",
-        "--reload-batch": str(cfg.reload_batch),
-        "--listen-fds": str(cfg.listen_fds),
-        "--shutdown-timeout": f"{cfg.shutdown_timeout:g}",
-        "--stop-signal": signal.Signals(cfg.stop_signal).name,
-        "--socket": cfg.socket,
-        "--log": cfg.log,
-    }
-    for flag, value in options.items():
-        if value is not None:
-            argv += [flag, value]
-    return argv + ["--", *cfg.command]
+    argv = [sys.executable, "-m", "deployer.master", "run"]
+    for option, value in cfg.items():
+        if option.flag and (with_listen or option.key != "listen"):
+            argv += [option.flag_name, option.flag_text(value)]
+    return argv + ["--", *cfg.argv]
 
 
 def unit_name(cfg: MasterConfig) -> str:
@@ -51,7 +36,7 @@ def render(cfg: MasterConfig, socket_unit: bool = False) -> str:
     run = " ".join(shlex.quote(a) for a in server_argv(cfg, with_listen=not socket_unit))
     lines = [
         "[Unit]",
-        f"Description=deployer master: {' '.join(cfg.command)}",
+        f"Description=deployer master: {shlex.join(cfg.argv)}",
         "After=network.target",
     ]
     if socket_unit:

@@ -1,10 +1,11 @@
-"""Failures the runner reports, on top of the exit codes in deployer.errors."""
+"""Failures the runner reports, on top of the exit codes in deployer.hostapi.exits."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from deployer.errors import EXIT_FAILED, BadInput, DeployerError, LockHeld
+from deployer.hostapi.errors import BadInput, DeployerError, LockHeld
+from deployer.hostapi.exits import EXIT_FAILED
 
 __all__ = ["BadInput", "DatabaseUnavailable", "DeployerError", "LockHeld", "MigrationFailed"]
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 
-from deployer.errors import BadInput
+from deployer.hostapi.errors import BadInput
 from deployer.migrations.sqltext import Statement, split_statements
 
 PHASES = ("expand", "contract")

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deployer.errors import BadInput
+from deployer.hostapi.errors import BadInput
 from deployer.migrations.files import Migration
 from deployer.migrations.sqltext import Statement, split_top_level_commas, top_level
 

@@ -9,16 +9,33 @@
   run/deploy.lock/                    the host's deploy lock (atomic mkdir)
   log/                                master and worker logs
   history.jsonl                       what was deployed here
-  .deployer/                          host agent zipapp and master config
+  master.toml                         the master's options (written by `deployer setup`)
+  .deployer/deployer.pyz              the host agent zipapp
+
+The controller builds every host path from this class too (a Layout of the
+host's deploy_to), so the two sides cannot disagree on where a thing lives.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 from pathlib import Path
 
 RELEASE_NAME = re.compile(r"\d{14}-[0-9a-f]{7,40}")
+_SHA = re.compile(r"[0-9a-f]{7,40}")
+
+
+def utc_stamp(now: dt.datetime | None = None) -> str:
+    return f"{now or dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}"
+
+
+def release_name(sha: str, now: dt.datetime | None = None) -> str:
+    """`<UTC stamp>-<short sha>`: sorts by time, names the commit."""
+    if not _SHA.fullmatch(sha):
+        raise ValueError(f"not a commit sha: {sha!r}")
+    return f"{utc_stamp(now)}-{sha[:7]}"
 
 
 class Layout:
@@ -88,8 +105,16 @@ class Layout:
         return self.root / ".deployer"
 
     @property
+    def pyz(self) -> Path:
+        return self.tools / "deployer.pyz"
+
+    @property
     def master_config(self) -> Path:
         return self.root / "master.toml"
+
+    @property
+    def master_log(self) -> Path:
+        return self.log / "master.log"
 
     def release(self, name: str) -> Path:
         if not RELEASE_NAME.fullmatch(name):

@@ -1,0 +1,205 @@
+"""Typed answers of the host agent, with their JSON form.
+
+The agent prints one result line, `RESULT_MARK {"ok": true, ...fields}` or
+`RESULT_MARK {"ok": false, "error": "..."}`; the controller turns it back into
+the record of the call it made. NamedTuples, not dataclasses: every agent call
+imports this, and `dataclasses` costs a few ms a start.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NamedTuple, TypeVar
+
+RESULT_MARK = "@@deployer-result"
+
+T = TypeVar("T", bound=tuple)
+
+
+def _load(cls: type[T], data: dict[str, Any]) -> T:
+    """A record from a JSON object: its own fields only, defaults for the missing."""
+    return cls(**{k: data[k] for k in cls._fields if k in data})  # type: ignore[attr-defined]
+
+
+class Version(NamedTuple):
+    version: str
+    bundle: str
+    python: str
+
+
+class SetupResult(NamedTuple):
+    root: str
+    dirs: list[str]
+
+
+class ReleaseInfo(NamedTuple):
+    name: str
+    revision: str | None
+
+
+class MasterState(NamedTuple):
+    running: bool
+    pid: int | None = None
+    socket: str | None = None
+
+
+class HostState(NamedTuple):
+    root: str
+    exists: bool
+    current: str | None
+    current_revision: str | None
+    previous: str | None
+    releases: list[ReleaseInfo]
+    have: list[str]  # commits the host's object cache holds
+    master: MasterState
+    bundle: str | None = None  # the agent's bundle id: checked in the same call
+    cpus: int | None = None  # what workers = "auto" means there
+
+    @property
+    def release_names(self) -> list[str]:
+        return [r.name for r in self.releases]
+
+    def to_json(self) -> dict[str, Any]:
+        out = self._asdict()
+        out["releases"] = [r._asdict() for r in self.releases]
+        out["master"] = self.master._asdict()
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HostState:
+        data = dict(data)
+        data["releases"] = [_load(ReleaseInfo, r) for r in data.get("releases", [])]
+        data["master"] = _load(MasterState, data.get("master") or {"running": False})
+        return _load(cls, data)
+
+
+class PrepareResult(NamedTuple):
+    release: str
+    path: str
+    build_seconds: float
+    bytes: int = 0  # of the pack received in the same call
+    pack: str = ""
+
+
+class SwitchResult(NamedTuple):
+    previous: str | None
+    current: str
+
+
+class PruneResult(NamedTuple):
+    removed: list[str]
+    kept: list[str]
+
+
+class HealthResult(NamedTuple):
+    url: str
+    probes: int
+    status: int
+
+
+class Recorded(NamedTuple):
+    recorded: bool = True
+
+
+class LockOwner(NamedTuple):
+    """Who holds a deploy lock; `heartbeat` (epoch seconds) is read from the file."""
+
+    id: str
+    app: str = ""
+    revision: str = ""
+    action: str = "rollout"
+    user: str = ""
+    controller: str = ""
+    pid: int | None = None
+    since: str = ""
+    heartbeat: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = self._asdict()
+        out.pop("heartbeat")
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> LockOwner | None:
+        """None for no holder; a holder of unknown identity for a corrupt owner file."""
+        if data is None:
+            return None
+        fields = (
+            {k: v for k, v in data.items() if k in cls._fields} if isinstance(data, dict) else {}
+        )
+        fields["id"] = str(fields.get("id") or "")
+        return cls(**fields)
+
+
+class LockAnswer(NamedTuple):
+    """acquire: done=acquired; heartbeat: done=still ours; release: done=released;
+    show: done=False. `holder` is who held it (None: nobody)."""
+
+    done: bool
+    holder: LockOwner | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"done": self.done, "holder": None if self.holder is None else self.holder._asdict()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LockAnswer:
+        return cls(bool(data.get("done")), LockOwner.from_json(data.get("holder")))
+
+
+class MigrationRow(NamedTuple):
+    """One migration as `migrate status --json` reports it (event "migration")."""
+
+    name: str
+    phase: str | None = None
+    state: str = "pending"  # applied | partial | pending | changed | missing
+    release: str | None = None
+
+
+def migration_rows(stdout: str) -> list[MigrationRow]:
+    """The migration rows of a `migrate ... --json` output; other lines are skipped."""
+    rows = []
+    for line in stdout.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "migration" and "name" in event:
+            rows.append(_load(MigrationRow, event))
+    return rows
+
+
+# --- the result line ------------------------------------------------------------------
+
+
+def to_json(answer: tuple) -> dict[str, Any]:
+    custom = getattr(answer, "to_json", None)
+    return custom() if custom is not None else answer._asdict()  # type: ignore[attr-defined]
+
+
+def result_line(answer: tuple | None = None, error: str | None = None) -> str:
+    body = {"ok": False, "error": error} if error is not None else {"ok": True, **to_json(answer)}
+    return f"{RESULT_MARK} {json.dumps(body)}"
+
+
+class AgentFailed(Exception):
+    """The agent answered ok=false; the message is its error."""
+
+
+def parse_result(stdout: str, answer: type[T]) -> T | None:
+    """The record in the last result line of `stdout`; None if there is none.
+    Raises AgentFailed for an ok=false answer, ValueError for a garbled one."""
+    for line in reversed(stdout.splitlines()):
+        if not line.startswith(RESULT_MARK):
+            continue
+        body = json.loads(line[len(RESULT_MARK) :])
+        if not isinstance(body, dict):
+            raise ValueError(f"result is not a JSON object: {line[:200]!r}")
+        if not body.get("ok"):
+            raise AgentFailed(str(body.get("error") or "unknown error"))
+        body.pop("ok")
+        loader = getattr(answer, "from_json", None)
+        try:
+            return loader(body) if loader is not None else _load(answer, body)
+        except TypeError as e:  # a field missing: an agent of another version
+            raise ValueError(f"unexpected answer {body!r}: {e}") from None
+    return None

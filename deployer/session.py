@@ -1,0 +1,77 @@
+"""A fleet session: the selected hosts of an inventory, their connections and
+the reporter, for one command (setup, status, rollout, rollback, unlock...).
+
+    with FleetSession.open(inventory, hosts, state_dir) as fleet:
+        results, failures = fleet.each(fleet.names, lambda host: host.state())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from deployer.errors import DeployerError
+from deployer.history import History
+from deployer.inventory import HostConfig, Inventory
+from deployer.remote import RemoteHost
+from deployer.report import Reporter, reporter_for
+from deployer.transport import HostPool
+
+
+class FleetSession:
+    def __init__(
+        self,
+        inventory: Inventory,
+        hosts: Sequence[HostConfig],
+        state_dir: Path,
+        reporter: Reporter | None = None,
+        lock_wait: float = 0.0,
+    ) -> None:
+        self.inventory = inventory
+        self.reporter = reporter or reporter_for()
+        self.state_dir = state_dir
+        self.lock_wait = lock_wait
+        self.pool = HostPool()
+        self.remotes = {h.name: RemoteHost(h, self.pool.get(h)) for h in hosts}
+        self.history = History(state_dir)
+
+    def __enter__(self) -> FleetSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.remotes)
+
+    def each(
+        self, names: Sequence[str], fn: Callable[[RemoteHost], Any], limit: int | None = None
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """fn on each host in parallel: (results, failures) keyed by host name."""
+        results: dict[str, Any] = {}
+        failures: dict[str, str] = {}
+        if not names:
+            return results, failures
+        workers = min(len(names), limit or self.inventory.rollout.parallel)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {n: pool.submit(fn, self.remotes[n]) for n in names}
+            for name, fut in futures.items():
+                try:
+                    results[name] = fut.result()
+                except DeployerError as e:
+                    # The host is named once, by the report line itself.
+                    failures[name] = str(e).removeprefix(f"{name}: ")
+                    self.reporter.say(f"FAILED: {failures[name]}", name)
+        return results, failures
+
+    def remote(self, name: str) -> RemoteHost:
+        """An inventory host outside the selection (e.g. the migrations host)."""
+        config = self.inventory.hosts[name]
+        return RemoteHost(config, self.pool.get(config))
+
+    def close(self) -> None:
+        self.reporter.close()
+        self.pool.close()
