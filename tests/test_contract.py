@@ -325,7 +325,7 @@ def test_check_rollback_refuses_to_pass_a_contract_migration() -> None:
 def test_release_names() -> None:
     import datetime as dt
 
-    when = dt.datetime(2026, 12, 1, 10, 0, 5, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 12, 1, 10, 0, 5, tzinfo=dt.UTC)
     assert release_name("0123456789abcdef", when) == "20261201100005-0123456"
     with pytest.raises(ValueError, match="not a commit sha"):
         release_name("not-a-sha-at-all")
