@@ -11,10 +11,10 @@ import math
 import re
 import signal
 from collections.abc import Callable
-from typing import Any, NamedTuple, Tuple, Union
+from typing import Any, NamedTuple, Union
 
 Checker = Callable[[Any], Any]
-Command = Union[str, Tuple[str, ...]]  # evaluated: hosts run 3.9
+Command = Union[str, tuple[str, ...]]  # evaluated: hosts run 3.9 (no `X | Y`)
 
 MAX_SECONDS = 7 * 24 * 3600.0  # a week: beyond it a duration is a typo, not a setting
 
