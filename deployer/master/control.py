@@ -128,6 +128,22 @@ class Connection:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def to_state(self, requester: bool) -> dict[str, Any]:
+        """As JSON (an upgrade hands it over); requester: the client that asked for it."""
+        return {
+            "fd": self.fileno(),
+            "inbuf": self.inbuf.decode(errors="replace"),
+            "outbuf": self.outbuf.decode(errors="replace"),
+            "requester": requester,
+        }
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> Connection:
+        """Wraps the inherited fd: only once nothing else can fail."""
+        conn = cls(socket.socket(fileno=d["fd"]))
+        conn.inbuf, conn.outbuf = d["inbuf"].encode(), d["outbuf"].encode()
+        return conn
+
     def read_requests(self) -> list[dict[str, Any]] | None:
         """Complete requests received so far; None when the peer went away."""
         try:
@@ -171,13 +187,14 @@ class Connection:
             self.outbuf = self.outbuf[sent:]
 
     def flush_blocking(self, timeout: float) -> None:
-        """Last words before the master exits (or re-execs)."""
+        """Last words before the master exits (or re-execs); non-blocking again after."""
         if self.closed or not self.outbuf:
             return
         self.sock.settimeout(timeout)
         with contextlib.suppress(OSError):
             self.sock.sendall(self.outbuf)
         self.outbuf = b""
+        self.sock.setblocking(False)
 
     @property
     def wants_write(self) -> bool:

@@ -8,6 +8,7 @@ import contextlib
 import os
 import time
 from collections import deque
+from typing import Any
 
 MAX_LINE = 64 * 1024  # a "line" without newline longer than this is flushed as is
 TAIL_LINES = 20  # stderr lines kept per worker for failure reports
@@ -90,6 +91,21 @@ class OutputStream:
         for raw in lines:
             self.emit(raw)
         return True
+
+    def to_state(self, stderr_of: int | None) -> dict[str, Any]:
+        """As JSON (an upgrade hands it over); stderr_of: the pid whose tail it feeds."""
+        return {
+            "fd": self.fd,
+            "who": self.who,
+            "partial": self.partial.decode(errors="replace"),
+            "stderr_of": stderr_of,
+        }
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any], log: MasterLog, tail: deque[str] | None) -> OutputStream:
+        stream = cls(d["fd"], d["who"], log, tail)
+        stream.partial = d["partial"].encode()
+        return stream
 
     def flush(self) -> None:
         if self.partial:

@@ -21,7 +21,9 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
+from deployer.master.log import new_tail
 from deployer.master.readiness import READY_FD_ENV, ReadyPipe
 
 LISTEN_FD = 3
@@ -95,6 +97,46 @@ class Worker:
 
     def last_stderr(self) -> str:
         return "\n".join(self.stderr_tail)
+
+    def to_state(self) -> dict[str, Any]:
+        """The record as JSON (an upgrade hands it over); fds by number."""
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "release": self.spec.release,
+            "generation": self.spec.generation,
+            "started_at": self.started_at,
+            "started_mono": self.started_mono,
+            "state": self.state,
+            "ready_at": self.ready_at,
+            "kill_at": self.kill_at,
+            "status_text": self.status_text,
+            "ready_fd": None if self.ready_pipe is None else self.ready_pipe.fd,
+            "stderr_tail": list(self.stderr_tail),
+            "killed_for": self.killed_for,
+            "stream_fds": self.stream_fds,
+        }
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> Worker:
+        w = cls(
+            id=d["id"],
+            pid=d["pid"],
+            spec=Spec(d["release"], d["generation"]),
+            started_at=d["started_at"],
+            started_mono=d["started_mono"],
+            state=d["state"],
+            ready_at=d["ready_at"],
+            kill_at=d["kill_at"],
+            status_text=d["status_text"],
+            killed_for=d["killed_for"],
+            stream_fds=d["stream_fds"],
+            stderr_tail=new_tail(),
+        )
+        w.stderr_tail.extend(d["stderr_tail"])
+        if d["ready_fd"] is not None:
+            w.ready_pipe = ReadyPipe(d["ready_fd"])
+        return w
 
 
 def rss_bytes(pid: int) -> int | None:
