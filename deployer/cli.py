@@ -98,7 +98,7 @@ def setup(ctx: click.Context, patterns: str | None) -> None:
     with open_fleet(ctx, patterns) as session:
         failures = fleet.setup(session)
     if failures:
-        sys.exit(1)
+        sys.exit(session.exit_code)
 
 
 @cli.command()

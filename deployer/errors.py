@@ -56,6 +56,7 @@ class CommandFailed(DeployerError):
 class StepFailed(DeployerError):
     """A step on one host failed; says which host, which step, and why."""
 
-    def __init__(self, host: str, step: str, message: str) -> None:
+    def __init__(self, host: str, step: str, message: str, exit_code: int = EXIT_FAILED) -> None:
         self.host, self.step, self.reason = host, step, message
+        self.exit_code = exit_code  # EXIT_BAD_INPUT: the host refused (an unsafe layout)
         super().__init__(f"{host}: {step} failed: {message}")

@@ -16,14 +16,17 @@ def setup(fleet: FleetSession) -> dict[str, str]:
     say = fleet.reporter.say
 
     def one(remote: RemoteHost) -> None:
-        before = remote.installed_bundle()
-        remote.install(bundle)
-        say(f"agent {bundle.id} installed at {remote.layout.pyz}", remote.name)
+        done = remote.install(bundle)
+        for d in done.created:
+            say(f"created {d}", remote.name)
+        agent = "installed" if done.installed else "up to date"
+        say(f"agent {bundle.id} {agent} at {remote.layout.pyz}", remote.name)
         if remote.config.master is None:
             return
-        remote.write_master_config()
+        if done.config_changed:
+            say(f"wrote {remote.layout.master_config}", remote.name)
         state = remote.state()
-        if state.master.running and before != bundle.id:
+        if state.master.running and done.installed:
             # A master of the old agent: re-exec it on the new one without a restart.
             remote.upgrade_master(on_line=lambda s: say(f"master: {s}", remote.name))
             say(f"master upgraded in place (pid {state.master.pid})", remote.name)

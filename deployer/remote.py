@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from deployer.agent.bundle import Bundle
-from deployer.errors import StepFailed
+from deployer.agent.bundle import Bundle, build
+from deployer.errors import EXIT_BAD_INPUT, EXIT_FAILED, StepFailed
 from deployer.hostapi import answers, calls
 from deployer.hostapi.calls import AgentCall
 from deployer.hostapi.layout import Layout
@@ -53,7 +53,7 @@ class RemoteHost:
         timeout: float | None = None,
     ) -> Any:
         """Run one agent call; its typed answer, or StepFailed saying why not."""
-        argv = call.argv(self.config.ssh.python, self.layout)
+        argv = call.argv(self.config.ssh.python, self.layout, build().sha256)
 
         def forward(line: str) -> None:
             if on_line is not None and not line.startswith(answers.RESULT_MARK):
@@ -63,24 +63,34 @@ class RemoteHost:
         try:
             answer = answers.parse_result(result.stdout, call.answer)
         except answers.AgentFailed as e:
-            raise StepFailed(self.name, call.op, str(e)) from None
+            raise StepFailed(self.name, call.op, str(e), e.code) from None
         except ValueError as e:
             raise StepFailed(self.name, call.op, f"garbled answer: {e}") from None
         if answer is None:
-            raise StepFailed(self.name, call.op, self._no_answer(result))
+            code = EXIT_BAD_INPUT if result.exit_code == EXIT_BAD_INPUT else EXIT_FAILED
+            raise StepFailed(self.name, call.op, self._no_answer(call, result), code)
         return answer
 
-    def _no_answer(self, result: Result) -> str:
-        tail = result.stderr_tail(10) or result.stdout[-2000:]
-        if result.exit_code in (2, 127) and ("No such file" in tail or "can't open" in tail):
-            return f"the host agent is not installed at {self.layout.pyz}: run `deployer setup`"
-        return f"`{shlex.join(result.argv)}` exited with {result.exit_code}: {tail}"
+    def _zipapp(self, *words: str) -> list[str]:
+        pyz = str(self.layout.pyz)
+        return calls.zipapp(self.config.ssh.python, pyz, build().sha256, *words)
 
-    def install(self, bundle: Bundle) -> None:
-        """Upload the agent zipapp (atomically) and create the layout."""
-        self.transport.run(["mkdir", "-p", str(self.layout.tools)], check=True)
-        self.transport.put(bundle.data, str(self.layout.pyz), mode=0o644)
-        self.call(calls.setup())
+    def _no_answer(self, call: AgentCall, result: Result) -> str:
+        tail = result.stderr_tail(10) or result.stdout[-2000:]
+        if result.exit_code == 127 and "cannot open the host agent" in tail:
+            return f"the host agent is not installed at {self.layout.pyz}: run `deployer setup`"
+        if result.exit_code == EXIT_BAD_INPUT and tail.startswith("deployer: "):
+            return tail.removeprefix("deployer: ")
+        what = shlex.join([str(self.layout.pyz), "agent", call.op, *call.args])
+        return f"`{what}` exited with {result.exit_code}: {tail}"
+
+    def install(self, bundle: Bundle) -> answers.SetupResult:
+        """Check or create the layout, then install the agent zipapp and master.toml:
+        one call, the zipapp on its stdin (no SFTP, nothing written before the
+        host has checked that deploy_to is the deploy user's alone)."""
+        master = self.master
+        toml = None if master is None else to_toml(master)
+        return self.call(calls.setup(install=True, master_toml=toml), stdin=bundle.data)
 
     def version(self) -> answers.Version:
         return self.call(calls.version())
@@ -129,7 +139,7 @@ class RemoteHost:
         self, *args: str, cwd: str, on_line: LineCallback | None = None, check: bool = True
     ) -> Result:
         """`deployer migrate ARGS` on this host (host-side runner from the zipapp)."""
-        argv = calls.zipapp(self.config.ssh.python, self.layout, "migrate", *args)
+        argv = self._zipapp("migrate", *args)
         result = self.transport.run(argv, cwd=cwd, on_stdout=on_line)
         if check and not result.ok:
             why = result.stderr_tail(15) or result.stdout[-2000:]
@@ -144,14 +154,10 @@ class RemoteHost:
             raise StepFailed(self.name, "master", "the inventory has no [master] section")
         return cfg
 
-    def write_master_config(self) -> None:
-        toml = to_toml(self._master_config())
-        self.transport.put(toml.encode(), str(self.layout.master_config))
-
     def _master(
         self, words: tuple[str, ...], on_line: LineCallback | None, timeout: float
     ) -> Result:
-        argv = calls.zipapp(self.config.ssh.python, self.layout, *words)
+        argv = self._zipapp(*words)
         result = self.transport.run(argv, on_stdout=on_line, timeout=timeout)
         if not result.ok:
             why = result.stderr_tail(15) or result.stdout[-2000:]
@@ -175,16 +181,9 @@ class RemoteHost:
 
     def upgrade_master(self, on_line: LineCallback | None = None) -> Result:
         """Re-exec the running master on the agent just installed (same pid, socket and
-        workers): by default it takes the code from where it runs from, the pyz path."""
-        words = calls.master_upgrade(str(self._master_config().socket))
+        workers), on the zipapp in the layout."""
+        words = calls.master_upgrade(str(self._master_config().socket), self.layout)
         return self._master(words, on_line, 120)
 
     def stop_master(self) -> Result:
         return self._master(calls.master_stop(str(self._master_config().socket)), None, 120)
-
-    def installed_bundle(self) -> str | None:
-        """The bundle id of the agent installed on the host (None: none installed)."""
-        try:
-            return self.version().bundle
-        except StepFailed:
-            return None

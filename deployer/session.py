@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from deployer.errors import DeployerError
+from deployer.errors import EXIT_FAILED, DeployerError
 from deployer.history import History
 from deployer.inventory import HostConfig, Inventory
 from deployer.remote import RemoteHost
@@ -36,6 +36,7 @@ class FleetSession:
         self.pool = HostPool()
         self.remotes = {h.name: RemoteHost(h, self.pool.get(h)) for h in hosts}
         self.history = History(state_dir)
+        self.exit_codes: dict[str, int] = {}  # host -> exit code of its last failure
 
     def __enter__(self) -> FleetSession:
         return self
@@ -64,8 +65,14 @@ class FleetSession:
                 except DeployerError as e:
                     # The host is named once, by the report line itself.
                     failures[name] = str(e).removeprefix(f"{name}: ")
+                    self.exit_codes[name] = e.exit_code
                     self.reporter.say(f"FAILED: {failures[name]}", name)
         return results, failures
+
+    @property
+    def exit_code(self) -> int:
+        """For a command that failed on some hosts: 2 if any host refused (bad input)."""
+        return max(self.exit_codes.values(), default=EXIT_FAILED)
 
     def remote(self, name: str) -> RemoteHost:
         """An inventory host outside the selection (e.g. the migrations host)."""

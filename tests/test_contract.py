@@ -20,6 +20,7 @@ from deployer.remote import RemoteHost
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 LAYOUT = Layout.at("/srv/shop")
+DIGEST = "0" * 64
 OWNER = answers.LockOwner("abc123", "shop", "f" * 40, "rollout", "alice", "build1", 42, "t0")
 
 # --- agent calls: exact argv -----------------------------------------------------------
@@ -71,19 +72,21 @@ CALLS = [
 
 @pytest.mark.parametrize(("call", "words"), CALLS, ids=[c[0].op for c in CALLS])
 def test_agent_call_argv_is_exact(call: calls.AgentCall, words: list[str]) -> None:
-    assert call.argv("python3", LAYOUT) == ["python3", "/srv/shop/.deployer/deployer.pyz", *words]
+    pyz = "/srv/shop/.deployer/deployer.pyz"
+    argv = call.argv("python3", LAYOUT, DIGEST)
+    assert argv == ["python3", "-c", calls.BOOTSTRAP, pyz, DIGEST, *words]
 
 
 @pytest.mark.parametrize(("call", "words"), CALLS, ids=[c[0].op for c in CALLS])
 def test_the_agent_parses_every_call(call: calls.AgentCall, words: list[str]) -> None:
-    args = agent_parser().parse_args(words[1:])
+    args = agent_parser().parse_args(call.argv("python3", LAYOUT, DIGEST)[6:])
     assert args.op == call.op
     if call.root:
         assert args.root == "/srv/shop"
 
 
 def test_lock_owner_travels_as_json_without_force_inside() -> None:
-    args = agent_parser().parse_args(calls.lock("acquire", OWNER).argv("p", LAYOUT)[3:])
+    args = agent_parser().parse_args(calls.lock("acquire", OWNER).argv("p", LAYOUT, DIGEST)[6:])
     assert answers.LockOwner.from_json(json.loads(args.owner)) == OWNER
     assert "force" not in args.owner and args.force is False
 
@@ -94,8 +97,12 @@ def test_master_words() -> None:
     assert reload == (
         "master", "reload", "--socket", "/srv/shop/run/master.sock", "--wait", "--timeout", "95.0"
     )  # fmt: skip
-    assert calls.zipapp("python3", LAYOUT, *calls.master_stop("/s")) == [
-        "python3", "/srv/shop/.deployer/deployer.pyz", "master", "stop", "--socket", "/s"
+    assert calls.master_upgrade("/s", LAYOUT) == (
+        "master", "upgrade", "--socket", "/s", "--code", "/srv/shop/.deployer/deployer.pyz"
+    )  # fmt: skip
+    assert calls.zipapp("python3", str(LAYOUT.pyz), DIGEST, *calls.master_stop("/s")) == [
+        "python3", "-c", calls.BOOTSTRAP, "/srv/shop/.deployer/deployer.pyz", DIGEST,
+        "master", "stop", "--socket", "/s",
     ]  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import io
 import marshal
 import zipfile
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import deployer
@@ -34,6 +34,11 @@ class Bundle:
     @property
     def filename(self) -> str:
         return "deployer.pyz"
+
+    @cached_property
+    def sha256(self) -> str:
+        """What the hosts check before they run it (hostapi.calls.BOOTSTRAP)."""
+        return hashlib.sha256(self.data).hexdigest()
 
 
 def _sources() -> list[tuple[str, bytes]]:

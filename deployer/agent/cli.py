@@ -17,7 +17,9 @@ from deployer import __version__
 from deployer.agent import ops
 from deployer.hostapi import answers
 from deployer.hostapi.calls import LOCK_ACTIONS
+from deployer.hostapi.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from deployer.hostapi.layout import Layout
+from deployer.hostapi.trust import UntrustedPath
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--root", required=True, help="the host's deploy_to")
         return sp
 
-    with_root("setup")
+    sp = with_root("setup")
+    sp.add_argument("--install", action="store_true", help="write this zipapp into the layout")
+    sp.add_argument("--master-toml", help="the master's options file, written if it changed")
     with_root("state")
     sp = with_root("prepare")
     sp.add_argument("--revision", required=True)
@@ -84,7 +88,8 @@ def run_op(args: argparse.Namespace) -> tuple:
         return ops.health(args.url, args.expect, args.timeout, args.passes, args.interval)
     layout = Layout.at(args.root)
     if args.op == "setup":
-        return ops.setup(layout)
+        return ops.setup(layout, args.install, args.master_toml)
+    ops.check_layout(layout)
     if args.op == "state":
         # the bundle id too: a rollout checks the agent and reads state in one call
         return ops.state(layout)._replace(bundle=_bundle_id())
@@ -107,9 +112,11 @@ def run_op(args: argparse.Namespace) -> tuple:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    error = None
+    error, code = None, EXIT_FAILED
     try:
         answer = run_op(args)
+    except UntrustedPath as e:
+        error, code = f"refusing: {e}", EXIT_BAD_INPUT
     except (ops.AgentError, ValueError, OSError) as e:
         error = str(e)
     except Exception as e:  # a bug: still answer in JSON, with the traceback on stderr
@@ -117,5 +124,5 @@ def main(argv: list[str]) -> int:
 
         traceback.print_exc()
         error = f"agent internal error: {type(e).__name__}: {e}"
-    print(answers.result_line(None if error else answer, error), flush=True)
-    return 0 if error is None else 1
+    print(answers.result_line(None if error else answer, error, code), flush=True)
+    return EXIT_OK if error is None else code

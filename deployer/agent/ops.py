@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deployer.hostapi import answers
+from deployer.hostapi import answers, trust
 from deployer.hostapi.layout import RELEASE_NAME, Layout
 
 
@@ -40,13 +40,41 @@ def _git(layout: Layout, *args: str, stdin: Any = None, capture: bool = True) ->
 # --- layout ---------------------------------------------------------------------------
 
 
-def setup(layout: Layout) -> answers.SetupResult:
-    """Create the layout; idempotent."""
-    for d in layout.dirs():
-        d.mkdir(parents=True, exist_ok=True)
+def setup(
+    layout: Layout, install: bool = False, master_toml: str | None = None
+) -> answers.SetupResult:
+    """Create the layout, or check the one there is; then (the layout being ours
+    alone) write the zipapp this runs from and master.toml. Idempotent."""
+    created = trust.secure_dirs(layout.root, layout.dirs(), create=True)
     if not (layout.repo / "HEAD").exists():
         subprocess.run(["git", "init", "-q", "--bare", str(layout.repo)], check=True)
-    return answers.SetupResult(str(layout.root), [str(d) for d in layout.dirs()])
+    installed = install and trust.write_file(layout.pyz, _own_zipapp())
+    changed = master_toml is not None and trust.write_file(
+        layout.master_config, master_toml.encode()
+    )
+    return answers.SetupResult(
+        str(layout.root),
+        [str(d) for d in layout.dirs()],
+        [str(d) for d in created],
+        installed,
+        changed,
+    )
+
+
+def _own_zipapp() -> bytes:
+    """The bytes of the zipapp this code was imported from (the bootstrap's copy)."""
+    import deployer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(deployer.__file__)))
+    if not os.path.isfile(root):
+        raise AgentError(f"--install: not running from a zipapp ({root})")
+    with open(root, "rb") as f:
+        return f.read()
+
+
+def check_layout(layout: Layout) -> None:
+    """Every operation first: deploy_to and its directories are ours alone."""
+    trust.secure_dirs(layout.root, layout.dirs(), create=False)
 
 
 def releases(layout: Layout) -> list[str]:

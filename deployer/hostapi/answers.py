@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any, NamedTuple, TypeVar
 
+from deployer.hostapi.exits import EXIT_BAD_INPUT, EXIT_FAILED
+
 RESULT_MARK = "@@deployer-result"
 
 T = TypeVar("T", bound=tuple)
@@ -30,6 +32,9 @@ class Version(NamedTuple):
 class SetupResult(NamedTuple):
     root: str
     dirs: list[str]
+    created: list[str] = []  # directories this call made
+    installed: bool = False  # the zipapp on disk changed
+    config_changed: bool = False  # master.toml changed
 
 
 class ReleaseInfo(NamedTuple):
@@ -176,13 +181,23 @@ def to_json(answer: tuple) -> dict[str, Any]:
     return custom() if custom is not None else answer._asdict()  # type: ignore[attr-defined]
 
 
-def result_line(answer: tuple | None = None, error: str | None = None) -> str:
-    body = {"ok": False, "error": error} if error is not None else {"ok": True, **to_json(answer)}
+def result_line(
+    answer: tuple | None = None, error: str | None = None, code: int = EXIT_FAILED
+) -> str:
+    """`code`: the exit code the failure stands for (EXIT_BAD_INPUT: a refusal)."""
+    if error is not None:
+        body = {"ok": False, "error": error, "code": code}
+    else:
+        body = {"ok": True, **to_json(answer)}
     return f"{RESULT_MARK} {json.dumps(body)}"
 
 
 class AgentFailed(Exception):
-    """The agent answered ok=false; the message is its error."""
+    """The agent answered ok=false; the message is its error, `code` its exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def parse_result(stdout: str, answer: type[T]) -> T | None:
@@ -195,7 +210,9 @@ def parse_result(stdout: str, answer: type[T]) -> T | None:
         if not isinstance(body, dict):
             raise ValueError(f"result is not a JSON object: {line[:200]!r}")
         if not body.get("ok"):
-            raise AgentFailed(str(body.get("error") or "unknown error"))
+            code = body.get("code")
+            code = code if code in (EXIT_FAILED, EXIT_BAD_INPUT) else EXIT_FAILED
+            raise AgentFailed(str(body.get("error") or "unknown error"), code)
         body.pop("ok")
         loader = getattr(answer, "from_json", None)
         try:

@@ -17,23 +17,73 @@ from deployer.hostapi.layout import Layout
 LOCK_ACTIONS = ("acquire", "release", "heartbeat", "show")
 
 
+# Runs the host's zipapp only if it is the controller's own: the bytes are read
+# once (never through a symlink), hashed, and imported from an anonymous copy
+# (memfd), so what runs is what was checked; another local user who could swap
+# the file can only make it fail. Written to run on any Python, so that an old
+# one is named rather than a SyntaxError.
+BOOTSTRAP = """\
+import sys
+if sys.version_info < (3, 9):
+    sys.stderr.write("deployer: the host agent needs Python 3.9 or later; %s is %s\\n"
+                     % (sys.executable, sys.version.split()[0]))
+    sys.exit(2)
+import hashlib, os
+path, want = sys.argv[1], sys.argv[2]
+if path == "-":  # the zipapp itself comes on stdin: `agent setup --install`
+    data = sys.stdin.buffer.read()
+else:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        sys.stderr.write("deployer: cannot open the host agent %s: %s\\n" % (path, e.strerror))
+        sys.exit(127 if e.errno == 2 else 2)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+if hashlib.sha256(data).hexdigest() != want:
+    sys.stderr.write("deployer: the host agent %s is not this controller's "
+                     "(sha256 differs): run `deployer setup`\\n" % path)
+    sys.exit(2)
+mem = os.memfd_create("deployer.pyz", 0)  # no CLOEXEC: a master upgrade may go back
+os.write(mem, data)
+sys.argv = [path] + sys.argv[3:]
+sys.path.insert(0, "/proc/self/fd/%d" % mem)
+from deployer.hostmain import main
+sys.exit(main())
+"""
+
+
+def zipapp(python: str, pyz: str, digest: str, *words: str) -> list[str]:
+    """A command of the host's zipapp (`agent ...`, `master ...`, `migrate ...`),
+    run only if the zipapp's sha256 is `digest`; pyz "-": it comes on stdin."""
+    return [python, "-c", BOOTSTRAP, pyz, digest, *words]
+
+
 class AgentCall(NamedTuple):
     op: str
     args: tuple[str, ...]
     answer: type[tuple]
     root: bool = True  # the op works on a deploy root (--root)
+    pyz_on_stdin: bool = False  # installs the zipapp it runs from
 
-    def argv(self, python: str, layout: Layout) -> list[str]:
+    def argv(self, python: str, layout: Layout, digest: str) -> list[str]:
         root = ("--root", str(layout.root)) if self.root else ()
-        return [python, str(layout.pyz), "agent", self.op, *root, *self.args]
+        pyz = "-" if self.pyz_on_stdin else str(layout.pyz)
+        return zipapp(python, pyz, digest, "agent", self.op, *root, *self.args)
 
 
 def version() -> AgentCall:
     return AgentCall("version", (), answers.Version, root=False)
 
 
-def setup() -> AgentCall:
-    return AgentCall("setup", (), answers.SetupResult)
+def setup(install: bool = False, master_toml: str | None = None) -> AgentCall:
+    """Create or check the layout. `install`: the zipapp, sent on stdin, is run
+    from memory and writes itself into the layout once the layout is checked;
+    `master_toml`: the master's options file, written if it changed."""
+    args = ("--install",) if install else ()
+    if master_toml is not None:
+        args += ("--master-toml", master_toml)
+    return AgentCall("setup", args, answers.SetupResult, pyz_on_stdin=install)
 
 
 def state() -> AgentCall:
@@ -83,11 +133,6 @@ def lock(action: str, owner: answers.LockOwner, force: bool = False) -> AgentCal
     return AgentCall("lock", args + (("--force",) if force else ()), answers.LockAnswer)
 
 
-def zipapp(python: str, layout: Layout, *words: str) -> list[str]:
-    """Any other command of the host's zipapp: `master ...`, `migrate ...`."""
-    return [python, str(layout.pyz), *words]
-
-
 def master_start(layout: Layout) -> tuple[str, ...]:
     return ("master", "start", "--config", str(layout.master_config))
 
@@ -96,8 +141,10 @@ def master_reload(socket: str, timeout: float) -> tuple[str, ...]:
     return ("master", "reload", "--socket", socket, "--wait", "--timeout", str(timeout))
 
 
-def master_upgrade(socket: str) -> tuple[str, ...]:
-    return ("master", "upgrade", "--socket", socket)
+def master_upgrade(socket: str, layout: Layout) -> tuple[str, ...]:
+    """The new code is the zipapp just installed (named: the running master may
+    have imported its own from an anonymous copy)."""
+    return ("master", "upgrade", "--socket", socket, "--code", str(layout.pyz))
 
 
 def master_stop(socket: str) -> tuple[str, ...]:
