@@ -1,0 +1,167 @@
+"""Another local user on a host must not get the deploy user's (or root's) powers:
+a deploy_to she could write is refused before anything is written, and the
+zipapp runs only if it is the controller's own. Real sshd hosts, a real second
+unix user."""
+
+from __future__ import annotations
+
+import io
+import os
+import pwd
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+from rollout_helpers import Project, make_repo
+from sshd import SSHTestHost, inventory_toml
+
+OTHER = "deployer-other"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates a second unix user")
+
+
+@pytest.fixture(scope="module")
+def other() -> pwd.struct_passwd:
+    """A second, unprivileged local user (the one who must not get in)."""
+    try:
+        return pwd.getpwnam(OTHER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER],
+            check=True,
+            capture_output=True,
+        )
+        return pwd.getpwnam(OTHER)
+
+
+def as_user(user: pwd.struct_passwd, *argv: str) -> None:
+    subprocess.run(
+        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", *argv],
+        check=True,
+    )
+
+
+def project_at(tmp_path: Path, hosts: list[SSHTestHost], deploy_to: str) -> Project:
+    repo = make_repo(tmp_path / "app", {"app.txt": "v1\n"})
+    inventory = tmp_path / "inventory.toml"
+    app = f'[app]\nname = "demo"\ndeploy_to = "{deploy_to}"\n'
+    inventory.write_text(inventory_toml(hosts, app))
+    return Project(repo, inventory, tmp_path / "state", hosts)
+
+
+def shared_tmp(hosts: list[SSHTestHost]) -> Path:
+    """A world-writable sticky directory like /tmp, beside the hosts' roots."""
+    d = hosts[0].root.parent / "tmp"
+    d.mkdir()
+    d.chmod(0o1777)
+    return d
+
+
+def test_deploy_to_pre_created_by_another_user_is_refused(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost], other: pwd.struct_passwd
+) -> None:
+    hosts = ssh_hosts[:1]
+    tmp = shared_tmp(hosts)
+    planted = tmp / hosts[0].name
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    victim.chmod(0o777)
+    as_user(other, "mkdir", "-m", "0777", str(planted))
+    as_user(other, "ln", "-s", str(victim), str(planted / "run"))
+    as_user(other, "ln", "-s", str(victim), str(planted / "log"))
+    before = sorted(os.listdir(planted))
+
+    project = project_at(tmp_path, hosts, f"{tmp}/{{host}}")
+    proc = project.deployer("setup")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{planted} is owned by {OTHER} (uid {other.pw_uid})" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    # nothing was written into her directory, nothing through her symlinks
+    assert sorted(os.listdir(planted)) == before
+    assert os.listdir(victim) == []
+    # no agent was installed there, so every other command stops before writing
+    for args in (["status"], ["rollout"], ["unlock"]):
+        proc = project.deployer(*args)
+        assert proc.returncode != 0 and "run `deployer setup`" in proc.stdout + proc.stderr
+    assert sorted(os.listdir(planted)) == before and os.listdir(victim) == []
+
+
+def test_a_parent_another_user_owns_is_refused(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost], other: pwd.struct_passwd
+) -> None:
+    hosts = ssh_hosts[:1]
+    hers = hosts[0].root.parent / "hers"
+    hers.mkdir()
+    os.chown(hers, other.pw_uid, other.pw_gid)
+    project = project_at(tmp_path, hosts, f"{hers}/apps/{{host}}")
+    proc = project.deployer("setup")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (
+        f"{hers} (above deploy_to {hers}/apps/{hosts[0].name}) is owned by {OTHER}" in proc.stdout
+    )
+    assert os.listdir(hers) == []  # not even the parents were created
+
+
+def test_a_fresh_deploy_to_in_a_sticky_tmp_is_fine(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost]
+) -> None:
+    hosts = ssh_hosts[:1]
+    tmp = shared_tmp(hosts)
+    project = project_at(tmp_path, hosts, f"{tmp}/{{host}}")
+    out = project.deployer("setup", check=True).stdout
+    root = tmp / hosts[0].name
+    assert f"created {root}/releases" in out
+    st = root.stat()
+    assert st.st_uid == pwd.getpwnam(hosts[0].user).pw_uid and st.st_mode & 0o777 == 0o755
+    again = project.deployer("setup", check=True).stdout
+    assert "created" not in again and "up to date" in again
+
+
+def test_a_symlink_or_a_writable_directory_in_the_layout_is_refused(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost]
+) -> None:
+    hosts = ssh_hosts[:1]
+    root = hosts[0].root
+    project = project_at(tmp_path, hosts, str(root.parent / "{host}"))
+    project.deployer("setup", check=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / "log").rmdir()
+    (root / "log").symlink_to(elsewhere)
+    proc = project.deployer("status")
+    assert proc.returncode == 1
+    assert f"{root}/log is a symlink (to {elsewhere}): a directory is expected" in proc.stdout
+    (root / "log").unlink()
+    (root / "log").mkdir()
+    uid = pwd.getpwnam(hosts[0].user).pw_uid
+    os.chown(root / "log", uid, uid)
+    (root / "shared").chmod(0o777)
+    proc = project.deployer("setup")
+    assert proc.returncode == 2
+    assert f"{root}/shared is writable by others (mode 0777): chmod go-w {root}/shared" in (
+        proc.stdout
+    )
+
+
+def test_a_replaced_zipapp_never_runs(tmp_path: Path, ssh_hosts: list[SSHTestHost]) -> None:
+    hosts = ssh_hosts[:1]
+    root = hosts[0].root
+    project = project_at(tmp_path, hosts, str(root.parent / "{host}"))
+    project.deployer("setup", check=True)
+    marker = tmp_path / "ran"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        code = f"open({str(marker)!r}, 'w').write('pwned')\n"
+        z.writestr("__main__.py", code)
+        z.writestr("deployer/__init__.py", code)
+        z.writestr("deployer/hostmain.py", code + "def main():\n    return 0\n")
+    pyz = root / ".deployer" / "deployer.pyz"
+    pyz.write_bytes(buf.getvalue())  # same owner and mode: only the content differs
+    for args in (["status"], ["rollout"]):
+        proc = project.deployer(*args)
+        assert proc.returncode != 0
+        assert "is not this controller's (sha256 differs): run `deployer setup`" in proc.stdout
+    assert not marker.exists()
+    project.deployer("setup", check=True)
+    assert project.deployer("status").returncode == 0
