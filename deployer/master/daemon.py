@@ -10,6 +10,7 @@ failed to boot (exit 1, with the reason and the worker's last stderr lines).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import sys
@@ -28,8 +29,8 @@ def serve(cfg: MasterConfig, detach: bool) -> int:
     ctl = ControlServer(cfg.socket) if cfg.socket else None
     try:
         check_pidfile(cfg.pidfile)
-        if detach:
-            cfg.log = cfg.log or default_daemon_log(cfg)
+        if detach and not cfg.log:
+            cfg = dataclasses.replace(cfg, log=default_daemon_log(cfg))  # cfg may be frozen
         log = MasterLog(cfg.log)
     except BaseException:
         sock.close()
