@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from rollout_helpers import Project, make_repo
+from rollout_helpers import Project, git, make_repo
 from sshd import SSHTestHost, inventory_toml
 
 OTHER = "deployer-other"
@@ -165,3 +165,34 @@ def test_a_replaced_zipapp_never_runs(tmp_path: Path, ssh_hosts: list[SSHTestHos
     assert not marker.exists()
     project.deployer("setup", check=True)
     assert project.deployer("status").returncode == 0
+
+
+def test_shared_paths_never_pass_through_a_symlink_of_the_repo(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost]
+) -> None:
+    hosts = ssh_hosts[:1]
+    root = hosts[0].root
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "x.txt").write_text("keep me\n")
+    (outside / "sub" / "y.txt").write_text("keep me too\n")
+    outside.chmod(0o777)
+    project = project_at(tmp_path, hosts, str(root.parent / "{host}"))
+    project.inventory.write_text(
+        project.inventory.read_text().replace(
+            "[app]\n", '[app]\nshared = ["conf/x.txt", "data/sub/"]\n', 1
+        )
+    )
+    (project.repo / "conf").symlink_to(outside)
+    (project.repo / "data").symlink_to(outside)
+    git(project.repo, "add", "-A")
+    git(project.repo, "commit", "-q", "-m", "hostile")
+    project.deployer("setup", check=True)
+    (root / "shared" / "conf").mkdir()
+    (root / "shared" / "conf" / "x.txt").write_text("shared\n")
+    proc = project.deployer("rollout")
+    assert proc.returncode == 1
+    assert f"conf is a symlink in the repository (to {outside})" in proc.stdout
+    assert (outside / "x.txt").read_text() == "keep me\n" and not (outside / "x.txt").is_symlink()
+    assert (outside / "sub" / "y.txt").read_text() == "keep me too\n"
+    assert project.current(hosts[0]) is None

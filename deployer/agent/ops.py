@@ -244,13 +244,27 @@ def _link_shared(layout: Layout, release: Path, shared: list[str]) -> None:
                 f"[app] shared: {source} does not exist on this host; create it "
                 f"(it is linked into every release as {rel})"
             )
-        target = release / rel
+        target = _in_release(release, rel, entry)
         if target.is_symlink() or target.is_file():
             target.unlink()
         elif target.is_dir():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(source)
+
+
+def _in_release(release: Path, rel: str, entry: str) -> Path:
+    """release/rel, refusing a path through a symlink the repository committed
+    (`conf -> /etc`): linking it would replace or delete files outside the release."""
+    here = release
+    for part in Path(rel).parts[:-1]:
+        here = here / part
+        if here.is_symlink():
+            raise AgentError(
+                f"[app] shared {entry!r}: {here.relative_to(release)} is a symlink in the "
+                f"repository (to {os.readlink(here)}); a shared path must not pass through one"
+            )
+    return release / rel
 
 
 def _build(release: Path, command: str, layout: Layout) -> None:
