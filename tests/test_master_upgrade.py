@@ -57,20 +57,47 @@ def test_upgrade_under_load_keeps_pid_and_workers_with_zero_failures(
     assert "upgraded in place" in m.log_text()
 
 
+# Appended to arbiter.py of a copy of the code: a master cannot be adopted by
+# it, though its preflight (the same adoption as a dry run) passes.
+CANNOT_ADOPT = """
+
+def _cannot_adopt(cls, state, dry_run=False):
+    if not dry_run:
+        raise RuntimeError("this copy cannot adopt a master (injected by the test)")
+    return _from_state(cls, state, dry_run=dry_run)
+
+
+_from_state = Arbiter.from_state.__func__
+Arbiter.from_state = classmethod(_cannot_adopt)
+"""
+
+
+def code_that_cannot_adopt(tmp_path: Path) -> Path:
+    code = new_code(tmp_path)
+    arbiter = code / "deployer" / "master" / "arbiter.py"
+    arbiter.write_text(arbiter.read_text() + CANNOT_ADOPT)
+    return code
+
+
 @pytest.mark.timeout(60)
-def test_upgrade_that_cannot_adopt_execs_back_to_the_old_code(masters: Masters) -> None:
+def test_upgrade_that_cannot_adopt_execs_back_to_the_old_code(
+    masters: Masters, tmp_path: Path
+) -> None:
     m = masters.start(workers=2)
     pids = worker_pids(m)
+    code = code_that_cannot_adopt(tmp_path)
     with Load(m.port, threads=4, duration=40) as load:
         load.wait_requests(100)
-        answers = m.request({"cmd": "upgrade", "simulate_adopt_failure": True}, timeout=30)
+        answers = m.request({"cmd": "upgrade", "code": str(code)}, timeout=30)
         seen = load.result.ok
         load.wait_requests(seen + 100)
         result = load.stop()
-    assert [a.get("event") for a in answers[:-1]] == ["checking", "exec"]
+    assert [a.get("event") for a in answers[:-1]] == ["checking", "exec"], answers
     last = answers[-1]
     assert last["ok"] is False and last["pid"] == m.pid, answers
-    assert "could not adopt" in last["error"] and "back on the previous code" in last["error"]
+    assert f"the new code in {code} could not adopt the master" in last["error"]
+    assert "RuntimeError: this copy cannot adopt a master" in last["error"]
+    assert f"back on the previous code {REPO}," in last["error"]
     assert result.failed == 0, result.summary()
     status = m.status()
     assert status["pid"] == m.pid and status["upgrades"] == 0

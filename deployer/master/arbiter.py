@@ -12,27 +12,30 @@ replacement is spawned next to the slot's worker, and the old one is drained
 only once the replacement is ready and has stayed up for ready_soak, so the
 number of ready workers never drops below `workers`. The next slot's
 replacement boots while the previous one soaks.
+
+The Arbiter keeps the loop, signals, spawning and reaping; two mixins add the
+reload state machine (reload.py) and the control-socket clients and commands
+(handlers.py). It gives its state to, and takes it from, the next code on a
+self-upgrade (to_state, from_state; see upgrade.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 import selectors
 import signal
 import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from deployer.master import listener as listener_mod
-from deployer.master import upgrade
 from deployer.master.config import MasterConfig
 from deployer.master.control import Connection, ControlServer
 from deployer.master.guard import Guard
+from deployer.master.handlers import ControlHandlers
 from deployer.master.log import MasterLog, OutputStream, new_tail
 from deployer.master.readiness import (
     READY_FD_ENV,
@@ -41,6 +44,8 @@ from deployer.master.readiness import (
     SystemdNotifier,
     ready_pipe,
 )
+from deployer.master.reload import ReloadJob, Reloads
+from deployer.master.slots import BACKOFF_BASE, Slot, stable
 from deployer.master.worker import (
     CAUGHT_SIGNALS,
     Launch,
@@ -48,50 +53,29 @@ from deployer.master.worker import (
     Worker,
     describe_exit,
     ready_fd_number,
-    rss_bytes,
     start_process,
     worker_env,
 )
 
-BACKOFF_BASE = 0.5  # seconds before the 2nd restart in a crash loop; doubles after
-BACKOFF_CAP = 30.0
-STABLE_AFTER = 10.0  # a worker up this long after being ready ends a crash loop
-REVERT_ATTEMPTS = 3  # tries per slot to go back to the pinned release after a failed reload
 MAX_WAIT = 1.0  # the loop wakes at least this often
+# Arbiter fields the upgrade state carries as they are (JSON values).
+PLAIN_STATE = (
+    "generation",
+    "target",
+    "counts",
+    "last_reload",
+    "job_ids",
+    "announced",
+    "started",
+    "base_cwd",
+    "upgrades",
+    "backlog",
+)
 
 
-@dataclass
-class Slot:
-    id: int
-    worker: Worker | None = None  # the slot's serving (or starting) worker
-    replacement: Worker | None = None  # a reload's candidate for this slot
-    restarts: int = 0
-    crash_streak: int = 0
-    respawn_at: float = 0.0  # crash backoff: no spawn before this (monotonic)
+class Arbiter(Reloads, ControlHandlers):
+    """The master's state and its loop; see the module docstring."""
 
-
-@dataclass
-class ReloadJob:
-    id: int
-    subscribers: list[Connection] = field(default_factory=list)
-    target: Spec | None = None  # set when the job starts
-    previous: Spec | None = None
-    queue: list[int] = field(default_factory=list)  # slot ids still to convert
-    draining: set[int] = field(default_factory=set)  # pids retired by this job, not yet gone
-    reverting: bool = False
-    error: str | None = None
-    revert_attempts: dict[int, int] = field(default_factory=dict)
-    unreverted: list[int] = field(default_factory=list)
-    started: float = 0.0
-
-    @property
-    def spec(self) -> Spec:
-        spec = self.previous if self.reverting else self.target
-        assert spec is not None
-        return spec
-
-
-class Arbiter:
     def __init__(
         self,
         config: MasterConfig,
@@ -170,6 +154,17 @@ class Arbiter:
             self.update_connections()
         self.shutdown()
         return self.exit_code
+
+    def adopted(self, state: dict[str, Any]) -> None:
+        """First thing a re-exec'd master does: watch the inherited fds, answer."""
+        for stream in self.streams.values():
+            self.watch_output(stream)
+        for w in self.workers.values():
+            if w.ready_pipe is not None:
+                self.watch_ready_pipe(w)
+        for conn in self.conns.values():
+            self.watch_connection(conn)
+        self.answer_upgrade(state)
 
     def install_signals(self) -> None:
         os.set_blocking(self.wake_r, False)
@@ -278,9 +273,7 @@ class Arbiter:
         if worker.state == "draining":
             self.log.master(f"{worker.label} stopped ({how})")
             self.linger(worker, worker.kill_at or now)
-            if self.job is not None and worker.pid in self.job.draining:
-                self.job.draining.discard(worker.pid)
-                self.emit(self.job, "stopped", worker, status=how)
+            self.drained(worker, how)
             return
         self.linger(worker, now)  # a crashed worker's leftovers go at once
         if self.stopping:
@@ -297,11 +290,7 @@ class Arbiter:
 
     def worker_crashed(self, slot: Slot, worker: Worker, how: str, now: float) -> None:
         self.counts["crashes"] += 1
-        slot.restarts += 1
-        stable = worker.ready_at is not None and now - worker.ready_at >= STABLE_AFTER
-        slot.crash_streak = 1 if stable else slot.crash_streak + 1
-        delay = backoff(slot.crash_streak)
-        slot.respawn_at = now + delay
+        delay = slot.crashed(worker, now)
         loop = f", crash loop: restart in {delay:.1f}s" if delay else ""
         self.log.master(f"{worker.label} crashed ({how}){loop}")
         if not self.announced and self.announce is not None:
@@ -310,9 +299,7 @@ class Arbiter:
                 f"{worker.label} {how} before it was ready" + (f":\n{tail}" if tail else "")
             )
             return
-        job = self.job
-        if job is not None and not job.reverting and worker.spec == job.target:
-            self.abort_reload(job, f"{worker.label} of the new release {how}", worker)
+        self.crashed_during_reload(worker, how)
 
     def linger(self, worker: Worker, deadline: float) -> None:
         """The group leader is gone; anything left in its group gets SIGKILL at deadline."""
@@ -341,7 +328,7 @@ class Arbiter:
                 self.log.master(f"{w.label} still alive after shutdown_timeout: SIGKILL")
                 w.signal(signal.SIGKILL)
                 w.kill_at = None
-            if w.state == "ready" and w.ready_at is not None and now - w.ready_at >= STABLE_AFTER:
+            if w.state == "ready" and stable(w, now):
                 slot = self.slots.get(w.id)
                 if slot is not None and slot.worker is w:
                     slot.crash_streak = 0
@@ -370,7 +357,7 @@ class Arbiter:
         self.restore_backlog(w)
         slot = self.slots.get(w.id)
         if self.job is not None and slot is not None and slot.replacement is w:
-            self.emit(self.job, "ready", w)
+            self.job.emit("ready", w)
 
     def restore_backlog(self, w: Worker) -> None:
         """A worker's listen() shrank the accept queue all workers share: a burst of
@@ -401,6 +388,30 @@ class Arbiter:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         ready_r, ready_w = ready_pipe() if self.cfg.ready.mode == "pipe" else (None, None)
+        try:
+            pid = start_process(self.launch(slot, spec, out_w, err_w, ready_w))
+        except OSError as e:
+            self.log.master(f"cannot fork worker {slot.id}: {e}")
+            close_fds(out_r, out_w, err_r, err_w, ready_r, ready_w)
+            slot.respawn_at = time.monotonic() + BACKOFF_BASE
+            return None
+        close_fds(out_w, err_w, ready_w)
+        worker = Worker(id=slot.id, pid=pid, spec=spec, stderr_tail=new_tail())
+        worker.stream_fds = [out_r, err_r]
+        self.workers[pid] = worker
+        self.guard.add(pid)
+        self.watch_stream(out_r, worker, None)
+        self.watch_stream(err_r, worker, worker.stderr_tail)
+        if ready_r is not None:
+            worker.ready_pipe = ReadyPipe(ready_r)
+            self.watch_ready_pipe(worker)
+        self.log.master(f"{worker.label} spawned (release {spec.release})")
+        return worker
+
+    def launch(
+        self, slot: Slot, spec: Spec, stdout: int, stderr: int, ready_w: int | None
+    ) -> Launch:
+        """How to start the slot's worker on `spec`, writing to these pipes."""
         extra = {
             **self.cfg.env,
             "DEPLOYER_WORKER_ID": str(slot.id),
@@ -411,53 +422,38 @@ class Arbiter:
             extra["NOTIFY_SOCKET"] = self.notify.address
         if ready_w is not None:
             extra[READY_FD_ENV] = str(ready_fd_number(self.cfg.listen_fds))
-        launch = Launch(
+        return Launch(
             command=self.cfg.command,
             cwd=spec.release,
             env=worker_env(dict(os.environ), extra, self.cfg.listen_fds),
             listener_fd=self.listener.fileno(),
-            stdout_fd=out_w,
-            stderr_fd=err_w,
+            stdout_fd=stdout,
+            stderr_fd=stderr,
             ready_fd=ready_w,
             listen_fds=self.cfg.listen_fds,
         )
-        try:
-            pid = start_process(launch)
-        except OSError as e:
-            self.log.master(f"cannot fork worker {slot.id}: {e}")
-            for fd in (out_r, out_w, err_r, err_w, ready_r, ready_w):
-                if fd is not None:
-                    os.close(fd)
-            slot.respawn_at = time.monotonic() + BACKOFF_BASE
-            return None
-        for fd in (out_w, err_w, ready_w):
-            if fd is not None:
-                os.close(fd)
-        worker = Worker(id=slot.id, pid=pid, spec=spec, stderr_tail=new_tail())
-        worker.stream_fds = [out_r, err_r]
-        self.workers[pid] = worker
-        self.guard.add(pid)
-        self.watch_stream(out_r, worker, None)
-        self.watch_stream(err_r, worker, worker.stderr_tail)
-        if ready_r is not None:
-            worker.ready_pipe = ReadyPipe(ready_r)
-            self.selector.register(
-                ready_r, selectors.EVENT_READ, lambda mask: self.read_ready_pipe(worker)
-            )
-        self.log.master(f"{worker.label} spawned (release {spec.release})")
-        return worker
 
     def watch_stream(self, fd: int, worker: Worker, tail: deque[str] | None) -> None:
         os.set_blocking(fd, False)
-        stream = OutputStream(fd, worker.label, self.log, tail)
-        self.streams[fd] = stream
-        self.selector.register(fd, selectors.EVENT_READ, lambda mask: self.read_stream(stream))
+        self.streams[fd] = OutputStream(fd, worker.label, self.log, tail)
+        self.watch_output(self.streams[fd])
+
+    def watch_output(self, stream: OutputStream) -> None:
+        self.selector.register(
+            stream.fd, selectors.EVENT_READ, lambda mask: self.read_stream(stream)
+        )
 
     def read_stream(self, stream: OutputStream) -> None:
         if not stream.read():
             self.selector.unregister(stream.fd)
             os.close(stream.fd)
             del self.streams[stream.fd]
+
+    def watch_ready_pipe(self, worker: Worker) -> None:
+        assert worker.ready_pipe is not None
+        self.selector.register(
+            worker.ready_pipe.fd, selectors.EVENT_READ, lambda mask: self.read_ready_pipe(worker)
+        )
 
     def read_ready_pipe(self, worker: Worker) -> None:
         pipe = worker.ready_pipe
@@ -547,186 +543,6 @@ class Arbiter:
         self.exit_code = 1
         self.begin_stop("start failed", immediate=True)
 
-    # --- reload ---
-
-    def request_reload(self, conn: Connection | None) -> None:
-        if self.stopping:
-            if conn is not None:
-                conn.send({"ok": False, "error": "the master is stopping"})
-            return
-        if self.job is None:
-            self.job_ids += 1
-            self.job = ReloadJob(self.job_ids)
-            self.subscribe(self.job, conn)
-            self.start_reload(self.job)
-            return
-        if self.queued is None:
-            self.job_ids += 1
-            self.queued = ReloadJob(self.job_ids)
-        self.subscribe(self.queued, conn)
-        if conn is not None:
-            conn.send({"event": "queued", "reload": self.queued.id, "behind": self.job.id})
-
-    def subscribe(self, job: ReloadJob, conn: Connection | None) -> None:
-        if conn is not None:
-            job.subscribers.append(conn)
-
-    def start_reload(self, job: ReloadJob) -> None:
-        job.started = time.monotonic()
-        job.previous = self.pinned
-        release = self.resolve_release() or self.pinned.release
-        self.generation += 1
-        job.target = Spec(release, self.generation)
-        job.queue = sorted(self.slots)
-        self.systemd.send(
-            RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        )
-        self.log.master(f"reload {job.id}: {job.previous.release} -> {release}")
-        self.broadcast(
-            job,
-            {
-                "event": "started",
-                "reload": job.id,
-                "release": release,
-                "from": job.previous.release,
-            },
-        )
-        if not os.path.isdir(release):
-            job.error = f"release directory {release} does not exist"
-            job.queue = []
-
-    def step_reload(self, job: ReloadJob, now: float) -> None:
-        # Up to reload_batch replacements boot at a time, and the next batch may
-        # boot while the previous one soaks (so soaks overlap instead of adding
-        # up): at most 2 x reload_batch candidates exist at once. Old workers are
-        # still stopped only once their own replacement is ready and soaked.
-        batch = self.cfg.reload_batch
-        in_flight = [s for s in self.slots.values() if s.replacement is not None]
-        booting = sum(1 for s in in_flight if s.replacement and s.replacement.ready_at is None)
-        while booting < batch and len(in_flight) < 2 * batch and job.queue:
-            slot = self.slots.get(job.queue.pop(0))
-            if slot is None or (slot.worker is not None and slot.worker.spec == job.spec):
-                continue
-            slot.replacement = self.spawn(slot, job.spec)
-            if slot.replacement is None:
-                self.replacement_failed(slot, None, "could not be started (fork failed)")
-                return
-            self.emit(job, "spawned", slot.replacement)
-            in_flight.append(slot)
-            booting += 1
-        for slot in in_flight:
-            w = slot.replacement
-            soaked = w is not None and w.ready_at is not None and w.state == "ready"
-            if soaked and now - w.ready_at >= self.cfg.ready_soak:
-                self.promote(job, slot, now)
-        if not job.queue and not in_flight and not job.draining:
-            self.finish_reload(job)
-
-    def promote(self, job: ReloadJob, slot: Slot, now: float) -> None:
-        old, slot.worker, slot.replacement = slot.worker, slot.replacement, None
-        slot.crash_streak = 0
-        if old is not None:
-            self.retire(old, now)
-            job.draining.add(old.pid)
-            self.emit(job, "draining", old)
-
-    def replacement_failed(self, slot: Slot, w: Worker | None, reason: str) -> None:
-        job = self.job
-        label = f"worker {slot.id}" if w is None else w.label
-        tail = "" if w is None else w.last_stderr()
-        message = f"{label} (release {job.spec.release if job else '?'}) {reason}"
-        if tail:
-            message += f"; last lines of its stderr:\n{tail}"
-        self.log.master(f"reload: {message}")
-        if w is not None and w.pid in self.workers:
-            self.retire(w, sig=signal.SIGKILL)
-            if job is not None:
-                job.draining.add(w.pid)
-        if job is None:
-            return
-        if not job.reverting:
-            self.abort_reload(job, message, w)
-            return
-        attempts = job.revert_attempts.get(slot.id, 0) + 1
-        job.revert_attempts[slot.id] = attempts
-        if attempts < REVERT_ATTEMPTS:
-            job.queue.insert(0, slot.id)
-        else:
-            job.unreverted.append(slot.id)
-
-    def abort_reload(self, job: ReloadJob, error: str, failed: Worker | None) -> None:
-        """Kill the new release's candidates and convert converted slots back."""
-        job.error = error
-        job.reverting = True
-        for slot in self.slots.values():
-            w = slot.replacement
-            if w is not None and w is not failed:
-                slot.replacement = None
-                self.retire(w, sig=signal.SIGKILL)
-                job.draining.add(w.pid)
-        assert job.target is not None
-        job.queue = [s.id for s in self.slots.values() if s.worker and s.worker.spec == job.target]
-        self.broadcast(
-            job, {"event": "aborting", "reload": job.id, "error": error, "reverting": job.queue}
-        )
-
-    def finish_reload(self, job: ReloadJob) -> None:
-        seconds = round(time.monotonic() - job.started, 3)
-        assert job.target is not None
-        if job.error is None:
-            self.pinned = job.target
-            self.counts["reloads"] += 1
-            result: dict[str, Any] = {
-                "ok": True,
-                "reload": job.id,
-                "release": job.target.release,
-                "seconds": seconds,
-            }
-            self.log.master(f"reload {job.id} done in {seconds}s: release {job.target.release}")
-        else:
-            self.counts["failed_reloads"] += 1
-            error = job.error
-            if job.unreverted:
-                error += (
-                    f" (slots {job.unreverted} could not be reverted and still run the new release)"
-                )
-            result = {
-                "ok": False,
-                "reload": job.id,
-                "error": error,
-                "seconds": seconds,
-                "release": self.pinned.release,
-            }
-            self.log.master(
-                f"reload {job.id} failed after {seconds}s; release stays {self.pinned.release}"
-            )
-        self.last_reload = {k: v for k, v in result.items()}
-        self.systemd.send(
-            READY=1,
-            STATUS=f"reload {job.id} {'ok' if result['ok'] else 'failed'}: {self.pinned.release}",
-        )
-        self.broadcast(job, result)
-        self.job, self.queued = self.queued, None
-        if self.job is not None:
-            self.start_reload(self.job)
-
-    def emit(self, job: ReloadJob, event: str, w: Worker, **extra: Any) -> None:
-        message = {
-            "event": event,
-            "reload": job.id,
-            "worker": w.id,
-            "pid": w.pid,
-            "release": w.spec.release,
-            **extra,
-        }
-        if job.reverting:
-            message["phase"] = "revert"
-        self.broadcast(job, message)
-
-    def broadcast(self, job: ReloadJob, message: dict[str, Any]) -> None:
-        for conn in job.subscribers:
-            conn.send(message)
-
     # --- stop ---
 
     def begin_stop(self, why: str, immediate: bool = False) -> None:
@@ -738,12 +554,7 @@ class Arbiter:
         self.stopping = True
         self.immediate = immediate
         self.systemd.send(STOPPING=1)
-        for job in (self.job, self.queued):
-            if job is not None:
-                self.broadcast(
-                    job, {"ok": False, "reload": job.id, "error": "the master is stopping"}
-                )
-        self.job = self.queued = None
+        self.cancel_reloads("the master is stopping")
         now = time.monotonic()
         for w in self.workers.values():
             self.retire(w, now, sig=signal.SIGKILL if immediate else None)
@@ -754,8 +565,8 @@ class Arbiter:
         self.log.master(f"stopped (exit {self.exit_code})")
         for conn in self.stop_waiters:
             conn.send({"ok": True, "stopped": os.getpid()})
+        self.flush_connections(1.0)
         for conn in self.conns.values():
-            conn.flush_blocking(1.0)
             conn.sock.close()
         if self.control is not None:
             self.control.close()
@@ -763,249 +574,91 @@ class Arbiter:
         self.guard.close()
         signal.set_wakeup_fd(-1)
 
-    # --- control socket ---
+    # --- state: what the next code adopts on a self-upgrade (see upgrade.py) ---
 
-    def accept_control(self, mask: int) -> None:
-        assert self.control is not None
-        while True:
-            conn = self.control.accept()
-            if conn is None:
-                return
-            if isinstance(conn, str):
-                self.log.master(conn)
-                continue
-            self.conns[conn.fileno()] = conn
-            self.selector.register(
-                conn, selectors.EVENT_READ, lambda mask, c=conn: self.serve(c, mask)
-            )
-
-    def serve(self, conn: Connection, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE:
-            conn.flush()
-        if not mask & selectors.EVENT_READ:
-            return
-        requests = conn.read_requests()
-        if requests is None:
-            conn.closed = True
-            return
-        for message in requests:
-            self.handle_request(conn, message)
-
-    def handle_request(self, conn: Connection, message: dict[str, Any]) -> None:
-        cmd = message.get("cmd")
-        if cmd == "status":
-            conn.send({"ok": True, "status": self.status()})
-        elif cmd == "reload":
-            self.request_reload(conn)
-        elif cmd == "scale":
-            self.control_scale(conn, message.get("workers"))
-        elif cmd == "upgrade":
-            self.request_upgrade(conn, message)
-        elif cmd == "stop":
-            conn.send({"event": "stopping", "pid": os.getpid()})
-            self.stop_waiters.append(conn)
-            self.begin_stop("stop requested")
-        else:
-            conn.send(
-                {
-                    "ok": False,
-                    "error": f"unknown command {cmd!r}"
-                    " (expected status, reload, scale, stop, upgrade)",
-                }
-            )
-
-    def control_scale(self, conn: Connection, n: Any) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            conn.send({"ok": False, "error": f"scale: expected a positive integer, got {n!r}"})
-            return
-        if self.stopping:
-            conn.send({"ok": False, "error": "the master is stopping"})
-            return
-        was = self.target
-        self.set_target(n)
-        answer = {"ok": True, "workers": n, "was": was}
-        if self.job is not None:
-            answer["note"] = "applied when the running reload ends"
-        conn.send(answer)
-
-    def update_connections(self) -> None:
-        for fd, conn in list(self.conns.items()):
-            if conn.closed:
-                self.drop_connection(fd, conn)
-                continue
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.wants_write else 0)
-            if self.selector.get_key(conn).events != events:
-                self.selector.modify(conn, events, self.selector.get_key(conn).data)
-
-    def drop_connection(self, fd: int, conn: Connection) -> None:
-        self.selector.unregister(conn)
-        conn.sock.close()
-        del self.conns[fd]
-        for job in (self.job, self.queued):
-            if job is not None and conn in job.subscribers:
-                job.subscribers.remove(conn)
-        if conn in self.stop_waiters:
-            self.stop_waiters.remove(conn)
-
-    # --- self-upgrade (see upgrade.py) ---
-
-    def request_upgrade(self, conn: Connection, message: dict[str, Any]) -> None:
-        """Check the new code, then re-exec in place; the new master answers `conn`."""
-        code = message.get("code") or upgrade.code_root()
-        refusal = None
-        if self.stopping:
-            refusal = "the master is stopping"
-        elif self.job is not None or self.queued is not None:
-            refusal = "a reload is running; upgrade once it has ended"
-        elif not self.announced:
-            refusal = "the workers are not all ready yet"
-        elif not isinstance(code, str) or not os.path.exists(code):
-            # a directory holding the package, or the zipapp deployer setup installs
-            refusal = f"code {code!r} does not exist"
-        if refusal is not None:
-            conn.send({"ok": False, "error": f"upgrade refused: {refusal}"})
-            return
-        simulate = bool(message.get("simulate_adopt_failure"))
-        conn.send(
-            {
-                "event": "checking",
-                "code": code,
-                "message": f"checking that the code in {code} can adopt this master",
-            }
-        )
-        error = upgrade.preflight(upgrade.snapshot(self, conn, code, simulate), code)
-        if error is not None:
-            error = f"the new code in {code} failed its check, nothing changed: {error}"
-            self.log.master(f"upgrade: {error}")
-            conn.send({"ok": False, "error": error})
-            return
-        conn.send(
-            {
-                "event": "exec",
-                "pid": os.getpid(),
-                "message": f"check passed; master {os.getpid()} re-execs on {code}",
-            }
-        )
-        self.log.master(f"upgrade: re-exec in place on {code}")
-        for c in self.conns.values():  # nothing left in our buffers: the new master has none
-            c.flush_blocking(1.0)
-            c.sock.setblocking(False)
-        # A fresh snapshot, not the checked one: workers and clients may have moved
-        # while the check ran in its subprocess.
-        failure = upgrade.reexec(upgrade.snapshot(self, conn, code, simulate), code)
-        signal.set_wakeup_fd(self.wake_w)  # only reached if exec failed
-        self.log.master(f"upgrade: exec failed, still on the old code: {failure}")
-        conn.send({"ok": False, "error": f"exec failed, nothing changed: {failure}"})
-
-    def adopted(self, state: dict[str, Any]) -> None:
-        """First thing a re-exec'd master does: watch the inherited fds, answer."""
-        for fd, stream in self.streams.items():
-            self.selector.register(
-                fd, selectors.EVENT_READ, lambda mask, s=stream: self.read_stream(s)
-            )
-        for w in self.workers.values():
-            if w.ready_pipe is not None:
-                self.selector.register(
-                    w.ready_pipe.fd, selectors.EVENT_READ, lambda mask, w=w: self.read_ready_pipe(w)
-                )
-        for conn in self.conns.values():
-            self.selector.register(
-                conn, selectors.EVENT_READ, lambda mask, c=conn: self.serve(c, mask)
-            )
-        pause = round(time.monotonic() - state["saved_at"], 3)
-        requester, self.upgrade_requester = self.upgrade_requester, None
-        if state["adopt_error"] is None:
-            self.upgrades += 1
-            text = f"upgraded in place: pid {os.getpid()}, code {upgrade.code_root()}"
-            self.log.master(f"{text}, {len(self.workers)} workers adopted, exec took {pause}s")
-            answer = {
-                "ok": True,
-                "pid": os.getpid(),
-                "code": upgrade.code_root(),
-                "workers": sorted(self.workers),
-                "upgrades": self.upgrades,
-                "seconds": pause,
-            }
-        else:
-            error = (
-                f"the new code in {state['code']['next']} could not adopt the master"
-                f" ({state['adopt_error']}); back on the previous code {upgrade.code_root()},"
-                " nothing changed"
-            )
-            self.log.master(f"upgrade failed: {error}")
-            answer = {"ok": False, "error": error, "pid": os.getpid()}
-        if requester is not None:
-            requester.send(answer)
-        self.systemd.send(
-            READY=1, STATUS=f"upgrade {'ok' if answer['ok'] else 'failed'}", MAINPID=os.getpid()
-        )
-
-    # --- status ---
-
-    def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        workers = sorted(self.workers.values(), key=lambda w: (w.id, w.started_mono))
-        state = "stopping" if self.stopping else "reloading" if self.job else "running"
-        ready = sum(1 for w in workers if w.state == "ready")
-        if not self.stopping and ready < self.target:
-            state = "degraded" if self.announced else "starting"
+    def to_state(self, requester: Connection | None = None) -> dict[str, Any]:
+        """This master as JSON, its fds by number; `requester` is the client the
+        next master answers."""
         return {
-            "pid": os.getpid(),
-            "state": state,
-            "listen": listener_mod.describe(self.listener),
-            "listen_fds": self.cfg.listen_fds,
-            "release": self.pinned.release,
-            "generation": self.pinned.generation,
-            "configured": self.target,
-            "ready": ready,
-            "ready_mode": str(self.cfg.ready),
-            "started_at": iso(self.started),
-            "rss": rss_bytes(os.getpid()),
-            "reloads": self.counts["reloads"],
-            "failed_reloads": self.counts["failed_reloads"],
-            "crashes": self.counts["crashes"],
-            "upgrades": self.upgrades,
-            "reload": None
-            if self.job is None
-            else {"id": self.job.id, "reverting": self.job.reverting},
-            "reload_queued": self.queued is not None,
-            "last_reload": self.last_reload,
-            "workers": [self.describe_worker(w, now) for w in workers],
-            "crash_loops": [
-                {
-                    "id": s.id,
-                    "crashes_in_a_row": s.crash_streak,
-                    "restart_in": round(max(0.0, s.respawn_at - now), 1) if s.worker is None else 0,
-                }
-                for s in self.slots.values()
-                if s.crash_streak >= 2
-            ],
+            "config": self.cfg.to_dict(),
+            "fds": {
+                "listener": self.listener.fileno(),
+                "notify": None if self.notify is None else self.notify.fileno(),
+                "control": None if self.control is None else self.control.fileno(),
+                "guard": self.guard.fd,
+            },
+            "guard_pid": self.guard.pid,
+            "systemd": self.systemd.address,
+            "log": {"path": self.log.path, "stderr_captured": self.log.stderr_captured},
+            "pinned": [self.pinned.release, self.pinned.generation],
+            "slots": [s.to_state() for s in self.slots.values()],
+            "workers": [w.to_state() for w in self.workers.values()],
+            "streams": [s.to_state(self.stderr_owner(s)) for s in self.streams.values()],
+            "lingering": {str(k): v for k, v in self.lingering.items()},
+            "conns": [c.to_state(c is requester) for c in self.conns.values() if not c.closed],
+            **{key: getattr(self, key) for key in PLAIN_STATE},
         }
 
-    def describe_worker(self, w: Worker, now: float) -> dict[str, Any]:
-        slot = self.slots.get(w.id)
-        role = "replacement" if slot is not None and slot.replacement is w else "worker"
-        return {
-            "id": w.id,
-            "pid": w.pid,
-            "state": w.state,
-            "role": role,
-            "release": w.spec.release,
-            "generation": w.spec.generation,
-            "started_at": iso(w.started_at),
-            "uptime": round(now - w.started_mono, 1),
-            "restarts": slot.restarts if slot is not None else 0,
-            "rss": w.rss_bytes(),
-            "status": w.status_text or None,
-        }
+    def stderr_owner(self, stream: OutputStream) -> int | None:
+        """The pid of the worker whose stderr tail the stream feeds, if any."""
+        return next((w.pid for w in self.workers.values() if stream.tail is w.stderr_tail), None)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], dry_run: bool = False) -> Arbiter:
+        """The master that to_state gave, on the fds it left open; dry_run (the
+        upgrade's preflight) builds it without touching any fd.
+
+        Everything that can fail is done before the first inherited fd is wrapped,
+        so a failure leaves the fds as they were for the exec back.
+        """
+        cfg = MasterConfig.from_dict(state["config"])
+        workers = {w.pid: w for w in map(Worker.from_state, state["workers"])}
+        slots = {d["id"]: Slot.from_state(d, workers) for d in state["slots"]}
+        lingering = {int(k): float(v) for k, v in state["lingering"].items()}
+        pinned = Spec(*state["pinned"])
+        plain = {key: state[key] for key in PLAIN_STATE}
+        arb = cls.without_fds(cfg) if dry_run else cls.on_inherited_fds(cfg, state)
+        arb.guard = Guard(state["guard_pid"], None if dry_run else state["fds"]["guard"])
+        arb.pinned, arb.lingering, arb.workers, arb.slots = pinned, lingering, workers, slots
+        for key, value in plain.items():
+            setattr(arb, key, value)
+        if not dry_run:
+            arb.adopt_streams(state["streams"])
+            arb.adopt_connections(state["conns"])
+        return arb
+
+    @classmethod
+    def without_fds(cls, cfg: MasterConfig) -> Arbiter:
+        arb = cls(
+            cfg, MasterLog(None), socket.socket(), None, notify=None, systemd=SystemdNotifier(None)
+        )
+        arb.listener.close()
+        return arb
+
+    @classmethod
+    def on_inherited_fds(cls, cfg: MasterConfig, state: dict[str, Any]) -> Arbiter:
+        fds = state["fds"]
+        log = MasterLog(state["log"]["path"])
+        if state["log"]["stderr_captured"]:
+            log.capture_stderr()
+        control = None
+        if fds["control"] is not None:
+            control = ControlServer(cfg.socket or "", socket.socket(fileno=fds["control"]))
+        notify = None
+        if fds["notify"] is not None:
+            notify = NotifySocket(socket.socket(fileno=fds["notify"]))
+        listener = socket.socket(fileno=fds["listener"])
+        systemd = SystemdNotifier(state["systemd"])
+        return cls(cfg, log, listener, control, notify=notify, systemd=systemd)
+
+    def adopt_streams(self, streams: list[dict[str, Any]]) -> None:
+        for d in streams:
+            owner = self.workers.get(d["stderr_of"]) if d["stderr_of"] else None
+            tail = owner.stderr_tail if owner else None
+            self.streams[d["fd"]] = OutputStream.from_state(d, self.log, tail)
 
 
-def backoff(streak: int) -> float:
-    """0 for a first crash; then 0.5 s doubling, with +-20% jitter, capped at 30 s."""
-    if streak <= 1:
-        return 0.0
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (streak - 2) * random.uniform(0.8, 1.2))
-
-
-def iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+def close_fds(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
