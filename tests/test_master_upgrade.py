@@ -4,6 +4,7 @@ same listening socket, same workers) with real processes, sockets and load."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,26 @@ def new_code(tmp_path: Path) -> Path:
     """A copy of the deployer package somewhere else: "the new version"."""
     code = tmp_path / "code"
     shutil.copytree(REPO / "deployer", code / "deployer", ignore=shutil.ignore_patterns("*.pyc"))
+    return code
+
+
+# The version before the host contract (as in test_upgrade_from_previous.py),
+# whose upgrade state was copied field by field: masters of it run on hosts.
+PREVIOUS = "4f27a0b2cd423a2f71f497df09d26f36f73748d9"
+
+
+def previous_code(tmp_path: Path) -> Path:
+    """The deployer package of PREVIOUS, from this checkout's history."""
+    code = tmp_path / "previous"
+    code.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", PREVIOUS, "deployer"], capture_output=True
+    )
+    assert archive.returncode == 0, (
+        f"commit {PREVIOUS} is not in this clone's history (a shallow clone?): "
+        + archive.stderr.decode()
+    )
+    subprocess.run(["tar", "-x", "-C", str(code)], input=archive.stdout, check=True)
     return code
 
 
@@ -55,6 +76,31 @@ def test_upgrade_under_load_keeps_pid_and_workers_with_zero_failures(
     assert r.returncode == 0, r.stdout + r.stderr
     assert m.wait_exit(15) == 0
     assert "upgraded in place" in m.log_text()
+
+
+@pytest.mark.timeout(90)
+def test_upgrade_to_the_previous_code_and_back(masters: Masters, tmp_path: Path) -> None:
+    """The upgrade state is a contract between versions: the previous code adopts
+    this code's state, and this code adopts the previous code's."""
+    previous = previous_code(tmp_path)
+    m = masters.start(workers=2)
+    pids = worker_pids(m)
+    with Load(m.port, threads=4, duration=60) as load:
+        load.wait_requests(100)
+        for code in (previous, REPO):
+            r = m.cli("upgrade", "--code", str(code))
+            assert r.returncode == 0, r.stdout + r.stderr + m.log_text()
+            assert f"master pid {m.pid} upgraded in place on {code} " in r.stdout
+            seen = load.result.ok
+            load.wait_requests(seen + 100)
+            assert worker_pids(m) == pids
+        result = load.stop()
+    assert result.failed == 0, result.summary()
+    status = m.status()
+    assert status["pid"] == m.pid and status["upgrades"] == 2 and status["ready"] == 2
+    r = m.cli("reload", "--wait", "--timeout", "30")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert set(worker_pids(m)).isdisjoint(pids)
 
 
 # Appended to arbiter.py of a copy of the code: a master cannot be adopted by
