@@ -58,11 +58,19 @@ def resume_command(
 ) -> tuple[list[str], dict[str, str]]:
     """argv and environment of `_resume` on `code`.
 
-    `-P`: the master's cwd is not put on sys.path, so `code` (first on PYTHONPATH)
-    is what gets imported even if the cwd holds another deployer package.
+    The master's cwd is kept off sys.path, so `code` (first on PYTHONPATH) is
+    what gets imported even if the cwd holds another deployer package: `-P`,
+    or before Python 3.11 (no -P) a `-c` that drops it.
     """
     env = dict(os.environ, PYTHONPATH=pythonpath(code, state["pythonpath"]))
-    return [sys.executable, "-P", "-m", "deployer.master", "_resume", *args], env
+    if sys.version_info >= (3, 11):  # noqa: UP036 - the host side runs on 3.9 too
+        return [sys.executable, "-P", "-m", "deployer.master", "_resume", *args], env
+    return [sys.executable, "-c", RUN_WITHOUT_CWD, "_resume", *args], env
+
+
+RUN_WITHOUT_CWD = (
+    "import runpy, sys; del sys.path[0]; runpy.run_module('deployer.master', run_name='__main__')"
+)
 
 
 def pythonpath(code: str, original: str | None) -> str:
