@@ -57,11 +57,12 @@ def run_migrations(fleet: FleetSession, phase: str, release: str, deferred: bool
         return
     files = _dir(remote, release, m.dir)
     fleet.reporter.say(f"migrations: {phase}{' (deferred)' if deferred else ''} from {files}")
-    args = ["up", "--phase", phase, "--dir", files, "--database", m.database]
+    args = ["up", "--phase", phase, "--dir", files]
     if release != "current":
         args += ["--release", release]
     remote.migrate(
         *args,
+        database=m.database,
         cwd=str(remote.layout.shared),  # sqlite:///relative paths live in shared/
         on_line=lambda s: fleet.reporter.say(f"migrate: {s}", remote.name),
     )
@@ -78,10 +79,16 @@ def on_host(
     m = fleet.inventory.migrations
     remote = migrations_host(fleet, needs_release=False)
     assert m is not None and remote is not None
-    # ours first: an explicit --dir/--database of the operator's comes later and wins
-    where = ["--dir", _dir(remote, "current", m.dir), "--database", m.database]
+    # ours first: an explicit --dir of the operator's comes later and wins
+    where = ["--dir", _dir(remote, "current", m.dir)]
     result = remote.migrate(
-        args[0], *where, *args[1:], cwd=str(remote.layout.shared), on_line=on_line, check=False
+        args[0],
+        *where,
+        *args[1:],
+        database=m.database,
+        cwd=str(remote.layout.shared),
+        on_line=on_line,
+        check=False,
     )
     return result.exit_code, result.stderr
 
@@ -97,8 +104,7 @@ def applied(fleet: FleetSession) -> list[MigrationRow]:
         "--json",
         "--dir",
         _dir(remote, "current", m.dir),
-        "--database",
-        m.database,
+        database=m.database,
         cwd=str(remote.layout.shared),
     )
     # "missing"/"changed": applied, by a release whose files current no longer has
@@ -139,8 +145,7 @@ def down_expand(fleet: FleetSession, releases: list[str]) -> None:
             "expand",
             "--dir",
             _dir(remote, release, m.dir),
-            "--database",
-            m.database,
+            database=m.database,
             cwd=str(remote.layout.shared),
             on_line=lambda s: fleet.reporter.say(f"migrate: {s}", remote.name),
         )

@@ -136,11 +136,18 @@ class RemoteHost:
     # --- migrations -----------------------------------------------------------------------
 
     def migrate(
-        self, *args: str, cwd: str, on_line: LineCallback | None = None, check: bool = True
+        self,
+        *args: str,
+        database: str,
+        cwd: str,
+        on_line: LineCallback | None = None,
+        check: bool = True,
     ) -> Result:
-        """`deployer migrate ARGS` on this host (host-side runner from the zipapp)."""
-        argv = self._zipapp("migrate", *args)
-        result = self.transport.run(argv, cwd=cwd, on_stdout=on_line)
+        """`deployer migrate ARGS` on this host (host-side runner from the zipapp); the
+        database URL goes on stdin, so its password is never on a command line."""
+        argv = self._zipapp("migrate", *args, "--database", "-")
+        stdin = (database + "\n").encode()
+        result = self.transport.run(argv, stdin=stdin, cwd=cwd, on_stdout=on_line)
         if check and not result.ok:
             why = result.stderr_tail(15) or result.stdout[-2000:]
             raise StepFailed(self.name, f"migrations {' '.join(args[:3])}", why)

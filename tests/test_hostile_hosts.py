@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from rollout_helpers import Project, git, make_repo
+from rollout_helpers import Project, commit, git, make_repo
 from sshd import SSHTestHost, inventory_toml
 
 OTHER = "deployer-other"
@@ -196,3 +196,45 @@ def test_shared_paths_never_pass_through_a_symlink_of_the_repo(
     assert (outside / "x.txt").read_text() == "keep me\n" and not (outside / "x.txt").is_symlink()
     assert (outside / "sub" / "y.txt").read_text() == "keep me too\n"
     assert project.current(hosts[0]) is None
+
+
+def test_the_database_password_is_on_no_command_line_and_in_no_message(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost]
+) -> None:
+    hosts = ssh_hosts[:1]
+    root = hosts[0].root
+    secret = "S3cret-" + os.urandom(6).hex()
+    # The hosts' python records every command line it is started with, as seen on
+    # the host (what `ps` shows to every user), then runs.
+    argv_log = root.parent / "argv.log"
+    wrapper = root.parent / "python-recording"
+    wrapper.write_text(
+        f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done >> {argv_log}\nexec python3 "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    argv_log.touch()
+    argv_log.chmod(0o666)
+    project = project_at(tmp_path, hosts, str(root.parent / "{host}"))
+    text = project.inventory.read_text().replace(
+        "[ssh]\n",
+        f'[migrations]\ndatabase = "postgresql://app:{secret}@127.0.0.1:1/shop"\n\n'
+        f'[ssh]\npython = "{wrapper}"\n',
+        1,
+    )
+    project.inventory.write_text(text)
+    commit(
+        project.repo,
+        {"migrations/20240101000000_add.sql": "-- phase: expand\n-- up\nCREATE TABLE t (a int);\n"},
+        "migration",
+    )
+    project.deployer("setup", check=True)
+    proc = project.deployer("rollout")
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert "postgresql://app:***@127.0.0.1:1/shop" in out
+    places = {"output": out, "argv on the host": argv_log.read_text()}
+    for path in [*project.state.rglob("*"), *root.rglob("*")]:
+        if path.is_file() and not path.is_symlink() and path.suffix != ".pyz":
+            places[str(path)] = path.read_text(errors="replace")
+    assert "migrate" in places["argv on the host"]  # the runner did start there
+    assert [where for where, text in places.items() if secret in text] == []

@@ -215,3 +215,11 @@ def env(v: Any) -> dict[str, str]:
 
 def path(v: Any) -> str:
     return string(v)
+
+
+_URL_PASSWORD = re.compile(r"(?<=://)([^/@:\s]*):[^@\s]*@")
+
+
+def mask_url(text: str) -> str:
+    """A URL (or a message holding one) with its password shown as ***."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--database",
         default=os.environ.get("DEPLOYER_MIGRATIONS_DATABASE"),
         metavar="URL",
-        help="sqlite:///PATH (sqlite:////abs/path) or postgresql://... "
+        help="sqlite:///PATH (sqlite:////abs/path) or postgresql://...; '-' reads it from "
+        "the first line of stdin, so a password never shows in `ps` "
         "(default: $DEPLOYER_MIGRATIONS_DATABASE)",
     )
     common.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -212,6 +213,8 @@ HUMAN: dict[str, Callable[[Event], str | None]] = {
 
 
 def _runner(args: argparse.Namespace, out: Output) -> Runner:
+    if args.database == "-":
+        args.database = sys.stdin.readline().strip()
     if not args.database:
         raise BadInput("--database URL is required (or set $DEPLOYER_MIGRATIONS_DATABASE)")
     return Runner(

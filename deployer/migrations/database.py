@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
+from deployer.hostapi.checks import mask_url
 from deployer.migrations.errors import BadInput, DatabaseUnavailable
 from deployer.migrations.sqltext import pyformat_placeholders
 
@@ -46,11 +46,7 @@ class DatabaseURL:
     @property
     def display(self) -> str:
         """The URL without its password, for messages."""
-        parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
+        return mask_url(self.url)
 
 
 def parse_url(url: str) -> DatabaseURL:
@@ -58,11 +54,13 @@ def parse_url(url: str) -> DatabaseURL:
     if url.startswith("sqlite://"):
         rest = url.removeprefix("sqlite://")
         if not rest.startswith("/") or len(rest) < 2:
-            raise BadInput(f"--database {url}: expected sqlite:///PATH (sqlite:////abs/path)")
+            raise BadInput(
+                f"--database {mask_url(url)}: expected sqlite:///PATH (sqlite:////abs/path)"
+            )
         return DatabaseURL(url, "sqlite", Path(rest[1:]))
     if url.startswith(("postgresql://", "postgres://")):
         return DatabaseURL(url, "postgresql")
-    raise BadInput(f"--database {url!r}: expected sqlite:///PATH or postgresql://...")
+    raise BadInput(f"--database {mask_url(url)!r}: expected sqlite:///PATH or postgresql://...")
 
 
 @dataclass(frozen=True)
