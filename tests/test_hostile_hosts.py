@@ -238,3 +238,28 @@ def test_the_database_password_is_on_no_command_line_and_in_no_message(
             places[str(path)] = path.read_text(errors="replace")
     assert "migrate" in places["argv on the host"]  # the runner did start there
     assert [where for where, text in places.items() if secret in text] == []
+
+
+def test_the_master_never_writes_through_a_planted_log_symlink(tmp_path: Path) -> None:
+    from master_helpers import PYTHON, PYTHON_APP, free_port, master_cli
+
+    precious = tmp_path / "precious"
+    precious.write_text("root only\n")
+    log = tmp_path / "master.log"
+    log.symlink_to(precious)
+    r = master_cli(
+        "start",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--log",
+        str(log),
+        "--pidfile",
+        str(tmp_path / "master.pid"),
+        "--",
+        PYTHON,
+        str(PYTHON_APP),
+    )
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert precious.read_text() == "root only\n"
+    assert not (tmp_path / "master.pid").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import socket
 import sys
@@ -31,7 +32,7 @@ def serve(cfg: MasterConfig, detach: bool) -> int:
         check_pidfile(cfg.pidfile)
         if detach and not cfg.log:
             cfg = dataclasses.replace(cfg, log=default_daemon_log(cfg))  # cfg may be frozen
-        log = MasterLog(cfg.log)
+        log = open_log(cfg.log)
     except BaseException:
         sock.close()
         if ctl is not None:
@@ -55,6 +56,18 @@ def serve(cfg: MasterConfig, detach: bool) -> int:
         code = run_arbiter(cfg, log, sock, ctl, announce=verdict_writer(verdict_w))
     finally:
         os._exit(code)
+
+
+def open_log(path: str | None) -> MasterLog:
+    try:
+        return MasterLog(path)
+    except OSError as e:
+        why = (
+            "a symlink; the log is never written through one"
+            if e.errno == errno.ELOOP
+            else (e.strerror)
+        )
+        raise ConfigError(f"--log: cannot open {path}: {why}") from None
 
 
 def open_listener(cfg: MasterConfig) -> socket.socket:
@@ -169,7 +182,9 @@ def write_pidfile(path: str | None) -> None:
     if not path:
         return
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    # never through a planted symlink, never into someone else's file
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()}\n")
     os.replace(tmp, path)
 

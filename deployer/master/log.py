@@ -29,7 +29,10 @@ class MasterLog:
     def open(self) -> None:
         if self.path is not None:
             self.fd = os.open(
-                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
+                # O_NOFOLLOW: a symlink planted at the log path must not redirect it
+                self.path,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                0o640,
             )
 
     def reopen(self) -> None:

@@ -25,8 +25,13 @@ CHECK_TIMEOUT = 30.0
 
 
 def code_root() -> str:
-    """Directory (or zipapp) that holds the `deployer` package we run from."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(deployer.__file__)))
+    """Directory (or zipapp) that holds the `deployer` package we run from. A master
+    started through the zipapp's bootstrap runs from its memfd copy: named through
+    our pid, so that the preflight child can read it too."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(deployer.__file__)))
+    if root.startswith("/proc/self/"):
+        root = f"/proc/{os.getpid()}/" + root[len("/proc/self/") :]
+    return root
 
 
 def new_state(arbiter_state: dict[str, Any], code: str) -> dict[str, Any]:
