@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -128,3 +129,60 @@ class InFlight:
             raise ConnectionResetError("the connection closed with no answer")
         status = int(data.split(b" ", 2)[1])
         return status, data.partition(b"\r\n\r\n")[2].decode()
+
+
+class CountingProxy:
+    """A TCP relay in front of one sshd, on the host's own address: every byte that
+    reaches the host through it is counted (`to_host`), as the host receives it."""
+
+    def __init__(self, address: str, port: int) -> None:
+        import threading
+
+        self.upstream = (address, port)
+        self.server = socket.create_server((address, 0))
+        self.port = self.server.getsockname()[1]
+        self.to_host = 0
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    def accept_loop(self) -> None:
+        import threading
+
+        while not self.closed:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                host = socket.create_connection(self.upstream, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            host.settimeout(None)
+            threading.Thread(target=self.pump, args=(client, host, True), daemon=True).start()
+            threading.Thread(target=self.pump, args=(host, client, False), daemon=True).start()
+
+    def pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if counted:
+                    with self.lock:
+                        self.to_host += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def take(self) -> int:
+        """Bytes counted since the last take."""
+        with self.lock:
+            n, self.to_host = self.to_host, 0
+        return n
+
+    def close(self) -> None:
+        self.closed = True
+        self.server.close()

@@ -13,11 +13,11 @@ import socket
 import stat
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from guarantee_helpers import InFlight, Stream
 from master_helpers import (
     NODE_APP,
     PYTHON,
@@ -135,25 +135,30 @@ def test_reload_requested_during_a_reload_is_queued_not_interleaved(
     masters: Masters, releases: Releases
 ) -> None:
     m = masters.start(cwd=releases.current, options=("--ready-soak", "0.5"))
-    results: list[list[dict]] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(m.request({"cmd": "reload"}, timeout=30)))
-        for _ in range(2)
-    ]
-    for t in threads:
-        t.start()
-        time.sleep(0.2)
-    for t in threads:
-        t.join()
-    assert all(r[-1]["ok"] for r in results), results
-    queued = [r for r in results if r[0].get("event") == "queued"]
-    assert len(queued) == 1 and queued[0][0]["behind"] == 1
-    ids = sorted(r[-1]["reload"] for r in results)
-    assert ids == [1, 2]
-    # Not interleaved: reload 2 spawned nothing before reload 1 ended.
-    log = m.log_text()
-    assert log.index("reload 1 done") < log.index("reload 2:")
-    assert m.status()["reloads"] == 2
+    releases.make("r2")
+    releases.switch("r2")
+    first = Stream(m.socket, {"cmd": "reload"})
+    first.until(lambda a: a.get("event") == "started")
+    # Reload 1 runs (its workers soak 0.5 s at least): the next request is queued.
+    releases.make("r3")
+    releases.switch("r3")
+    second = Stream(m.socket, {"cmd": "reload"})
+    assert second.next() == {"event": "queued", "reload": 2, "behind": 1}
+    one, two = first.finish(), second.finish()
+    assert one["ok"] and one["reload"] == 1 and one["release"].endswith("releases/r2"), one
+    assert two["ok"] and two["reload"] == 2 and two["release"].endswith("releases/r3"), two
+    # Not interleaved: reload 2 started from the release reload 1 had pinned, and
+    # each reload spawned workers of its own release only.
+    (started,) = [a for a in second.answers if a.get("event") == "started"]
+    assert started["from"].endswith("releases/r2"), second.answers
+
+    def spawned(stream: Stream) -> set[str]:
+        return {
+            os.path.basename(a["release"]) for a in stream.answers if a.get("event") == "spawned"
+        }
+
+    assert spawned(first) == {"r2"} and spawned(second) == {"r3"}
+    assert m.status()["reloads"] == 2 and releases_of(m) == {"r3"}
 
 
 # --- bad releases ---
@@ -266,30 +271,17 @@ def test_crash_loop_backs_off_instead_of_fork_bombing(masters: Masters, tmp_path
 # --- stop ---
 
 
-def slow_request(m: Master, seconds: float, out: list) -> threading.Thread:
-    def run() -> None:
-        try:
-            out.append(m.get(f"/slow?s={seconds}", timeout=seconds + 10))
-        except OSError as e:
-            out.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t
-
-
 @pytest.mark.timeout(60)
 def test_sigterm_lets_an_in_flight_request_finish(masters: Masters) -> None:
     m = masters.start()
     workers = [w["pid"] for w in m.status()["workers"]]
-    out: list = []
-    t = slow_request(m, 3, out)
-    time.sleep(0.5)
+    request = InFlight(m.port, "/slow?s=3")
+    request.wait_read()
     started = time.monotonic()
     m.proc.send_signal(signal.SIGTERM)
+    status, body = request.response()
+    assert status == 200 and "slow ok" in body, body
     assert m.wait_exit(15) == 0
-    t.join()
-    assert out and out[0][0] == 200 and "slow ok" in out[0][1], out
     assert time.monotonic() - started >= 2.0
     assert not any(pid_alive(p) for p in workers)
     assert not m.socket.exists()
@@ -298,33 +290,31 @@ def test_sigterm_lets_an_in_flight_request_finish(masters: Masters) -> None:
 @pytest.mark.timeout(60)
 def test_stop_command_waits_for_drain_and_exits_zero(masters: Masters) -> None:
     m = masters.start()
-    out: list = []
-    t = slow_request(m, 2, out)
-    time.sleep(0.5)
+    request = InFlight(m.port, "/slow?s=2")
+    request.wait_read()
     r = m.cli("stop", "--timeout", "20")
     assert r.returncode == 0, r.stderr
     assert f"master {m.pid} stopped" in r.stdout
     assert m.wait_exit(5) == 0
-    t.join()
-    assert out[0][0] == 200
+    assert request.response()[0] == 200
 
 
 @pytest.mark.timeout(60)
 def test_second_sigint_stops_at_once(masters: Masters) -> None:
     m = masters.start()
     workers = [w["pid"] for w in m.status()["workers"]]
-    out: list = []
-    t = slow_request(m, 20, out)
-    time.sleep(0.5)
+    request = InFlight(m.port, "/slow?s=20")
+    request.wait_read()
     m.proc.send_signal(signal.SIGINT)
-    time.sleep(0.3)
-    assert m.proc.poll() is None  # first SIGINT: graceful, still draining the slow request
+    # first SIGINT: a graceful stop, still draining the slow request
+    wait_for(lambda: m.status()["state"] == "stopping", 10, "the graceful stop")
+    assert m.proc.poll() is None
     started = time.monotonic()
     m.proc.send_signal(signal.SIGINT)
     m.wait_exit(5)
     assert time.monotonic() - started < 2
-    t.join()
-    assert isinstance(out[0], OSError)  # the slow request was cut, as asked
+    with pytest.raises(OSError):  # the slow request was cut, as asked
+        request.response()
     assert not any(pid_alive(p) for p in workers)
 
 
@@ -499,13 +489,11 @@ def all_pids() -> list[int]:
 def test_graceful_stop_waits_for_a_wrappers_children(masters: Masters) -> None:
     wrapper = ["sh", "-c", f'{PYTHON} "$0"; exit $?', str(PYTHON_APP)]
     m = masters.start(command=wrapper, workers=1)
-    out: list = []
-    t = slow_request(m, 2, out)
-    time.sleep(0.5)
+    request = InFlight(m.port, "/slow?s=2")
+    request.wait_read()
     m.proc.send_signal(signal.SIGTERM)
+    assert request.response()[0] == 200
     assert m.wait_exit(15) == 0
-    t.join()
-    assert out[0][0] == 200, out
 
 
 @pytest.mark.timeout(60)

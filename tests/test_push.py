@@ -116,8 +116,11 @@ def test_broken_push_is_rolled_back_and_the_pusher_sees_it(project: Pushed) -> N
     v1 = project.revision(project.hosts[0])
     commit(project.repo, {"release.env": "FAIL_HEALTH=1\n"}, "v3: broken health")
     proc = project.push()
-    assert "FAILED at switch" in proc.stderr, proc.stderr
-    assert "remote: " in proc.stderr and "host1" in proc.stderr
+    # The pusher reads it in git's own output: the failed step, the host and why.
+    remote = [line for line in proc.stderr.splitlines() if line.startswith("remote: ")]
+    assert any("FAILED at switch" in line for line in remote), proc.stderr
+    why = [line for line in remote if "  host1: " in line]
+    assert why and "500" in why[-1], proc.stderr  # the release's health answer
     assert all(project.revision(h) == v1 for h in project.hosts)
     entry = project.history()[0]
     assert entry["result"] == "failed" and entry["failed_step"] == "switch"
@@ -160,7 +163,9 @@ def test_rollout_survives_the_pusher_being_killed(project: Pushed) -> None:
     try:
         wait_until(project.lock().exists, 60, "the rollout to take the lock")
         deploy_id = json.loads(project.lock().read_text())["id"]
-        time.sleep(0.5)  # mid-rollout
+        canary = project.hosts[0]
+        wait_until(lambda: project.revision(canary) == v2, 60, "the canary to switch")
+        assert project.revision(project.hosts[2]) != v2  # mid-rollout: the last batch is to come
         pusher.send_signal(signal.SIGKILL)
     finally:
         pusher.wait(timeout=30)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -64,22 +65,50 @@ def test_build_failure_switches_nothing(project: Project) -> None:
     assert {h.name: project.current(h) for h in project.hosts} == before
 
 
-def test_delta_sync_sends_less_the_second_time(project: Project) -> None:
-    first = project.deployer("rollout", check=True).stdout
-    commit(project.repo, {"app.txt": "version 2\n"}, "v2")
-    second = project.deployer("rollout", check=True).stdout
-    sent1 = _bytes_sent(first)
-    sent2 = _bytes_sent(second)
-    assert len(sent1) == 3 and all(b > 5000 for b in sent1)  # the 10 KB file went first
-    assert all(0 < b < 1000 for b in sent2), sent2  # only the changed blob and trees
+def test_delta_sync_sends_less_the_second_time(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost]
+) -> None:
+    """Counted on the wire, as the hosts receive it: a relay in front of each sshd."""
+    import dataclasses
+    import zlib
 
+    from guarantee_helpers import CountingProxy
 
-def _bytes_sent(out: str) -> list[int]:
-    return [
-        int(line.split("sent ")[1].split()[0])
-        for line in out.splitlines()
-        if "prepared: sent" in line
-    ]
+    proxies = [CountingProxy(h.address, h.port) for h in ssh_hosts]
+    try:
+        known = tmp_path / "known_hosts_via_proxies"
+        known.write_text(
+            "".join(
+                f"[{h.address}]:{p.port} {h.host_public_key}\n"
+                for h, p in zip(ssh_hosts, proxies, strict=True)
+            )
+        )
+        hosts = [
+            dataclasses.replace(h, port=p.port, known_hosts=known)
+            for h, p in zip(ssh_hosts, proxies, strict=True)
+        ]
+        big = os.urandom(100_000).hex()  # incompressible beyond hex: ~100 KB as zlib packs it
+        p = make_project(tmp_path, hosts, {**APP, "lib/big.txt": big})
+        p.deployer("setup", check=True)
+        for proxy in proxies:
+            proxy.take()
+        p.deployer("rollout", check=True)
+        first = [proxy.take() for proxy in proxies]
+        commit(p.repo, {"app.txt": "version 2\n"}, "v2")
+        p.deployer("rollout", check=True)
+        second = [proxy.take() for proxy in proxies]
+    finally:
+        for proxy in proxies:
+            proxy.close()
+    packed = len(zlib.compress(big.encode()))
+    # The first deploy carries the tree, big file included; the second carries
+    # the same commands and only the changed blob and trees: the file never again.
+    assert all(b > packed for b in first), (first, packed)
+    assert all(b2 < b1 - 0.9 * packed for b1, b2 in zip(first, second, strict=True)), (
+        first,
+        second,
+        packed,
+    )
 
 
 def test_keep_releases_prunes_but_keeps_current_and_previous(project: Project) -> None:
@@ -111,6 +140,15 @@ def test_status_shows_each_host(project: Project) -> None:
     rows = json.loads(project.deployer("status", "--json", check=True).stdout)
     assert [r["host"] for r in rows] == [h.name for h in project.hosts]
     assert all(r["revision"] == git(project.repo, "rev-parse", "HEAD") for r in rows)
+
+
+def failure_of(out: str, host: str) -> str:
+    """Why `host` failed, from the summary a failed command ends with: one
+    `  <host>: <why>` line per failed host (only there is a host name followed
+    by a colon)."""
+    whys = [line.split(f"  {host}: ", 1)[1] for line in out.splitlines() if f"  {host}: " in line]
+    assert whys, f"no failure line for {host}:\n{out}"
+    return whys[-1]
 
 
 class HealthServer:
@@ -169,8 +207,9 @@ def test_unhealthy_canary_is_rolled_back_and_no_other_host_switches(project: Pro
     finally:
         health.close()
     assert proc.returncode == 1, proc.stdout
-    assert "FAILED at switch" in proc.stdout and "503" in proc.stdout
-    assert f"{project.hosts[0].name}: " in proc.stdout
+    assert "FAILED at switch" in proc.stdout
+    assert "503" in failure_of(proc.stdout, project.hosts[0].name)
+    assert not any(f"  {h.name}: " in proc.stdout for h in project.hosts[1:])
     assert {h.name: project.current(h) for h in project.hosts} == before
     assert f"{project.hosts[0].name:<12} rolled back to {before[project.hosts[0].name]}" in (
         proc.stdout
@@ -201,7 +240,7 @@ def test_host_lost_between_prepare_and_switch(sshd_fleet, project: Project) -> N
 
 def check_lost_host_outcome(project: Project, proc, before: dict, lost: SSHTestHost) -> None:
     assert proc.returncode == 1, proc.stdout
-    assert f"{lost.name}: " in proc.stdout and "cannot connect" in proc.stdout
+    assert "cannot connect" in failure_of(proc.stdout, lost.name)
     assert "rolling back" in proc.stdout
     assert {h.name: project.current(h) for h in project.hosts} == before
     # Released wherever reachable; the lost host keeps a lock whose holder is gone,
@@ -230,45 +269,65 @@ def with_migrations(project: Project) -> None:
     project.inventory.write_text(text)
 
 
+WITNESS = """\
+# Records, when it runs, which release every host's `current` points to.
+import os
+from pathlib import Path
+
+phase = "{phase}"
+
+
+def up(db):
+    roots = Path(os.path.abspath(__file__)).parents[4]  # <roots>/<host>/releases/<r>/migrations
+    db.execute("CREATE TABLE IF NOT EXISTS witness (phase TEXT, host TEXT, release TEXT)")
+    for root in sorted(roots.iterdir()):
+        if (root / "current").is_symlink():
+            release = os.path.basename(os.readlink(root / "current"))
+            db.execute("INSERT INTO witness VALUES (?, ?, ?)", (phase, root.name, release))
+
+
+def down(db):
+    db.execute("DELETE FROM witness WHERE phase = ?", (phase,))
+"""
+
+
 def test_expand_before_switch_contract_after(project: Project) -> None:
     with_migrations(project)
     commit(project.repo, MIGRATIONS, "schema")
     project.deployer("rollout", check=True)
+    old = project.current(project.hosts[0])
     commit(
         project.repo,
         {
             "migrations/20240102000000_add_name.sql": "-- phase: expand\n-- up\n"
             "ALTER TABLE people ADD COLUMN name TEXT;\n"
             "-- down\nALTER TABLE people DROP COLUMN name;\n",
+            "migrations/20240102000001_expand_witness.py": WITNESS.format(phase="expand"),
             "migrations/20240103000000_drop_fname.sql": "-- phase: contract\n-- up\n"
             "ALTER TABLE people DROP COLUMN fname;\n"
             "-- down\nALTER TABLE people ADD COLUMN fname TEXT;\n",
+            "migrations/20240103000001_contract_witness.py": WITNESS.format(phase="contract"),
         },
         "split",
     )
-    out = project.deployer("rollout", check=True).stdout
-    lines = out.splitlines()
-    first = project.hosts[0].name
-
-    def where(text: str) -> int:
-        return next(i for i, line in enumerate(lines) if text in line)
-
-    assert where("applied 20240102000000_add_name") < where("switch: current")
-    last_healthy = max(i for i, line in enumerate(lines) if "healthy" in line)
-    assert where("applied 20240103000000_drop_fname") > last_healthy
-    import sqlite3
-
+    project.deployer("rollout", check=True)
+    new = project.current(project.hosts[0])
+    assert new != old
     db = project.hosts[0].root / "shared" / "app.sqlite3"
+    seen = sqlite3.connect(db).execute("SELECT phase, host, release FROM witness").fetchall()
+    names = [h.name for h in project.hosts]
+    # expand ran while every host still ran the old release; contract once all ran the new
+    assert seen == [("expand", n, old) for n in names] + [("contract", n, new) for n in names]
     columns = [r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(people)")]
     assert columns == ["id", "name"]
-    assert first in out
     # `deployer migrate` from the controller runs on the migrations host (the
     # database lives in its shared/, unreachable from here)
     status = project.deployer("migrate", "status", "--json", check=True).stdout
     rows = [json.loads(line) for line in status.splitlines() if line.startswith("{")]
     applied = {r["name"] for r in rows if r["event"] == "migration" and r["state"] == "applied"}
     assert applied == {"20240101000000_create", "20240102000000_add_name",
-                       "20240103000000_drop_fname"}  # fmt: skip
+                       "20240102000001_expand_witness", "20240103000000_drop_fname",
+                       "20240103000001_contract_witness"}  # fmt: skip
     summary = rows[-1]
     assert summary["event"] == "summary" and summary["dialect"] == "sqlite"
     assert str(project.hosts[0].root) in summary["dir"]
@@ -334,17 +393,18 @@ def test_sigterm_mid_rollout_releases_every_lock(project: Project) -> None:
     import sys
 
     slow = project.inventory.read_text().replace(
-        'build = "cat app.txt > built.txt"', 'build = "sleep 30"'
+        'build = "cat app.txt > built.txt"',
+        # the build says it started (in the host's root: releases/<new>/../..), then hangs
+        'build = "touch ../../build-started && sleep 30"',
     )
     project.inventory.write_text(slow)
     env = {**os.environ, "DEPLOYER_STATE_DIR": str(project.state)}
     argv = [sys.executable, "-m", "deployer", "-i", str(project.inventory), "rollout"]
     proc = subprocess.Popen(argv, cwd=project.repo, env=env, stdout=subprocess.PIPE, text=True)
-    _wait_for_file(project.hosts[0].root / "run" / "deploy.lock" / "owner.json")
-    _wait_for_file(project.state / "demo.lock")
-    import time
-
-    time.sleep(1.0)  # inside prepare: the builds are running
+    for h in project.hosts:  # inside prepare: every host's build is running
+        _wait_for_file(h.root / "build-started")
+    assert (project.state / "demo.lock").exists()
+    assert all((h.root / "run" / "deploy.lock" / "owner.json").exists() for h in project.hosts)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -368,7 +428,7 @@ def test_max_failed_tolerates_one_host(project: Project) -> None:
     sha = commit(project.repo, {"app.txt": "version 2\n"}, "v2")
     proc = project.deployer("rollout")
     assert proc.returncode == 0, proc.stdout
-    assert f"{lost.name}: " in proc.stdout
+    assert "exited with" in failure_of(proc.stdout, lost.name)  # its build
     for h in project.hosts:
         assert (project.revision(h) == sha) == (h is not lost)
 
