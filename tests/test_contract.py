@@ -356,3 +356,15 @@ def test_remote_host_builds_every_path_from_the_layout() -> None:
     remote.cpus = 3
     # "auto" workers: the host's own CPU count (from its state), not a guess
     assert remote._master_timeout() == 3 * (60.0 + 1.0) + 30.0 + 30
+
+
+def test_an_option_added_later_is_written_only_when_set() -> None:
+    """So a master of the previous version still reads master.toml and the upgrade
+    state of a config that does not use it (its parser knows no such key)."""
+    plain = options.build({"command": ("app",), "listen": "127.0.0.1:1"})
+    assert "nonblocking" not in options.to_toml(plain)
+    assert "nonblocking" not in plain.to_dict()
+    on = options.build({"command": ("app",), "nonblocking": True})
+    assert "nonblocking = true\n" in options.to_toml(on)
+    assert options.MasterConfig.from_dict(on.to_dict()).nonblocking is True
+    assert options.MasterConfig.from_dict(plain.to_dict()).nonblocking is False

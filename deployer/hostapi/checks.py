@@ -44,7 +44,9 @@ def fail(expected: str, value: Any) -> Any:
 
 
 def from_text(text: str) -> Any:
-    """A flag's text as the value a TOML file would give: 4 -> 4, 2.5 -> 2.5."""
+    """A flag's text as the value a TOML file would give: 4 -> 4, 2.5 -> 2.5, true."""
+    if text in ("true", "false"):
+        return text == "true"
     for kind in (int, float):
         try:
             return kind(text)

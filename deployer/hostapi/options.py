@@ -38,6 +38,9 @@ class Option:
     is_path: bool = False  # relative to the config file's directory; a flag's to the cwd
     flag: bool = True  # has a `deployer master run|start|unit` flag
     example: Any = None  # the value inventory.example.toml shows (default: the default)
+    # Written to master.toml and the upgrade state only when not at its default, so
+    # that a master of an older version reads both still: every option added later.
+    omit_default: bool = False
 
     @property
     def flag_name(self) -> str:
@@ -137,6 +140,14 @@ OPTIONS: tuple[Option, ...] = (
         "N",
     ),
     Option(
+        "nonblocking",
+        checks.boolean,
+        "O_NONBLOCK on the shared socket (systemd's NonBlocking=): a worker that polls then"
+        " accepts, like Python's socketserver, never hangs in accept() when it drains",
+        "true|false",
+        omit_default=True,
+    ),
+    Option(
         "cwd",
         checks.path,
         "workers' directory; a symlink is resolved at each reload",
@@ -196,6 +207,7 @@ class MasterConfig:
     ready_soak: float = 1.0
     reload_batch: int = 1
     listen_fds: int = 1
+    nonblocking: bool = False
     cwd: str | None = None
     socket: str | None = None
     pidfile: str | None = None
@@ -215,12 +227,18 @@ class MasterConfig:
         """The options that are set, in table order."""
         for option in OPTIONS:
             value = getattr(self, option.key)
-            if value is not None and value != {} and value != ():
+            if value is not None and value != {} and value != () and not self._omitted(option):
                 yield option, value
+
+    def _omitted(self, option: Option) -> bool:
+        return option.omit_default and getattr(self, option.key) == _DEFAULTS[option.key]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values; from_dict() gives the same config back (upgrade state)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for option in OPTIONS:
+            if self._omitted(option):
+                del out[option.key]
         out["command"] = list(self.argv) if self.command else []
         out["ready"] = {"mode": self.ready.mode, "delay": self.ready.delay}
         out["stop_signal"] = int(self.stop_signal)
@@ -240,6 +258,9 @@ class MasterConfig:
         out["ready"] = str(self.ready)
         out["stop_signal"] = self.stop_signal.name
         return out
+
+
+_DEFAULTS = {f.name: getattr(MasterConfig(), f.name) for f in fields(MasterConfig)}
 
 
 # --- master.toml ----------------------------------------------------------------------

@@ -27,6 +27,8 @@ START_GRACE = 30.0  # `start` waits ready_timeout plus this for the daemon's ver
 
 def serve(cfg: MasterConfig, detach: bool) -> int:
     sock = open_listener(cfg)
+    if cfg.nonblocking:
+        sock.setblocking(False)  # on the open file: every worker's copy is non-blocking
     ctl = ControlServer(cfg.socket) if cfg.socket else None
     try:
         check_pidfile(cfg.pidfile)
