@@ -23,6 +23,7 @@ from typing import TextIO
 
 from deployer.errors import BadInput, DeployerError
 from deployer.hook import clean_env
+from deployer.hostapi.layout import Layout
 from deployer.loadgen import Load, LoadResult
 
 ADDRESSES = {"web1": "127.0.0.1", "web2": "127.0.0.2"}
@@ -181,13 +182,16 @@ class Demo:
         text = (proc.stdout + proc.stderr).rstrip()
         self.out.write("".join(f"    {line}\n" for line in text.splitlines()))
 
+    def layout(self, host: str) -> Layout:
+        return Layout.at(self.base / "hosts" / host)
+
     def revision(self, host: str) -> str:
-        path = self.base / "hosts" / host / "current" / "REVISION"
+        path = self.layout(host).current / "REVISION"
         return path.read_text().strip()[:12] if path.exists() else "-"
 
     def stop_masters(self) -> None:
         for host in ADDRESSES:
-            sock = self.base / "hosts" / host / "run" / "master.sock"
+            sock = self.layout(host).socket
             if sock.exists():
                 with contextlib.suppress(DeployerError):
                     self.deployer("master", "stop", "--socket", str(sock), "--timeout", "20")
