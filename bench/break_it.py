@@ -2,25 +2,28 @@
 
 Each row below is one promise of the product, one small edit that breaks it
 (a search/replace in one file) and the tests that must then fail. For each row
-the script copies the work tree (`git ls-files`: tracked files and untracked
-ones that are not ignored, as they are on disk now) to a temporary directory,
-applies the edit there, and runs the named tests from the copy with
-PYTHONPATH pointing at it, so `deployer` (and every process a test starts:
-`python -m deployer`, the masters, the host agent zipapp that `deployer setup`
-builds from the controller's package) runs the broken copy. Nothing is
-installed and the checkout itself is never touched.
+the script copies the tree to a temporary directory (by default the files of
+the commit HEAD, `git archive`; with --worktree the files `git ls-files` lists,
+tracked and untracked-not-ignored, as they are on disk now), applies the edit
+there, and runs the named tests from the copy with PYTHONPATH pointing at it,
+so `deployer` (and every process a test starts: `python -m deployer`, the
+masters, the host agent zipapp that `deployer setup` builds from the
+controller's package) runs the broken copy; the script checks that `deployer`
+imports from the copy. Nothing is installed and the checkout is never touched.
 
-A row whose search text is no longer in its file stops the script before any
-test runs: the list must follow the code, not rot silently.
+A row whose search text is not in its file (exactly once) stops the script
+before any test runs: the list must follow the code, not rot silently.
 
     python bench/break_it.py                 # every row, after a baseline run
-    python bench/break_it.py --only halt soak --no-baseline
+    python bench/break_it.py --only halt ready-soak --no-baseline
+    python bench/break_it.py --worktree      # the files on disk, uncommitted edits included
     python bench/break_it.py --list
 
-Result per row: "caught" (the tests failed: the first assertion is quoted),
-"NOT CAUGHT" (they all passed), or "error" (pytest could not run them: the
-break made something not importable, which is not catching it for a reason).
-Exit code 0 only if every row is caught (and the baseline passed).
+Result per row: "caught" (a named test failed: which ones, and the first
+assertion of the first failure), "NOT CAUGHT" (they all passed), or "error"
+(pytest could not run them: the break made something not importable, which is
+not catching it for a reason). Exit code 0 only if every row is caught (and
+the baseline passed).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 GR = "tests/test_guarantees_rollout.py::"
 GM = "tests/test_guarantees_master.py::"
+GP = "tests/test_guarantees_plan.py::"
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,10 @@ BREAKS = [
         "deployer/rollout.py",
         "if bad:  # tolerated: those hosts go back and stay out of the rollout",
         "if False:  # tolerated: those hosts go back and stay out of the rollout",
-        (GR + "test_host_failing_its_switch_within_max_failed_goes_back_to_its_old_release",),
+        (
+            GR + "test_host_failing_its_switch_within_max_failed_goes_back_to_its_old_release",
+            GP + "test_a_host_failing_within_max_failed_goes_back_and_the_rollout_goes_on",
+        ),
     ),
     Break(
         "halt",
@@ -68,7 +75,10 @@ BREAKS = [
         "deployer/rollout.py",
         'if plan.on_failure == "rollback":',
         "if True:",
-        (GR + "test_on_failure_halt_stops_where_it_is",),
+        (
+            GR + "test_on_failure_halt_stops_where_it_is",
+            GP + "test_halt_leaves_every_host_where_it_is",
+        ),
     ),
     Break(
         "batch-round-up",
@@ -79,6 +89,7 @@ BREAKS = [
         (
             "tests/test_contract.py::test_batches_round_percentages_up",
             "tests/test_contract.py::test_plan_rollout_from_an_inventory",
+            GP + "test_batch_size_rounds_percentages_up",
         ),
     ),
     Break(
@@ -95,7 +106,10 @@ BREAKS = [
         "                    entry,\n"
         "                    outcome,\n"
         "                    bad,",
-        (GR + "test_rollback_halts_at_a_host_that_fails",),
+        (
+            GR + "test_rollback_halts_at_a_host_that_fails",
+            GP + "test_rollback_halts_at_the_first_host_that_fails",
+        ),
     ),
     Break(
         "deferred-contract",
@@ -103,7 +117,10 @@ BREAKS = [
         "deployer/migrating.py",
         'if deferred and m.contract != "next-rollout":',
         "if deferred:",
-        (GR + "test_deferred_contract_migrations_run_at_the_start_of_the_next_rollout",),
+        (
+            GR + "test_deferred_contract_migrations_run_at_the_start_of_the_next_rollout",
+            GP + "test_contract_next_rollout_runs_the_running_releases_contract_first",
+        ),
     ),
     Break(
         "backoff-cap",
@@ -128,7 +145,10 @@ BREAKS = [
         "deployer/rollout.py",
         "fleet, plan, entry, outcome, failed, before, switched + list(bad), started",
         "fleet, plan, entry, outcome, failed, before, list(bad), started",
-        (GR + "test_later_batch_failing_health_rolls_earlier_batches_back",),
+        (
+            GR + "test_later_batch_failing_health_rolls_earlier_batches_back",
+            GP + "test_a_later_batch_failing_rolls_the_earlier_batches_back",
+        ),
     ),
     Break(
         "drain-after-ready",
@@ -176,7 +196,10 @@ BREAKS = [
         "deployer/lock.py",
         "beat = holder.heartbeat",
         "beat = None",
-        (GR + "test_a_lock_whose_heartbeat_is_too_old_is_stale_and_unlock_breaks_it",),
+        (
+            GR + "test_a_lock_whose_heartbeat_is_too_old_is_stale_and_unlock_breaks_it",
+            GP + "test_stale_by_heartbeat_age",
+        ),
     ),
     # --- promises whose tests no longer read the tool's own log lines ---
     Break(
@@ -194,22 +217,34 @@ BREAKS = [
         '            run_migrations(fleet, "expand", release)\n',
         '            run_migrations(fleet, "expand", release)\n'
         '            run_migrations(fleet, "contract", release)\n',
-        ("tests/test_rollout.py::test_expand_before_switch_contract_after",),
+        (
+            "tests/test_rollout.py::test_expand_before_switch_contract_after",
+            GP + "test_expand_before_the_first_switch_contract_after_the_last",
+        ),
     ),
 ]
 
 
-def tree_files(root: Path) -> list[str]:
+def pristine_copy(root: Path, dest: Path, worktree: bool, rev: str) -> None:
+    """The tree to break: the files of `rev`, or those on disk (--worktree)."""
+    dest.mkdir(parents=True)
+    if not worktree:
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", "--format=tar", rev],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        return
     out = subprocess.run(
         ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         check=True,
         capture_output=True,
     ).stdout
-    return [f for f in out.decode().split("\0") if f and (root / f).is_file()]
-
-
-def copy_tree(root: Path, dest: Path, files: list[str]) -> None:
-    for f in files:
+    for f in out.decode().split("\0"):
+        # mutants/: mutmut's work directory, not part of the product
+        if not f or f.startswith("mutants/") or not (root / f).is_file():
+            continue
         target = dest / f
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / f, target, follow_symlinks=False)
@@ -218,17 +253,17 @@ def copy_tree(root: Path, dest: Path, files: list[str]) -> None:
 def apply(dest: Path, b: Break) -> None:
     path = dest / b.path
     text = path.read_text()
-    if text.count(b.search) != 1:
-        n = text.count(b.search)
+    n = text.count(b.search)
+    if n != 1:
         raise SystemExit(f"{b.name}: the search text occurs {n} times in {b.path}")
     path.write_text(text.replace(b.search, b.replace))
 
 
-def check_rows(rows: list[Break]) -> None:
+def check_rows(tree: Path, rows: list[Break]) -> None:
     """Fail loudly, before running anything, if a row no longer matches the code."""
     bad = []
     for b in rows:
-        path = ROOT / b.path
+        path = tree / b.path
         if not path.exists():
             bad.append(f"{b.name}: {b.path} does not exist")
             continue
@@ -236,7 +271,7 @@ def check_rows(rows: list[Break]) -> None:
         if n != 1:
             bad.append(f"{b.name}: search text found {n} times in {b.path}: {b.search!r}")
         for t in b.tests:
-            if not (ROOT / t.split("::")[0]).exists():
+            if not (tree / t.split("::")[0]).exists():
                 bad.append(f"{b.name}: no test file {t}")
     if bad:
         raise SystemExit("break list out of date:\n  " + "\n  ".join(bad))
@@ -265,7 +300,7 @@ def check_imports_copy(copy: Path) -> None:
 def run_tests(copy: Path, tests: tuple[str, ...] | list[str]) -> tuple[int, str, float]:
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *tests],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests],
         cwd=copy,
         env=env_for(copy),
         capture_output=True,
@@ -274,13 +309,16 @@ def run_tests(copy: Path, tests: tuple[str, ...] | list[str]) -> tuple[int, str,
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started
 
 
-def first_failure(output: str) -> str:
-    """The first `E ...` lines of the first failure: why the test failed."""
-    lines = [m.group(1).rstrip() for m in re.finditer(r"^E +(.*)$", output, re.M)]
-    text = " / ".join(line for line in lines[:3] if line)
-    test = re.search(r"^FAILED (\S+)", output, re.M)
-    where = test.group(1).split("::")[-1] if test else "?"
-    return f"{where}: {text[:300]}"
+def why_failed(output: str) -> str:
+    """Which named tests failed, and the first assertion of the first failure."""
+    failed = [m.group(1).split("::")[-1] for m in re.finditer(r"^FAILED (\S+)", output, re.M)]
+    lines = [m.group(1).strip() for m in re.finditer(r"^E +(.*)$", output, re.M)]
+    # the comparison pytest explains ("assert ..."), else the first message line
+    shown = next((x for x in lines if x.startswith("assert ")), lines[0] if lines else "")
+    first = next((x for x in lines if x), "")
+    if first != shown:
+        shown = f"{first[:160]} / {shown}"
+    return f"{', '.join(failed)}: {shown[:320]}"
 
 
 def main() -> int:
@@ -289,41 +327,44 @@ def main() -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip the unbroken run")
     parser.add_argument("--list", action="store_true", help="print the rows and exit")
     parser.add_argument("--keep", action="store_true", help="keep the copies (their paths)")
+    parser.add_argument("--rev", default="HEAD", help="commit to break (default HEAD)")
+    parser.add_argument("--worktree", action="store_true", help="break the files on disk")
     args = parser.parse_args()
     rows = [b for b in BREAKS if not args.only or b.name in args.only]
     unknown = set(args.only or ()) - {b.name for b in BREAKS}
     if unknown:
         raise SystemExit(f"unknown rows: {', '.join(sorted(unknown))}")
-    check_rows(rows)
-    if args.list:
-        for b in rows:
-            print(f"{b.name:22} {b.path:28} {b.promise}")
-        return 0
-    files = tree_files(ROOT)
     base = Path(tempfile.mkdtemp(prefix="break-it-"))
+    pristine = base / "pristine"
     ok = True
     try:
+        pristine_copy(ROOT, pristine, args.worktree, args.rev)
+        check_rows(pristine, rows)
+        if args.list:
+            for b in rows:
+                print(f"{b.name:22} {b.path:28} {b.promise}")
+            return 0
+        source = "the work tree" if args.worktree else args.rev
+        print(f"breaking a copy of {source} in {base}")
         if not args.no_baseline:
-            copy = base / "baseline"
-            copy_tree(ROOT, copy, files)
-            check_imports_copy(copy)
+            check_imports_copy(pristine)
             tests = sorted({t for b in rows for t in b.tests})
-            code, out, took = run_tests(copy, tests)
+            code, out, took = run_tests(pristine, tests)
             print(f"baseline (nothing broken): {len(tests)} tests, exit {code}, {took:.0f}s")
             if code != 0:
                 print(out[-3000:])
                 return 1
         print()
-        print("| row | broken on purpose | file | result | the test that failed, and why |")
+        print("| row | broken on purpose | file | result | failed, and why |")
         print("|---|---|---|---|---|")
         for b in rows:
             copy = base / b.name
-            copy_tree(ROOT, copy, files)
+            shutil.copytree(pristine, copy, symlinks=True)
             apply(copy, b)
             check_imports_copy(copy)
             code, out, took = run_tests(copy, b.tests)
             if code == 1:
-                result, why = "caught", first_failure(out)
+                result, why = "caught", why_failed(out)
             elif code == 0:
                 result, why, ok = "NOT CAUGHT", "all passed", False
             else:
@@ -334,10 +375,10 @@ def main() -> int:
             if not args.keep:
                 shutil.rmtree(copy, ignore_errors=True)
     finally:
-        if not args.keep:
-            shutil.rmtree(base, ignore_errors=True)
-        else:
+        if args.keep:
             print(f"copies kept in {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
     return 0 if ok else 1
 
 
