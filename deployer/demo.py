@@ -119,6 +119,7 @@ host = "web1"
 [rollout]
 canary = 1
 batch = 1
+watch = 2
 
 [ssh]
 python = {sys.executable!r}

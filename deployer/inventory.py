@@ -142,6 +142,9 @@ class RolloutConfig:
     max_failed: int | str = key(max_failed, 0)
     on_failure: str = key(choice("rollback", "halt"), "rollback")
     parallel: int = key(integer(minimum=1), 10)
+    # seconds each switched batch (the canary too) is watched: a worker crash, a
+    # worker not ready or a failing health probe in that time fails the batch
+    watch: float = key(checks.seconds(0.0, inclusive=True), 10.0)
 
 
 @dataclass(frozen=True)

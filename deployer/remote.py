@@ -125,6 +125,17 @@ class RemoteHost:
             return None
         return self.call(calls.health(h.url, h.expect_status, h.timeout, h.passes, h.interval))
 
+    def watch(self, seconds: float) -> answers.WatchResult | None:
+        """Watch the master (crashes, workers not ready) and health for `seconds`;
+        None if the host has neither."""
+        master, health = self.master, self.config.health
+        if master is None and health is None:
+            return None
+        url = None if health is None else health.url
+        expect = 200 if health is None else health.expect_status
+        call = calls.watch(seconds, master and master.socket, url, expect)
+        return self.call(call, timeout=seconds + 30)
+
     def record(self, entry: dict[str, Any]) -> answers.Recorded:
         return self.call(calls.record(entry))
 

@@ -68,6 +68,7 @@ class Plan:
     max_failed: int
     on_failure: str
     parallel: int
+    watch: float = 0.0  # seconds each switched batch is watched before the next one
 
     @property
     def hosts(self) -> list[str]:
@@ -88,7 +89,8 @@ class Plan:
         for i, b in enumerate(self.batches, 1):
             label = "canary batch" if i == 1 and len(self.batches) > 1 else f"batch {i}"
             moves = ", ".join(f"{h} -> {self.targets[h]}" for h in b)
-            lines.append(f"  switch {label}: {moves}; reload master; check health")
+            watch = f"; watch {self.watch:g}s" if self.watch else ""
+            lines.append(f"  switch {label}: {moves}; reload master; check health{watch}")
         if self.action == "rollout":
             lines.append("  3. migrations: contract; prune old releases; record history")
         lines.append(f"  on failure: {self.on_failure} (hosts allowed to fail: {self.max_failed})")
@@ -110,8 +112,8 @@ class Outcome:
         return EXIT_OK if self.ok else EXIT_FAILED
 
 
-def switch_host(fleet: FleetSession, remote: RemoteHost, release: str) -> None:
-    """Flip `current`, reload the master, check health: one host's switch."""
+def switch_host(fleet: FleetSession, remote: RemoteHost, release: str, watch: float = 0) -> None:
+    """Flip `current`, reload the master, check health, watch: one host's switch."""
     say = fleet.reporter.say
     t0 = time.monotonic()
     remote.switch(release)
@@ -126,6 +128,9 @@ def switch_host(fleet: FleetSession, remote: RemoteHost, release: str) -> None:
         f"healthy{probes}; switch {t1 - t0:.2f}s, reload {t2 - t1:.2f}s, health {t3 - t2:.2f}s",
         remote.name,
     )
+    watched = remote.watch(watch) if watch > 0 else None
+    if watched is not None:
+        say(f"held up for {watched.seconds:g}s: no crash, every worker ready", remote.name)
 
 
 def reload(fleet: FleetSession, remote: RemoteHost) -> None:
@@ -219,6 +224,7 @@ def plan_rollout(
         max_failed=allowed_failures(r.max_failed, len(names)),
         on_failure=r.on_failure,
         parallel=r.parallel,
+        watch=r.watch,
     )
 
 
@@ -296,7 +302,7 @@ def run_rollout(
         try:
             for batch in plan.batches:
                 todo = [n for n in batch if n not in failed]
-                _, bad = fleet.each(todo, lambda r: switch_host(fleet, r, release))
+                _, bad = fleet.each(todo, lambda r: switch_host(fleet, r, release, plan.watch))
                 switched += [n for n in todo if n not in bad]
                 for n in todo:
                     outcome.releases[n] = release
@@ -426,6 +432,7 @@ def plan_rollback(inventory: Inventory, states: dict[str, HostState], to: str | 
         max_failed=0,
         on_failure="halt",
         parallel=r.parallel,
+        watch=r.watch,
     )
 
 
@@ -468,7 +475,9 @@ def run_rollback(
         }
         outcome = Outcome(ok=False, releases=dict(before))
         for batch in plan.batches:
-            _, bad = fleet.each(batch, lambda r: switch_host(fleet, r, plan.targets[r.name]))
+            _, bad = fleet.each(
+                batch, lambda r: switch_host(fleet, r, plan.targets[r.name], plan.watch)
+            )
             for n in batch:
                 outcome.releases[n] = plan.targets[n]
             if bad:

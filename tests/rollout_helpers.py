@@ -22,7 +22,7 @@ def master_extra(port: int) -> str:
         f'[master]\ncommand = "python3 app.py"\nlisten = "{{address}}:{port}"\nworkers = 2\n'
         'ready = "notify"\nready_soak = 0.3\nshutdown_timeout = 10\nready_timeout = 10\n'
         f'[health]\nurl = "http://{{address}}:{port}/health"\ntimeout = 5\npasses = 2\n'
-        "interval = 0.2\n[rollout]\ncanary = 1\nbatch = 1\n"
+        "interval = 0.2\n[rollout]\ncanary = 1\nbatch = 1\nwatch = 1\n"
     )
 
 

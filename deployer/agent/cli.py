@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=30.0)
     sp.add_argument("--passes", type=int, default=3)
     sp.add_argument("--interval", type=float, default=0.5)
+    sp = with_root("watch")
+    sp.add_argument("--seconds", type=float, required=True)
+    sp.add_argument("--socket", help="the master's control socket")
+    sp.add_argument("--url", help="health URL, probed every poll")
+    sp.add_argument("--expect", type=int, default=200)
     sp = with_root("record")
     sp.add_argument("--entry", required=True, help="JSON object")
     sp = with_root("lock")
@@ -102,6 +107,8 @@ def run_op(args: argparse.Namespace) -> tuple:
         return ops.switch(layout, args.release)
     if args.op == "prune":
         return ops.prune(layout, args.keep)
+    if args.op == "watch":
+        return ops.watch(args.seconds, args.socket, args.url, args.expect)
     if args.op == "record":
         return ops.record(layout, json.loads(args.entry))
     if args.op == "lock":

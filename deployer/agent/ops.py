@@ -357,6 +357,57 @@ def _probe(url: str, timeout: float) -> tuple[int | None, str]:
         return None, f"no answer ({reason})"
 
 
+WATCH_POLL = 0.5
+
+
+def watch(
+    seconds: float, socket: str | None, url: str | None, expect: int
+) -> answers.WatchResult:
+    """Fail at the first sign that the release does not hold up after its switch:
+    a worker crash the master reports (a crash loop that starts after ready), a
+    worker not ready, a health probe that does not answer `expect`."""
+    started, begun = time.time(), time.monotonic()
+    polls = probes = 0
+    while True:
+        if socket:
+            _check_master(socket, started)
+            polls += 1
+        if url:
+            status, last = _probe(url, min(5.0, max(0.5, seconds)))
+            probes += 1
+            if status != expect:
+                raise AgentError(
+                    f"health check {url} failed {time.monotonic() - begun:.1f}s into the "
+                    f"watch: wanted {expect}, got {last}"
+                )
+        left = seconds - (time.monotonic() - begun)
+        if left <= 0:
+            return answers.WatchResult(seconds, polls, probes)
+        time.sleep(min(WATCH_POLL, left))
+
+
+def _check_master(socket: str, since: float) -> None:
+    from deployer.master.control import ControlError, request  # only the watch needs it
+
+    try:
+        answer = list(request(socket, {"cmd": "status"}, 10.0))[-1]
+    except (ControlError, TimeoutError, OSError, IndexError) as e:
+        raise AgentError(f"the master does not answer on {socket}: {e}") from None
+    status = answer.get("status") or {}
+    crashes = [c for c in status.get("recent_crashes", []) if c.get("at", 0) >= since]
+    if crashes:
+        c = crashes[0]
+        raise AgentError(
+            f"worker {c.get('worker')} (pid {c.get('pid')}) crashed {c['at'] - since:.1f}s "
+            f"into the watch ({c.get('how')}); {len(crashes)} crash(es) in all"
+        )
+    if status.get("ready", 0) < status.get("configured", 0):
+        raise AgentError(
+            f"{status.get('ready')} of {status.get('configured')} workers ready "
+            f"(master state {status.get('state')})"
+        )
+
+
 # --- history and lock -----------------------------------------------------------------
 
 

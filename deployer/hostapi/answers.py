@@ -102,6 +102,12 @@ class HealthResult(NamedTuple):
     status: int
 
 
+class WatchResult(NamedTuple):
+    seconds: float
+    polls: int  # master status reads
+    probes: int  # health probes
+
+
 class Recorded(NamedTuple):
     recorded: bool = True
 

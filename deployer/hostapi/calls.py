@@ -121,6 +121,19 @@ def health(url: str, expect: int, timeout: float, passes: int, interval: float) 
     return AgentCall("health", args, answers.HealthResult, root=False)
 
 
+def watch(
+    seconds: float, socket: str | None, url: str | None = None, expect: int = 200
+) -> AgentCall:
+    """Watch a switched host for `seconds`: a worker crash reported by its master
+    (`socket`), a worker not ready, or a failing health probe (`url`) fails it."""
+    args = ("--seconds", str(seconds))
+    if socket:
+        args += ("--socket", socket)
+    if url:
+        args += ("--url", url, "--expect", str(expect))
+    return AgentCall("watch", args, answers.WatchResult)
+
+
 def record(entry: dict[str, Any]) -> AgentCall:
     return AgentCall("record", ("--entry", json.dumps(entry, sort_keys=True)), answers.Recorded)
 

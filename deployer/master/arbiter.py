@@ -71,6 +71,7 @@ PLAIN_STATE = (
     "upgrades",
     "backlog",
 )
+CRASH_LOG = 50  # crashes kept, with their times, for status (and a rollout's watch)
 
 
 class Arbiter(Reloads, ControlHandlers):
@@ -122,6 +123,7 @@ class Arbiter(Reloads, ControlHandlers):
         self.exit_code = 0
         self.started = time.time()
         self.counts = {"reloads": 0, "failed_reloads": 0, "crashes": 0}
+        self.crash_log: list[dict[str, Any]] = []  # the latest CRASH_LOG crashes
         self.last_reload: dict[str, Any] | None = None
         # Every worker's listen() on fd 3 sets the shared queue's backlog (Node: 511,
         # asyncio: 100, gunicorn: 2048): we put ours back when a worker is ready.
@@ -290,6 +292,11 @@ class Arbiter(Reloads, ControlHandlers):
 
     def worker_crashed(self, slot: Slot, worker: Worker, how: str, now: float) -> None:
         self.counts["crashes"] += 1
+        crash = {"at": time.time(), "worker": slot.id, "pid": worker.pid, "how": how}
+        self.crash_log = [
+            *self.crash_log[1 - CRASH_LOG :],
+            {**crash, "release": worker.spec.release},
+        ]
         delay = slot.crashed(worker, now)
         loop = f", crash loop: restart in {delay:.1f}s" if delay else ""
         self.log.master(f"{worker.label} crashed ({how}){loop}")
@@ -597,6 +604,7 @@ class Arbiter(Reloads, ControlHandlers):
             "lingering": {str(k): v for k, v in self.lingering.items()},
             "conns": [c.to_state(c is requester) for c in self.conns.values() if not c.closed],
             **{key: getattr(self, key) for key in PLAIN_STATE},
+            "crash_log": self.crash_log,  # not in PLAIN_STATE: the previous version has none
         }
 
     def stderr_owner(self, stream: OutputStream) -> int | None:
@@ -622,6 +630,7 @@ class Arbiter(Reloads, ControlHandlers):
         arb.pinned, arb.lingering, arb.workers, arb.slots = pinned, lingering, workers, slots
         for key, value in plain.items():
             setattr(arb, key, value)
+        arb.crash_log = state.get("crash_log", [])
         if not dry_run:
             arb.adopt_streams(state["streams"])
             arb.adopt_connections(state["conns"])

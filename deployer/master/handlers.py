@@ -243,6 +243,8 @@ class ControlHandlers:
             "reloads": self.counts["reloads"],
             "failed_reloads": self.counts["failed_reloads"],
             "crashes": self.counts["crashes"],
+            # each with "at" (epoch seconds): a rollout's watch counts those after it began
+            "recent_crashes": [{**c, "when": iso(c["at"])} for c in self.crash_log],
             "upgrades": self.upgrades,
             "reload": None
             if self.job is None

@@ -18,7 +18,8 @@ Routes: `/` (who answered), `/health` (200, or 500 with FAIL_HEALTH=1),
 Switches (environment, or KEY=VALUE lines in ./release.env, the way a
 release ships its settings): CRASH_AT_BOOT=1, NEVER_READY=1, FAIL_HEALTH=1,
 BOOT_DELAY=SECONDS, CRASH_AFTER_BOOTS=N (boots counted in ./.boots; later
-boots crash), IDLE_TIMEOUT=SECONDS (keep-alive, default 5).
+boots crash), CRASH_AFTER_READY=SECONDS (exit 1 that long after ready),
+IDLE_TIMEOUT=SECONDS (keep-alive, default 5).
 """
 
 from __future__ import annotations
@@ -288,6 +289,11 @@ class Connection(asyncio.BufferedProtocol):
         self.next_request()  # a pipelined request may be waiting
 
 
+def crash(why: str) -> None:
+    print(f"{why}: failing on purpose", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 async def main() -> None:
     load_release_env()
     if flag("CRASH_AT_BOOT"):
@@ -305,6 +311,9 @@ async def main() -> None:
         loop.add_signal_handler(sig, app.drain)
     if not flag("NEVER_READY"):
         notify_ready()
+    crash_after = float(os.environ.get("CRASH_AFTER_READY", "0") or 0)
+    if crash_after:
+        loop.call_later(crash_after, crash, f"CRASH_AFTER_READY={crash_after:g}")
     print(f"pid {os.getpid()} serving release {app.release}", flush=True)
     await app.done
     cpu = sum(os.times()[:2])
