@@ -98,7 +98,8 @@ def test_host_failing_its_switch_within_max_failed_goes_back_to_its_old_release(
     try:
         configure(
             project,
-            health_section(health.url) + "[rollout]\ncanary = 1\nbatch = 1\nmax_failed = 1\n",
+            health_section(health.url)
+            + "[rollout]\ncanary = 1\nbatch = 1\nwatch = 0\nmax_failed = 1\n",
         )
         proc = project.deployer("rollout")
     finally:
@@ -118,7 +119,8 @@ def test_on_failure_halt_stops_where_it_is(project: Project) -> None:
     try:
         configure(
             project,
-            health_section(health.url) + '[rollout]\ncanary = 1\nbatch = 1\non_failure = "halt"\n',
+            health_section(health.url)
+            + '[rollout]\ncanary = 1\nbatch = 1\nwatch = 0\non_failure = "halt"\n',
         )
         proc = project.deployer("rollout")
     finally:
@@ -138,7 +140,9 @@ def test_later_batch_failing_health_rolls_earlier_batches_back(project: Project)
     host1, host2, host3 = (h.name for h in project.hosts)
     health = FleetHealth(project, lambda host: 503 if host == host3 else 200)
     try:
-        configure(project, health_section(health.url) + "[rollout]\ncanary = 1\nbatch = 1\n")
+        configure(
+            project, health_section(health.url) + "[rollout]\ncanary = 1\nbatch = 1\nwatch = 0\n"
+        )
         proc = project.deployer("rollout")
     finally:
         health.close()
@@ -169,7 +173,9 @@ def test_rollback_halts_at_a_host_that_fails(project: Project) -> None:
         lambda host: 503 if host == host2 and project.revision(project.hosts[1]) == v1 else 200,
     )
     try:
-        configure(project, health_section(health.url) + "[rollout]\ncanary = 1\nbatch = 1\n")
+        configure(
+            project, health_section(health.url) + "[rollout]\ncanary = 1\nbatch = 1\nwatch = 0\n"
+        )
         proc = project.deployer("rollback")
     finally:
         health.close()

@@ -188,7 +188,7 @@ def with_health(project: Project, url: str, extra: str = "") -> None:
     text = text.replace(
         "[ssh]",
         f'[health]\nurl = "{url}"\ntimeout = 2\npasses = 1\ninterval = 0.2\n'
-        f"[rollout]\ncanary = 1\nbatch = 1\n{extra}\n[ssh]",
+        f"[rollout]\ncanary = 1\nbatch = 1\nwatch = 0\n{extra}\n[ssh]",
         1,
     )
     project.inventory.write_text(text)
