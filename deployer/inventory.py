@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import fnmatch
 import getpass
+import ipaddress
 import os
 import re
 import tomllib
@@ -19,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 from deployer.errors import HostSelectionError, InventoryError
 from deployer.hostapi import checks, options
@@ -29,7 +31,6 @@ from deployer.hostapi.checks import (
     choice,
     integer,
     string,
-    string_list,
 )
 from deployer.hostapi.checks import describe as _describe
 from deployer.hostapi.checks import fail as _fail
@@ -41,6 +42,14 @@ ENV_VAR = "DEPLOYER_INVENTORY"
 
 
 # --- checkers beyond the shared ones (deployer.hostapi.checks) -------------------------
+
+# Upper bounds: beyond them a value is a typo (or hostile), not a setting; they
+# also keep thread pools and loops sized by the inventory finite.
+MAX_HOSTS = 10_000  # canary, batch sizes, max_failed: counts of hosts
+MAX_PARALLEL = 256  # hosts prepared at once: one thread and one SSH connection each
+MAX_KEEP_RELEASES = 1000
+MAX_PASSES = 1000
+MAX_NAME = 100  # the app name ends up in file names (locks, units)
 
 
 def number(minimum: float = 0.0) -> Checker:
@@ -54,9 +63,10 @@ def count_or_percent(v: Any, *, minimum: int) -> int | str:
         if m and 0 < float(m.group(1)) <= 100:
             return f"{m.group(1)}%"
         return _fail("a percentage between 1% and 100%", v)
-    if isinstance(v, int) and not isinstance(v, bool) and v >= minimum:
-        return v
-    return _fail(f'an integer >= {minimum} or a percentage like "25%"', v)
+    try:
+        return integer(minimum, MAX_HOSTS)(v)
+    except Invalid as e:
+        raise Invalid(f'{e} (or a percentage like "25%")', e.expected) from None
 
 
 def batch(v: Any) -> tuple[int | str, ...]:
@@ -76,9 +86,52 @@ def max_failed(v: Any) -> int | str:
 
 def url(v: Any) -> str:
     s = string(v)
-    if not re.match(r"https?://[^/\s]+", s):
+    if not re.match(r"https?://[^/\s]+", s) or url_host(s) is None:
         return _fail("an http:// or https:// URL", v)
     return s
+
+
+def url_host(u: str) -> str | None:
+    """The host part of a URL (lowercase, no brackets), None if it has none or is garbled."""
+    try:
+        parts = urlsplit(u)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        return None
+    return parts.hostname or None
+
+
+_NAME = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9._-]{{0,{MAX_NAME - 1}}}")
+
+
+def app_name(v: Any) -> str:
+    """The app's name: it names files on the controller and the hosts (the deploy
+    lock, units), so nothing that could be a path ('/', '..') or an option ('-x')."""
+    s = string(v)
+    if not _NAME.fullmatch(s):
+        return _fail(
+            f"a name of letters, digits, '.', '_' and '-', not starting with '.' or '-', "
+            f"at most {MAX_NAME} characters",
+            v,
+        )
+    return s
+
+
+def shared_paths(v: Any) -> tuple[str, ...]:
+    """[app] shared: paths relative to the release (and to shared/); refused here, before
+    any host is touched, rather than at prepare on every host."""
+    if not isinstance(v, list):
+        return _fail("an array of relative paths", v)
+    for entry in v:
+        if not isinstance(entry, str) or not entry.strip() or "\0" in entry:
+            raise Invalid(f"entry {_describe(entry)}: expected a non-empty path without NUL")
+        parts = entry.strip("/").split("/")
+        if entry.startswith("/") or any(p in (".", "..") for p in parts):
+            raise Invalid(
+                f"entry {entry!r}: expected a relative path inside the release "
+                "(no leading '/', no '.' or '..' parts)"
+            )
+    return tuple(v)
 
 
 def database(v: Any) -> str:
@@ -110,10 +163,10 @@ def key(check: Checker, default: Any = REQUIRED, *, expand: bool = False) -> Any
 
 @dataclass(frozen=True)
 class AppConfig:
-    name: str = key(string)
+    name: str = key(app_name)
     deploy_to: str = key(string, expand=True)
-    keep_releases: int = key(integer(minimum=2), 5)
-    shared: tuple[str, ...] = key(string_list, ())
+    keep_releases: int = key(integer(minimum=2, maximum=MAX_KEEP_RELEASES), 5)
+    shared: tuple[str, ...] = key(shared_paths, ())
     build: str | None = key(string, None, expand=True)
     repo: str | None = key(string, None)
 
@@ -123,7 +176,7 @@ class HealthConfig:
     url: str = key(url, expand=True)
     expect_status: int = key(integer(minimum=100, maximum=599), 200)
     timeout: float = key(number(), 30.0)
-    passes: int = key(integer(minimum=1), 3)
+    passes: int = key(integer(minimum=1, maximum=MAX_PASSES), 3)
     interval: float = key(number(), 0.5)
 
 
@@ -138,10 +191,10 @@ class MigrationsConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     batch: tuple[int | str, ...] = key(batch, (1,))
-    canary: int = key(integer(minimum=0), 1)
+    canary: int = key(integer(minimum=0, maximum=MAX_HOSTS), 1)
     max_failed: int | str = key(max_failed, 0)
     on_failure: str = key(choice("rollback", "halt"), "rollback")
-    parallel: int = key(integer(minimum=1), 10)
+    parallel: int = key(integer(minimum=1, maximum=MAX_PARALLEL), 10)
     # seconds each switched batch (the canary too) is watched: a worker crash, a
     # worker not ready or a failing health probe in that time fails the batch
     watch: float = key(checks.seconds(0.0, inclusive=True), 10.0)
@@ -353,6 +406,9 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise InventoryError(path, [f"not valid TOML: {e}"]) from None
     except UnicodeDecodeError as e:
         raise InventoryError(path, [f"not valid UTF-8: {e}"]) from None
+    except RecursionError:
+        # tomllib recurses once per nesting level: `a = [[[[...` exhausts the stack
+        raise InventoryError(path, ["not valid TOML: arrays or tables nested too deeply"]) from None
 
 
 def _section(data: dict, name: str, problems: _Problems) -> dict | None:
@@ -390,6 +446,7 @@ def parse(data: dict[str, Any], path: str = "<inventory>") -> Inventory:
     ssh: SSHConfig = sections["ssh"] or SSHConfig()
     hosts = _parse_hosts(data, sections, ssh, problems)
     _check_conflicts(hosts, problems)
+    _check_health_urls(hosts, problems)
     if sections["migrations"] is not None:
         mhost = sections["migrations"].host
         if mhost is not None and mhost not in hosts and hosts:
@@ -503,6 +560,31 @@ def _check_conflicts(hosts: dict[str, HostConfig], problems: _Problems) -> None:
         if h.master is not None:
             claim("listen", (machine, h.master.listen), name, f"[master] listen {h.master.listen}")
         claim("deploy_to", (machine, h.app.deploy_to), name, f"[app] deploy_to {h.app.deploy_to}")
+
+
+def _names_this_host(url_host_part: str, h: HostConfig) -> bool:
+    if url_host_part in (h.address.lower(), h.name.lower(), "localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(url_host_part).is_loopback  # 127.0.0.0/8, ::1
+    except ValueError:
+        return False
+
+
+def _check_health_urls(hosts: dict[str, HostConfig], problems: _Problems) -> None:
+    """The probe runs on the host itself: a URL naming another machine would report
+    that machine's health as this host's, and pass a broken release."""
+    for name, h in hosts.items():
+        if h.health is None:
+            continue
+        target = url_host(h.health.url)
+        if target is not None and not _names_this_host(target, h):
+            problems.add(
+                f"[hosts.{name}] [health] url",
+                f"{h.health.url!r} names host {target!r}, not this one: the probe runs on "
+                f"{name} itself, so it would report {target}'s health as {name}'s; use "
+                "{address}, {host}, localhost or 127.0.0.1",
+            )
 
 
 # --- selection ------------------------------------------------------------------------
