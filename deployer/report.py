@@ -9,6 +9,24 @@ import threading
 import time
 from typing import Any, TextIO
 
+# Output from the repository or its build reaches terminals (ours, the pusher's):
+# an escape sequence there can retitle the window, hide lines or fake a result.
+# Every C0 control but tab and newline, DEL and every C1 control shows as `\xNN`.
+_CONTROLS = [*range(0x20), 0x7F, *range(0x80, 0xA0)]
+_VISIBLE = str.maketrans({c: f"\\x{c:02x}" for c in _CONTROLS if chr(c) not in "\t\n"})
+
+
+def printable(text: str) -> str:
+    """`text` with control characters as visible escapes; newlines and tabs kept."""
+    return text.translate(_VISIBLE)
+
+
+def safe_lines(text: str) -> list[str]:
+    """`text` as printable lines: split at newlines only (a CR-LF ending is one), so
+    a lone CR or form feed shows instead of moving the cursor."""
+    body = text[:-1] if text.endswith("\n") else text
+    return [printable(line.removesuffix("\r")) for line in body.split("\n")]
+
 
 class Reporter:
     """Plain timestamped lines: safe in a git hook, CI or a log file."""
@@ -24,7 +42,7 @@ class Reporter:
         stamp = dt.datetime.now().strftime("%H:%M:%S")
         prefix = f"{stamp} {host:<12} " if host else f"{stamp} "
         with self._lock:
-            for line in text.splitlines() or [""]:
+            for line in safe_lines(text):
                 self.stream.write(prefix + line + "\n")
             self.stream.flush()
 
@@ -57,11 +75,13 @@ class LiveReporter(Reporter):
         return table
 
     def say(self, text: str, host: str | None = None) -> None:
+        lines = safe_lines(text)
         with self._lock:
             if host is not None:
-                self.rows[host] = (text.splitlines()[0][:100] if text else "", time.monotonic())
+                self.rows[host] = (lines[0][:100], time.monotonic())
             stamp = dt.datetime.now().strftime("%H:%M:%S")
-            self.live.console.print(f"{stamp} {host or '':<12} {text}", markup=False)
+            shown = "\n".join(lines)
+            self.live.console.print(f"{stamp} {host or '':<12} {shown}", markup=False)
             self.live.update(self._table())
 
     def close(self) -> None:
