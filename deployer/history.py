@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deployer.errors import DeployerError
+
 STATE_ENV = "DEPLOYER_STATE_DIR"
+SHOWN_BAD_LINES = 10  # a warning names this many bad line numbers, then counts the rest
 
 
 def state_dir(inventory_path: str) -> Path:
@@ -17,6 +23,83 @@ def state_dir(inventory_path: str) -> Path:
     if env:
         return Path(env)
     return Path(inventory_path).resolve().parent / ".deployer"
+
+
+# --- what a record may hold ------------------------------------------------------------
+# The file is ours, but anyone (or a crash, or a full disk) may have written to it:
+# every field a reader uses is checked, so a bad record is skipped, never a traceback
+# in `deployer history` or the hook's summary line.
+
+
+def _text(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _number(v: Any) -> bool:
+    real = isinstance(v, int | float) and not isinstance(v, bool)
+    return v is None or (real and math.isfinite(v))
+
+
+def _texts(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _text_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(_text(x) for x in v.values())
+
+
+TEXT_FIELDS = (
+    "app", "revision", "release", "user", "controller", "started", "since",
+    "result", "failed_step", "note", "log",
+)  # fmt: skip
+FIELDS: dict[str, Callable[[Any], bool]] = {
+    **dict.fromkeys(TEXT_FIELDS, _text),
+    "id": lambda v: isinstance(v, str),
+    "action": lambda v: isinstance(v, str),
+    "pid": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "duration_s": _number,
+    "hosts": _texts,
+    "broke": _texts,
+    "failures": _text_map,
+    "releases": _text_map,
+}
+REQUIRED = ("id", "action")
+
+
+def parse_record(raw: bytes) -> dict[str, Any] | None:
+    """One line as a record, or None if it is not one (not UTF-8, not JSON, not an
+    object, a field of the wrong type)."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    if not isinstance(record, dict) or not all(k in record for k in REQUIRED):
+        return None
+    if not all(check(record[k]) for k, check in FIELDS.items() if k in record):
+        return None
+    return record
+
+
+@dataclass
+class Entries:
+    """What a read found: the good records (newest first) and the numbers of bad lines."""
+
+    path: Path
+    records: list[dict[str, Any]] = field(default_factory=list)
+    bad_lines: list[int] = field(default_factory=list)
+
+    def warning(self) -> str | None:
+        """One line naming the file and its bad lines; None if there were none."""
+        if not self.bad_lines:
+            return None
+        bad = sorted(self.bad_lines)
+        shown = ", ".join(map(str, bad[:SHOWN_BAD_LINES]))
+        more = len(bad) - SHOWN_BAD_LINES
+        shown += f" and {more} more" if more > 0 else ""
+        return (
+            f"warning: {self.path}: skipped {len(bad)} unreadable record(s), "
+            f"line{'s' if len(bad) > 1 else ''} {shown}"
+        )
 
 
 class History:
@@ -29,18 +112,30 @@ class History:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
 
-    def entries(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """Newest first."""
+    def read(self, limit: int | None = None) -> Entries:
+        """The newest `limit` good records; bad lines among those read are reported,
+        not fatal (a torn last line from a crash must not hide the rest)."""
+        found = Entries(self.path)
         try:
-            lines = self.path.read_text().splitlines()
+            data = self.path.read_bytes()
         except FileNotFoundError:
-            return []
-        out = []
-        for line in reversed(lines):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # a torn last line from a crash must not hide the rest
-            if limit is not None and len(out) >= limit:
+            return found
+        except OSError as e:
+            raise DeployerError(f"{self.path}: cannot read the deploy history: {e}") from None
+        lines = data.split(b"\n")
+        for number in range(len(lines), 0, -1):
+            raw = lines[number - 1]
+            if not raw.strip():
+                continue
+            record = parse_record(raw)
+            if record is None:
+                found.bad_lines.append(number)
+                continue
+            found.records.append(record)
+            if limit is not None and len(found.records) >= limit:
                 break
-        return out
+        return found
+
+    def entries(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Newest first; bad records skipped."""
+        return self.read(limit).records
