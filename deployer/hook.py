@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -32,14 +32,22 @@ from typing import TextIO
 
 from deployer.errors import BadInput, DeployerError
 from deployer.hostapi.layout import release_name
+from deployer.report import printable
 
 HOOKS = ("pre-receive", "post-update")
 MARK = "deployer-hook"  # in every script we install: tells ours from a foreign hook
 ZERO = "0" * 40
+CHUNK = 64 * 1024
+MAX_PENDING = 1 << 20
 # Variables git sets for hooks that must not leak into git commands run on other
 # repositories (the app's own checkout, the hosts' repo/). GIT_SSH* and GIT_TRACE*
 # are the user's own settings and stay.
 KEEP_GIT_VARS = ("GIT_SSH", "GIT_TRACE")
+# A rollout's id, as start_rollout makes it: `<release name>-<4 digits>`; its log is
+# `<id>.log`. `deployer logs` takes an id or a prefix of one, nothing else: never a
+# path or a glob.
+LOG_ID = re.compile(r"\d{14}-[0-9a-f]{7}-\d{4}")
+LOG_ID_PREFIX = re.compile(r"\d{1,14}|\d{14}-[0-9a-f]{0,7}|\d{14}-[0-9a-f]{7}-\d{0,4}")
 
 
 def clean_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -316,25 +324,35 @@ def start_rollout(cfg: HookConfig, sha: str) -> Run:
     return Run(deploy_id, log, proc)
 
 
+def open_log(log: Path) -> TextIO:
+    """A rollout log for reading: undecodable bytes replaced, not fatal."""
+    try:
+        return open(log, errors="replace")
+    except OSError as e:
+        raise DeployerError(f"cannot read rollout log {log}: {e.strerror or e}") from None
+
+
 def follow(log: Path, alive: Callable[[], bool], out: TextIO, poll: float = 0.1) -> None:
     """Copy `log` to `out` as it grows, until `alive()` is false and it is read to
     the end. A pusher who went away (EPIPE) ends the copying, nothing else."""
-    with open(log, errors="replace") as fh:
+    with open_log(log) as fh:
         pending = ""
         while True:
             running = alive()
-            chunk = fh.read()
+            chunk = fh.read(CHUNK)
             if chunk:
                 pending += chunk
                 *lines, pending = pending.split("\n")
+                if len(pending) > MAX_PENDING:  # a line without end: show it in parts
+                    lines, pending = [*lines, pending], ""
                 try:
-                    out.writelines(line + "\n" for line in lines)
+                    out.writelines(printable(line) + "\n" for line in lines)
                     out.flush()
                 except (BrokenPipeError, OSError):
                     return
             elif not running:
                 if pending:
-                    out.write(pending + "\n")
+                    out.write(printable(pending) + "\n")
                 return
             else:
                 time.sleep(poll)
@@ -353,17 +371,29 @@ def summary(cfg: HookConfig, run: Run, code: int, started: float) -> str:
         return f"deployer: rollout {run.id} exited {code} after {took} (see {run.log})"
     hosts = ", ".join(entry.get("hosts", []))
     result = "ok" if entry.get("result") == "ok" else f"FAILED at {entry.get('failed_step')}"
-    return (
+    return printable(
         f"deployer: {str(entry.get('revision'))[:12]} to {hosts}: {result} "
         f"in {entry.get('duration_s')}s (exit {code}, log {run.log})"
     )
 
 
+def check_log_id(deploy_id: str) -> str:
+    if not LOG_ID_PREFIX.fullmatch(deploy_id):
+        raise BadInput(
+            f"no log matches {deploy_id!r}: ID must be a rollout id like "
+            "20250102030405-abc1234-0042 (UTC stamp, short sha, number) or a prefix of one"
+        )
+    return deploy_id
+
+
 def log_path(state: Path, deploy_id: str | None) -> Path:
     """A rollout's log by id (or a unique prefix of it), or the newest one."""
+    prefix = "" if deploy_id is None else check_log_id(deploy_id)
     index = state / "logs"
-    # ids start with a UTC stamp: name order is age order
-    logs = sorted(index.glob(f"{deploy_id or ''}*.log")) if index.is_dir() else []
+    # ids start with a UTC stamp: name order is age order. Only our own logs count:
+    # whatever else lies in the directory is not a rollout's.
+    found = index.glob(f"{prefix}*.log") if index.is_dir() else []
+    logs = sorted(p for p in found if LOG_ID.fullmatch(p.stem))
     exact = [p for p in logs if p.stem == deploy_id]
     if exact or (logs and not deploy_id) or len(logs) == 1:
         return (exact or logs)[-1]
@@ -382,5 +412,7 @@ def running(state: Path, app: str, deploy_id: str) -> bool:
 
 
 def copy_file(src: Path, out: TextIO) -> None:
-    with open(src, errors="replace") as fh:
-        shutil.copyfileobj(fh, out)
+    """A log to a terminal, its control characters made visible (see report.printable)."""
+    with open_log(src) as fh:
+        while chunk := fh.read(CHUNK):
+            out.write(printable(chunk))
