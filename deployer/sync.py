@@ -52,16 +52,25 @@ class Source:
         self._pack_locks: dict[tuple[str, frozenset[str]], threading.Lock] = {}
 
     def resolve(self, rev: str | None) -> Revision:
-        """Anything `git rev-parse` accepts, as the commit it names."""
-        import git
+        """Anything `git rev-parse` accepts, as the commit it names. Resolved by git
+        itself: GitPython's own parser raises on specs it cannot handle (`HEAD@{999}`)."""
+        spec = "HEAD" if rev is None else rev
+        if not spec.strip() or "\0" in spec:
+            raise BadInput(f"revision {spec!r}: expected a branch, tag or commit name")
+        named = self._rev_parse(spec, spec)
+        sha = self._rev_parse(f"{named}^{{commit}}", spec)
+        with self._lock:  # GitPython's persistent cat-file process is not thread-safe
+            summary = self.repo.commit(sha).summary
+        return Revision(sha, summary if isinstance(summary, str) else "")
 
-        spec = rev or "HEAD"
-        try:
-            with self._lock:  # GitPython's persistent cat-file process is not thread-safe
-                commit = self.repo.commit(spec)
-        except (git.BadName, ValueError, git.GitCommandError):
-            raise BadInput(f"revision {spec!r} is not a commit in {self.git_dir}") from None
-        return Revision(commit.hexsha, commit.summary if isinstance(commit.summary, str) else "")
+    def _rev_parse(self, arg: str, spec: str) -> str:
+        """The object `arg` names, or BadInput naming the user's `spec` and git's reason."""
+        proc = self._git("rev-parse", "--verify", "--end-of-options", arg, check=False)
+        if proc.returncode != 0:
+            reason = proc.stderr.decode(errors="replace").strip().splitlines()
+            why = f" (git: {reason[0].removeprefix('fatal: ')})" if reason else ""
+            raise BadInput(f"revision {spec!r} is not a commit in {self.git_dir}{why}")
+        return proc.stdout.decode().strip()
 
     def has_commit(self, sha: str) -> bool:
         return self._git("cat-file", "-e", f"{sha}^{{commit}}", check=False).returncode == 0
