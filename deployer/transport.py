@@ -42,6 +42,8 @@ Source = bytes | str | os.PathLike[str]  # file content, or a local path to read
 
 STDERR_TAIL_LINES = 20
 CHUNK = 64 * 1024
+STREAMED_TAIL = 1 << 20  # bytes of a streamed command's output kept for its Result
+MAX_LINE = 1 << 20  # a longer line reaches the line callback in parts
 
 
 @dataclass(frozen=True)
@@ -130,26 +132,57 @@ def command_line(
 
 
 class _Output:
-    """Collects a byte stream; hands complete lines to a callback as they arrive."""
+    """Collects a byte stream; hands complete lines to a callback as they arrive.
 
-    def __init__(self, on_line: LineCallback | None) -> None:
+    A streamed command (one with a callback) can print without end: a build's
+    200 MB must not all be held here. Its output is kept as a bounded tail, which
+    still holds the agent's answer, always the last line (hostapi.answers)."""
+
+    def __init__(self, on_line: LineCallback | None, keep: int | None = None) -> None:
         self.on_line = on_line
-        self.chunks: list[bytes] = []
-        self._partial = b""
+        self.keep = keep  # bytes of tail kept; None: everything
+        self.data = bytearray()
+        self._partial = bytearray()
 
     def feed(self, data: bytes) -> None:
-        self.chunks.append(data)
-        if self.on_line is None:
+        self.data += data
+        if self.keep is not None and len(self.data) > 2 * self.keep:
+            self._trim()
+        if self.on_line is not None:
+            self._split(data)
+
+    def _trim(self) -> None:
+        # Trimmed once per `keep` bytes, so the copying stays linear. The tail
+        # starts at a line where there is one.
+        assert self.keep is not None
+        cut = len(self.data) - self.keep
+        newline = self.data.find(b"\n", cut)
+        del self.data[: newline + 1 if newline != -1 else cut]
+
+    def _split(self, data: bytes) -> None:
+        assert self.on_line is not None
+        self._partial += data
+        if b"\n" in data:
+            *lines, rest = self._partial.split(b"\n")
+            self._partial = bytearray(rest)
+        elif len(self._partial) > MAX_LINE:  # a line without end: hand it on in parts
+            lines, self._partial = [self._partial], bytearray()
+        else:
             return
-        *lines, self._partial = (self._partial + data).split(b"\n")
         for line in lines:
             self.on_line(line.decode("utf-8", "replace"))
 
     def text(self) -> str:
         if self.on_line is not None and self._partial:
             self.on_line(self._partial.decode("utf-8", "replace"))
-            self._partial = b""
-        return b"".join(self.chunks).decode("utf-8", "replace")
+            self._partial = bytearray()
+        return self.data.decode("utf-8", "replace")
+
+
+def _outputs(cmd: Command) -> tuple[_Output, _Output]:
+    """stdout and stderr collectors; bounded tails when stdout is streamed."""
+    keep = STREAMED_TAIL if cmd.on_stdout is not None else None
+    return _Output(cmd.on_stdout, keep), _Output(None, keep)
 
 
 def _chunks(stdin: Stdin) -> Iterator[bytes]:
@@ -224,7 +257,7 @@ class LocalHost(Transport):
             )
         except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
             return Result(self.name, argv, 127, "", f"{e}\n")
-        out, err = _Output(cmd.on_stdout), _Output(None)
+        out, err = _outputs(cmd)
         readers = [
             threading.Thread(target=_drain, args=(proc.stdout, out), daemon=True),
             threading.Thread(target=_drain, args=(proc.stderr, err), daemon=True),
@@ -377,7 +410,7 @@ class SSHHost(Transport):
                 raise
             except paramiko.BadHostKeyException as e:
                 conn.close()
-                raise HostKeyRefused(_changed_key_message(self, e)) from None
+                raise HostKeyRefused(_changed_key_message(self, e, conn.port)) from None
             except paramiko.AuthenticationException as e:
                 conn.close()
                 raise TransportError(
@@ -439,7 +472,7 @@ class SSHHost(Transport):
     def _collect(self, chan: Any, cmd: Command, line: str) -> tuple[int, str, str]:
         import select
 
-        out, err = _Output(cmd.on_stdout), _Output(None)
+        out, err = _outputs(cmd)
         stdin, timeout = cmd.stdin, cmd.timeout
         if stdin is None:
             chan.shutdown_write()  # the command sees EOF on stdin at once
@@ -501,14 +534,22 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if type(e).__name__ not in text else text
 
 
-def _changed_key_message(host: SSHHost, e: Any) -> str:
-    ssh = host.config.ssh
-    name = e.hostname  # already in known_hosts form, "[addr]:port" off port 22
+def known_hosts_name(hostname: str, port: int) -> str:
+    """A host as known_hosts and `ssh-keygen -R` name it: `[host]:port` off port 22."""
+    if port == 22 or hostname.startswith("["):
+        return hostname
+    return f"[{hostname}]:{port}"
+
+
+def _changed_key_message(host: SSHHost, e: Any, port: int) -> str:
+    known_hosts = shlex.quote(os.path.expanduser(host.config.ssh.known_hosts))
+    # paramiko names the host bare, whatever the port; known_hosts does not
+    name = known_hosts_name(e.hostname, port)
     return (
         f"{host.name}: HOST KEY CHANGED for {name}: known_hosts has {fingerprint(e.expected_key)}, "
         f"the host presented {fingerprint(e.key)}. Refusing to connect: this may be an attack. "
         f"If the change is expected, remove the old key with "
-        f"`ssh-keygen -R '{name}' -f {shlex.quote(os.path.expanduser(ssh.known_hosts))}`."
+        f"`ssh-keygen -R {shlex.quote(name)} -f {known_hosts}`."
     )
 
 
