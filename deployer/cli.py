@@ -7,7 +7,10 @@ commands that need them, so `deployer --help` starts fast.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -75,17 +78,66 @@ def open_fleet(ctx: click.Context, patterns: str | None, lock_wait: float = 0.0)
     return FleetSession(inv, hosts, state_dir(inv.path), lock_wait=lock_wait)
 
 
+def _batch_item(text: str) -> int | str:
+    try:
+        return int(text)
+    except ValueError:  # "25%", or digits int() refuses (5000 of them, '²'): the checker says
+        return text.strip()
+
+
 def parse_batch(value: str | None) -> tuple[int | str, ...] | None:
     from deployer.errors import BadInput
     from deployer.inventory import Invalid, batch
 
     if value is None:
         return None
-    items = [int(v) if v.strip().isdigit() else v.strip() for v in value.split(",")]
     try:
-        return batch(items)
+        return batch([_batch_item(v) for v in value.split(",")])
     except Invalid as e:
         raise BadInput(f"--batch: {e}") from None
+
+
+def checked(make: Callable[[], Callable[[Any], Any]]) -> Callable[..., Any]:
+    """A click callback running an inventory checker (built on first use, so --help
+    imports nothing): the same bounds as the inventory key, and no nan (click's
+    FloatRange lets it through: every comparison with nan is false)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        from deployer.hostapi.checks import Invalid
+
+        if value is None:
+            return None
+        try:
+            return make()(value)
+        except Invalid as e:
+            raise click.BadParameter(str(e)) from None
+
+    return callback
+
+
+def _lock_wait() -> Callable[[Any], float]:
+    from deployer.hostapi.checks import seconds
+
+    return seconds(0.0, inclusive=True)
+
+
+def _canary() -> Callable[[Any], int]:
+    from deployer.inventory import MAX_HOSTS, integer
+
+    return integer(0, MAX_HOSTS)
+
+
+def check_release(to: str | None) -> str | None:
+    """--to: a release name as the hosts' layout makes them; '' is not "previous"."""
+    from deployer.errors import BadInput
+    from deployer.hostapi.layout import RELEASE_NAME
+
+    if to is not None and not RELEASE_NAME.fullmatch(to):
+        raise BadInput(
+            f"--to: expected a release name like 20250102030405-abc1234 (see `deployer "
+            f"status`), got {to!r}; leave --to out to go back to the previous release"
+        )
+    return to
 
 
 @cli.command()
@@ -105,10 +157,12 @@ def setup(ctx: click.Context, patterns: str | None) -> None:
 @click.argument("rev", required=False)
 @hosts_option
 @click.option("--batch", help='Hosts per batch: N, "N%", or a ramp like 1,10%,100%.')
-@click.option("--canary", type=click.IntRange(min=0), help="Hosts in the first batch.")
+@click.option("--canary", type=int, callback=checked(_canary), help="Hosts in the first batch.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--repo", "repo_path", metavar="PATH", help="Repository to deploy from.")
-@click.option("--lock-wait", type=float, default=0.0, metavar="SECONDS")
+@click.option(
+    "--lock-wait", type=float, default=0.0, metavar="SECONDS", callback=checked(_lock_wait)
+)
 @click.option("--deploy-id", hidden=True, help="Name of this rollout (set by the git hook).")
 @click.option("--log-file", hidden=True, help="Where its output goes (recorded in history).")
 @click.pass_context
@@ -160,6 +214,7 @@ def rollback(
     """Switch hosts back to their previous release, batch by batch with health checks."""
     from deployer.rollout import run_rollback
 
+    check_release(to)
     with open_fleet(ctx, patterns) as session:
         plan, outcome = run_rollback(session, to, dry_run, force, migrations)
     if outcome is None:
@@ -203,18 +258,25 @@ def status(ctx: click.Context, patterns: str | None, as_json: bool) -> None:
 def history(ctx: click.Context, limit: int, as_json: bool) -> None:
     """Past deploys, newest first."""
     from deployer.history import History, state_dir
+    from deployer.report import printable
 
     inv = load_inventory(ctx)
-    entries = History(state_dir(inv.path)).entries(limit)
+    found = History(state_dir(inv.path)).read(limit)
+    warning = found.warning()
+    if warning:
+        click.echo(f"deployer: {warning}", err=True)
     if as_json:
-        click.echo(json.dumps(entries, indent=2))
+        click.echo(json.dumps(found.records, indent=2))
         return
-    for e in entries:
+    for e in found.records:
         step = f" at {e['failed_step']}" if e.get("failed_step") else ""
         click.echo(
-            f"{e.get('id')}  {e.get('action')}  {str(e.get('revision') or e.get('release'))[:12]}"
-            f"  {e.get('user')}  {e.get('started')}  {len(e.get('hosts', []))} host(s)"
-            f"  {e.get('result')}{step}  {e.get('duration_s')}s"
+            printable(
+                f"{e.get('id')}  {e.get('action')}  "
+                f"{str(e.get('revision') or e.get('release'))[:12]}"
+                f"  {e.get('user')}  {e.get('started')}  {len(e.get('hosts', []))} host(s)"
+                f"  {e.get('result')}{step}  {e.get('duration_s')}s"
+            )
         )
 
 
@@ -385,8 +447,14 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("Aborted.", err=True)
         sys.exit(130)
     except DeployerError as e:
-        click.echo(f"deployer: {e}", err=True)
+        from deployer.report import printable
+
+        # the message may carry a host's or a build's output (a stderr tail)
+        click.echo(printable(f"deployer: {e}"), err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
-        sys.exit(130)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # now: not once the threads still waiting on a remote step reach its deadline
+        os._exit(130)
