@@ -123,7 +123,8 @@ class RemoteHost:
         h = self.config.health
         if h is None:
             return None
-        return self.call(calls.health(h.url, h.expect_status, h.timeout, h.passes, h.interval))
+        call = calls.health(h.url, h.expect_status, h.timeout, h.passes, h.interval)
+        return self.call(call, timeout=h.timeout + 30)  # the host keeps the deadline itself
 
     def watch(self, seconds: float) -> answers.WatchResult | None:
         """Watch the master (crashes, workers not ready) and health for `seconds`;

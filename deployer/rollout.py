@@ -117,6 +117,7 @@ def switch_host(fleet: FleetSession, remote: RemoteHost, release: str, watch: fl
     say = fleet.reporter.say
     t0 = time.monotonic()
     remote.switch(release)
+    fleet.switched_to[remote.name] = release
     say(f"switch: current -> {release}", remote.name)
     t1 = time.monotonic()
     reload(fleet, remote)
@@ -298,25 +299,38 @@ def run_rollout(
                 started,
                 "no host was switched",
             )
-        switched: list[str] = []
+        # Hosts whose switch began: from then on `current` may point at the new release,
+        # whatever the switch itself got to (a signal can come in the middle of it).
+        touched: list[str] = []
+        reverted: set[str] = set()  # tolerated failures, already put back
+
+        def switch(remote: RemoteHost) -> None:
+            touched.append(remote.name)
+            switch_host(fleet, remote, release, plan.watch)
+
+        def on_new_release() -> list[str]:
+            return [n for n in touched if n not in reverted]
+
         try:
             for batch in plan.batches:
                 todo = [n for n in batch if n not in failed]
-                _, bad = fleet.each(todo, lambda r: switch_host(fleet, r, release, plan.watch))
-                switched += [n for n in todo if n not in bad]
+                _, bad = fleet.each(todo, switch)
                 for n in todo:
                     outcome.releases[n] = release
                 failed.update(bad)
                 if len(failed) > plan.max_failed:
                     return _abort(
-                        fleet, plan, entry, outcome, failed, before, switched + list(bad), started
+                        fleet, plan, entry, outcome, failed, before, on_new_release(), started
                     )
                 if bad:  # tolerated: those hosts go back and stay out of the rollout
                     revert(fleet, before, list(bad))
                     for n in bad:
                         outcome.releases[n] = before.get(n)
+                    reverted.update(bad)
         except KeyboardInterrupt:
             say("interrupted: putting switched hosts back")
+            for n in on_new_release():
+                outcome.releases[n] = fleet.switched_to.get(n, before.get(n))
             _abort(
                 fleet,
                 plan,
@@ -324,10 +338,11 @@ def run_rollout(
                 outcome,
                 {"interrupted": "Ctrl-C or SIGTERM"},
                 before,
-                switched,
+                on_new_release(),
                 started,
             )
             raise
+        switched = on_new_release()
         try:
             run_migrations(fleet, "contract", release)
         except DeployerError as e:
@@ -355,11 +370,13 @@ def _abort(
 ) -> Outcome:
     if plan.on_failure == "rollback":
         fleet.reporter.say(f"rolling back {', '.join(touched) or 'nothing'}")
-        still = revert(fleet, before, touched)
+        revert(fleet, before, touched)
+        # what each host's `current` is now, whether or not its reload and health went well
         for n in touched:
-            if n not in still:
-                outcome.releases[n] = before.get(n)
-        note = "switched hosts rolled back" + (
+            outcome.releases[n] = fleet.switched_to.get(n, before.get(n))
+        still = [n for n in touched if before.get(n) and outcome.releases[n] != before[n]]
+        runs = ", ".join(f"{n} runs {outcome.releases.get(n) or 'no release'}" for n in touched)
+        note = f"switched hosts rolled back ({runs})" + (
             f"; rollback FAILED on {', '.join(still)}" if still else ""
         )
     else:

@@ -37,6 +37,8 @@ class FleetSession:
         self.remotes = {h.name: RemoteHost(h, self.pool.get(h)) for h in hosts}
         self.history = History(state_dir)
         self.exit_codes: dict[str, int] = {}  # host -> exit code of its last failure
+        # host -> the release its `current` was last switched to by this session
+        self.switched_to: dict[str, str] = {}
 
     def __enter__(self) -> FleetSession:
         return self
@@ -57,7 +59,8 @@ class FleetSession:
         if not names:
             return results, failures
         workers = min(len(names), limit or self.inventory.rollout.parallel)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
             futures = {n: pool.submit(fn, self.remotes[n]) for n in names}
             for name, fut in futures.items():
                 try:
@@ -67,6 +70,12 @@ class FleetSession:
                     failures[name] = str(e).removeprefix(f"{name}: ")
                     self.exit_codes[name] = e.exit_code
                     self.reporter.say(f"FAILED: {failures[name]}", name)
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: the caller puts things back now, not once every
+            # host's step (a hanging health probe) has run to its deadline.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         return results, failures
 
     @property

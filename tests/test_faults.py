@@ -68,3 +68,140 @@ def test_a_release_crashing_after_ready_fails_in_the_watch_and_is_rolled_back(
         f"failed requests: canary {canary.failed} of {canary.sent} (its workers crashed), "
         f"others {sum(r.failed for r in rest)} of {sum(r.sent for r in rest)}"
     )
+
+
+class Trickle:
+    """An HTTP endpoint whose first `slow` clients get one byte a second (at most 60
+    bytes), the others a plain 200 at once."""
+
+    def __init__(self, slow: int = 1_000_000) -> None:
+        self.slow = slow
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connected = threading.Event()
+        self.stopped = threading.Event()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        import threading
+
+        self.sock.settimeout(0.5)
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connected.set()
+            self.slow -= 1
+            target = self.trickle if self.slow >= 0 else self.answer
+            threading.Thread(target=target, args=(conn,), daemon=True).start()
+
+    def answer(self, conn: object) -> None:
+        with conn:  # type: ignore[attr-defined]
+            conn.recv(65536)  # type: ignore[attr-defined]
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # type: ignore[attr-defined]
+
+    def trickle(self, conn: object) -> None:
+        with conn:  # type: ignore[attr-defined]
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n" + b"x" * 20:
+                if self.stopped.wait(1.0):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))  # type: ignore[attr-defined]
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def trickle(request: pytest.FixtureRequest) -> Iterator[Trickle]:
+    t = Trickle(getattr(request, "param", 1_000_000))
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+@pytest.fixture
+def plain(tmp_path: Path, ssh_hosts: list[SSHTestHost]) -> Project:
+    """No master: a v1 on every host, then [health] at a trickling endpoint."""
+    p = make_project(tmp_path, ssh_hosts, {"app.txt": "v1\n"})
+    p.deployer("setup", check=True)
+    p.deployer("rollout", check=True)
+    commit(p.repo, {"app.txt": "v2\n"}, "v2")
+    return p
+
+
+def with_health(project: Project, url: str, timeout: float) -> None:
+    text = project.inventory.read_text().replace(
+        "[ssh]\n", f'[health]\nurl = "{url}"\ntimeout = {timeout}\npasses = 1\n\n[ssh]\n', 1
+    )
+    project.inventory.write_text(text)
+
+
+def agent_processes(user: str) -> list[str]:
+    import subprocess
+
+    out = subprocess.run(["ps", "-u", user, "-o", "args="], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if "agent" in line and "health" in line]
+
+
+def test_the_health_timeout_is_a_deadline_kept_on_the_host(
+    plain: Project, trickle: Trickle
+) -> None:
+    before = {h.name: plain.current(h) for h in plain.hosts}
+    with_health(plain, f"http://127.0.0.1:{trickle.port}/health", timeout=3)
+    started = time.monotonic()
+    proc = plain.deployer("rollout")
+    took = time.monotonic() - started
+    assert proc.returncode == 1
+    assert "the deadline passed during probe 1" in proc.stdout, proc.stdout
+    assert {h.name: plain.current(h) for h in plain.hosts} == before
+    assert agent_processes(plain.hosts[0].user) == []
+    assert took < 30, took  # 3 s on the canary, its rollback, no 60 s of trickle
+    print(f"trickling health endpoint, timeout = 3: rollout failed and rolled back in {took:.1f}s")
+
+
+@pytest.mark.parametrize("trickle", [1], indirect=True)  # the old release is healthy
+def test_sigterm_during_a_health_check_puts_the_touched_host_back(
+    plain: Project, trickle: Trickle
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    before = {h.name: plain.current(h) for h in plain.hosts}
+    with_health(plain, f"http://127.0.0.1:{trickle.port}/health", timeout=20)
+    env = {**os.environ, "DEPLOYER_STATE_DIR": str(plain.state)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deployer", "-i", str(plain.inventory), "rollout"],
+        cwd=plain.repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        # the canary has switched and its health probe is hanging on the trickle
+        assert trickle.connected.wait(60), "no health probe reached the endpoint"
+        canary = plain.hosts[0]
+        assert plain.current(canary) != before[canary.name]
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        out, _ = proc.communicate(timeout=60)
+        print(
+            f"SIGTERM mid health check: exited, host put back, in {time.monotonic() - signalled:.1f}s"
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert f"switched hosts rolled back ({canary.name} runs {before[canary.name]})" in out, out
+    assert {h.name: plain.current(h) for h in plain.hosts} == before

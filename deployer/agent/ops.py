@@ -7,12 +7,15 @@ built under a temporary name and renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -323,24 +326,51 @@ def prune(layout: Layout, keep: int) -> answers.PruneResult:
 # --- health ---------------------------------------------------------------------------
 
 
+class _Deadline(Exception):
+    """The wall-clock deadline of an operation passed (SIGALRM)."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise _Deadline in the middle of whatever blocks when `seconds` have passed: a
+    server trickling one byte a second never times out a socket read."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise _Deadline
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def health(
     url: str, expect: int, timeout: float, passes: int, interval: float
 ) -> answers.HealthResult:
-    """Probe until `passes` answers in a row have status `expect`, within `timeout`."""
+    """Probe until `passes` answers in a row have status `expect`, within `timeout`
+    of wall-clock time, whatever the server does."""
     end = time.monotonic() + timeout
-    streak, probes, last = 0, 0, ""
-    while True:
-        probes += 1
-        status, last = _probe(url, min(5.0, max(0.5, end - time.monotonic())))
-        streak = streak + 1 if status == expect else 0
-        if streak >= passes:
-            return answers.HealthResult(url, probes, status)
-        if time.monotonic() + interval > end:
-            raise AgentError(
-                f"health check {url} failed: wanted {passes} x {expect} in a row within "
-                f"{timeout:g}s; {probes} probes, last answer: {last}"
-            )
-        time.sleep(interval)
+    streak, probes, last = 0, 0, "no answer yet"
+    try:
+        with deadline(timeout):
+            while True:
+                probes += 1
+                status, last = _probe(url, min(5.0, max(0.5, end - time.monotonic())))
+                streak = streak + 1 if status == expect else 0
+                if streak >= passes:
+                    return answers.HealthResult(url, probes, status)
+                if time.monotonic() + interval > end:
+                    break
+                time.sleep(interval)
+    except _Deadline:
+        last += f" (the deadline passed during probe {probes})"
+    raise AgentError(
+        f"health check {url} failed: wanted {passes} x {expect} in a row within "
+        f"{timeout:g}s; {probes} probes, last answer: {last}"
+    )
 
 
 def _probe(url: str, timeout: float) -> tuple[int | None, str]:
@@ -360,9 +390,7 @@ def _probe(url: str, timeout: float) -> tuple[int | None, str]:
 WATCH_POLL = 0.5
 
 
-def watch(
-    seconds: float, socket: str | None, url: str | None, expect: int
-) -> answers.WatchResult:
+def watch(seconds: float, socket: str | None, url: str | None, expect: int) -> answers.WatchResult:
     """Fail at the first sign that the release does not hold up after its switch:
     a worker crash the master reports (a crash loop that starts after ready), a
     worker not ready, a health probe that does not answer `expect`."""
@@ -373,7 +401,11 @@ def watch(
             _check_master(socket, started)
             polls += 1
         if url:
-            status, last = _probe(url, min(5.0, max(0.5, seconds)))
+            try:
+                with deadline(5.0):  # a probe that hangs is a failing probe
+                    status, last = _probe(url, 5.0)
+            except _Deadline:
+                status, last = None, "no complete answer within 5s"
             probes += 1
             if status != expect:
                 raise AgentError(
