@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from deployer import __version__
-from deployer.errors import EXIT_BAD_INPUT, DeployerError
+from deployer.errors import EXIT_BAD_INPUT, BadInput, DeployerError
 
 inventory_option = click.option(
     "--inventory",
@@ -86,7 +86,6 @@ def _batch_item(text: str) -> int | str:
 
 
 def parse_batch(value: str | None) -> tuple[int | str, ...] | None:
-    from deployer.errors import BadInput
     from deployer.inventory import Invalid, batch
 
     if value is None:
@@ -179,10 +178,15 @@ def rollout(
     log_file: str | None,
 ) -> None:
     """Deploy REV (default: HEAD of the repo) to the selected hosts, batch by batch."""
+    from deployer.hook import LOG_ID
     from deployer.inventory import expand_path
     from deployer.rollout import plan_rollout, run_rollout
     from deployer.sync import Source
 
+    if deploy_id is not None and not LOG_ID.fullmatch(deploy_id):
+        raise BadInput(
+            f"--deploy-id {deploy_id!r}: expected an id like 20260101120000-abc1234-0042"
+        )
     with open_fleet(ctx, patterns, lock_wait) as session:
         inv = session.inventory
         repo = repo_path or (str(expand_path(inv.app.repo, inv.path)) if inv.app.repo else ".")

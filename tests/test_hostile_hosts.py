@@ -263,3 +263,35 @@ def test_the_master_never_writes_through_a_planted_log_symlink(tmp_path: Path) -
     assert "Traceback" not in r.stderr
     assert precious.read_text() == "root only\n"
     assert not (tmp_path / "master.pid").exists()
+
+
+@pytest.mark.parametrize("entry", [".", "./", "a/../b", "/etc/x", "a//b"])
+def test_the_agent_itself_refuses_a_shared_entry_outside_the_release(
+    tmp_path: Path, entry: str
+) -> None:
+    """The inventory refuses these too; the agent does not rely on it."""
+    from deployer.agent import ops
+    from deployer.hostapi.layout import Layout
+
+    layout = Layout.at(tmp_path / "root")
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "keep").write_text("x")
+    with pytest.raises(ops.AgentError, match="is not a relative path inside the release"):
+        ops._link_shared(layout, release, [entry])
+    assert (release / "keep").read_text() == "x" and not release.is_symlink()
+
+
+def test_a_hidden_deploy_id_must_be_one(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "inventory.toml").write_text(
+        '[app]\nname = "x"\ndeploy_to = "/srv/x"\n[hosts.a]\ntransport = "local"\n'
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "deployer", "-i", str(tmp_path / "inventory.toml"), "rollout",
+         "--deploy-id", "../../etc"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 2 and "--deploy-id '../../etc': expected an id like" in r.stderr

@@ -236,8 +236,9 @@ def _link_shared(layout: Layout, release: Path, shared: list[str]) -> None:
     if missing); a file must already exist in shared/ (it holds config or secrets that
     a deploy must not invent)."""
     for entry in shared:
-        rel = entry.strip("/")
-        if not rel or ".." in Path(rel).parts:
+        rel = entry.rstrip("/")
+        parts = rel.split("/")
+        if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise AgentError(f"[app] shared: {entry!r} is not a relative path inside the release")
         source = layout.shared / rel
         if entry.endswith("/"):
@@ -283,7 +284,8 @@ def _build(release: Path, command: str, layout: Layout) -> None:
     )
     assert proc.stdout is not None
     tail: list[str] = []
-    for raw in proc.stdout:
+    # at most 64 KiB a line: a build printing one endless line must not fill our memory
+    for raw in iter(lambda: proc.stdout.readline(65536), b""):  # type: ignore[union-attr]
         line = raw.decode(errors="replace").rstrip("\n")
         print(f"build: {line}", flush=True)
         tail = (tail + [line])[-20:]
