@@ -137,7 +137,7 @@ def shared_paths(v: Any) -> tuple[str, ...]:
 def database(v: Any) -> str:
     s = string(v)
     if not (s.startswith("sqlite:///") or re.match(r"postgres(ql)?://", s)):
-        return _fail('"sqlite:///PATH" or "postgresql://..."', v)
+        return _fail('"sqlite:///PATH" or "postgresql://..."', checks.mask_url(s))
     return s
 
 

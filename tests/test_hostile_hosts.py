@@ -295,3 +295,16 @@ def test_a_hidden_deploy_id_must_be_one(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=tmp_path,
     )  # fmt: skip
     assert r.returncode == 2 and "--deploy-id '../../etc': expected an id like" in r.stderr
+
+
+def test_an_invalid_database_url_never_shows_its_password(tmp_path: Path) -> None:
+    from deployer import inventory
+    from deployer.errors import InventoryError
+
+    text = (
+        '[app]\nname = "x"\ndeploy_to = "/srv/x"\n[hosts.a]\ntransport = "local"\n'
+        '[migrations]\ndatabase = "mysql://app:hunter2secret@db/shop"\n'
+    )
+    with pytest.raises(InventoryError) as e:
+        inventory.parse(__import__("tomllib").loads(text))
+    assert "mysql://app:***@db/shop" in str(e.value) and "hunter2secret" not in str(e.value)
