@@ -143,7 +143,7 @@ BREAKS = [
         "later-batch-rollback",
         "a later batch failing health rolls the earlier batches back",
         "deployer/rollout.py",
-        "fleet, plan, entry, outcome, failed, before, switched + list(bad), started",
+        "fleet, plan, entry, outcome, failed, before, on_new_release(), started",
         "fleet, plan, entry, outcome, failed, before, list(bad), started",
         (
             GR + "test_later_batch_failing_health_rolls_earlier_batches_back",

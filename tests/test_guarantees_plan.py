@@ -44,7 +44,8 @@ class FakeHost:
         self.layout = Layout.at(f"/srv/{name}")
         self.current: str | None = OLD
         self.releases = [OLD]
-        self.locked = False
+        self.holder: answers.LockOwner | None = None
+        self.master_running = False
         self.recorded: list[dict[str, Any]] = []
         self.pruned = False
 
@@ -59,7 +60,7 @@ class FakeHost:
             previous=previous[-1] if previous else None,
             releases=[answers.ReleaseInfo(r, None) for r in self.releases],
             have=[],
-            master=answers.MasterState(False),
+            master=answers.MasterState(self.master_running),
             bundle=BUNDLE,
         )
 
@@ -71,6 +72,8 @@ class FakeHost:
 
     def switch(self, release: str) -> None:
         self.world.log.append(("switch", self.name, release))
+        if (self.name, release) in self.world.switch_fails:
+            raise StepFailed(self.name, "switch", "disk full")
         self.current = release
 
     def health(self) -> answers.HealthResult:
@@ -89,6 +92,13 @@ class FakeHost:
             raise StepFailed(self.name, "watch", "worker 1 crashed (exited with code 3)")
         return answers.WatchResult(seconds, 1, 1)
 
+    def start_master(self, on_line: Callable) -> None:
+        self.world.log.append(("start master", self.name))
+        self.master_running = True
+
+    def reload_master(self, on_line: Callable) -> None:
+        self.world.log.append(("reload master", self.name))
+
     def record(self, entry: dict[str, Any]) -> None:
         self.recorded.append(entry)
 
@@ -96,19 +106,34 @@ class FakeHost:
         self.pruned = True
 
     def lock(self, action: str, owner: answers.LockOwner, force: bool = False) -> Any:
+        self.world.log.append(("lock", self.name, action, force))
+        if self.name in self.world.lock_fails:
+            raise StepFailed(self.name, "lock", "cannot connect")
         if action == "acquire":
-            if self.locked:
-                return answers.LockAnswer(False, owner._replace(id="someone-else"))
-            self.locked = True
+            if self.holder is not None:
+                return answers.LockAnswer(False, self.holder)
+            self.holder = owner
             return answers.LockAnswer(True)
-        if action == "release":
-            self.locked = False
-        return answers.LockAnswer(True)
+        if action == "release" and self.holder is not None:
+            if force or self.holder.id == owner.id:
+                self.holder = None
+                return answers.LockAnswer(True)
+            return answers.LockAnswer(False, self.holder)
+        if action == "heartbeat":
+            self.world.heartbeats.append(self.name)
+        return answers.LockAnswer(False, self.holder)
 
-    def migrate(self, *args: str, cwd: str, on_line: Callable, **kw: Any) -> Any:
+    @property
+    def locked(self) -> bool:
+        return self.holder is not None
+
+    def migrate(self, *args: str, cwd: str, on_line: Callable | None = None, **kw: Any) -> Any:
         self.world.log.append(("migrate", *args))
+        self.world.migrate_kw.append({"cwd": cwd, **kw})
         if self.world.migrate_fails and self.world.migrate_fails in args:
             raise StepFailed(self.name, "migrations", "no such table")
+        return type("Result", (), {"stdout": self.world.migrate_stdout, "exit_code": 0,
+                                   "stderr": "warned"})()  # fmt: skip
 
 
 class Source:
@@ -129,8 +154,14 @@ class World:
         self.migrate_fails: str | None = None
         self.interrupt: tuple[str, str] | None = None
         self.watch_fails: set[tuple[str, str]] = set()
+        self.lock_fails: set[str] = set()
+        self.switch_fails: set[tuple[str, str]] = set()
+        self.heartbeats: list[str] = []
+        self.migrate_stdout = ""
+        self.migrate_kw: list[dict[str, Any]] = []
         quiet = Reporter(open(os.devnull, "w"))  # noqa: SIM115
         self.fleet = FleetSession(self.inventory, [], tmp_path / "state", quiet)
+        self.fleet.remote = lambda name: self.hosts[name]  # a host outside the selection
         self.hosts = {n: FakeHost(self, n, c) for n, c in self.inventory.hosts.items()}
         self.fleet.remotes = self.hosts  # type: ignore[assignment]
 
@@ -278,12 +309,7 @@ def test_ctrl_c_puts_back_every_host_whose_current_moved(tmp_path: Path) -> None
     assert not (w.fleet.state_dir / "shop.lock").exists()
 
 
-@pytest.mark.xfail(
-    strict=False,  # a fix is in progress in the work tree: then this passes (XPASS)
-    reason="bug at 538d692: Ctrl-C/SIGTERM during a batch's switch leaves that batch's hosts "
-    "on the new release: run_rollout reverts `switched`, which gets a batch's hosts only "
-    "after the batch",
-)
+# Was a bug until 83ecf67: the hosts of the interrupted batch stayed on the new release.
 def test_ctrl_c_during_a_batch_puts_that_batchs_hosts_back_too(tmp_path: Path) -> None:
     w = World(tmp_path, 3, ROLLOUT)
     w.interrupt = ("web2", NEW)
@@ -294,11 +320,12 @@ def test_ctrl_c_during_a_batch_puts_that_batchs_hosts_back_too(tmp_path: Path) -
 
 def test_the_lock_is_refused_while_another_rollout_holds_a_host(tmp_path: Path) -> None:
     w = World(tmp_path, 2, ROLLOUT)
-    w.hosts["web2"].locked = True
+    w.hosts["web2"].holder = owner()
     with pytest.raises(LockHeld, match="host web2: held by"):
         w.rollout()
-    assert w.switched() == [] and w.log == []
+    assert w.switched() == [] and not [e for e in w.log if e[0] != "lock"]
     assert not w.hosts["web1"].locked  # what it took, it gave back
+    assert w.hosts["web2"].holder == owner()  # and what it did not take, it left
     assert not (w.fleet.state_dir / "shop.lock").exists()
 
 
@@ -556,3 +583,266 @@ def test_controller_lock_waits_for_a_holder_to_finish(tmp_path: Path) -> None:
     threading.Timer(0.3, held.release, args=(a,)).start()
     lock.ControllerLock(tmp_path, "shop").acquire(lock.Owner("shop", "r2"), wait=10)
     assert held.holder().revision == "r2"
+
+
+# --- the master on each host -------------------------------------------------------------
+
+MASTER = '[master]\ncommand = "app"\nlisten = "{address}:80"\n'
+
+
+def test_the_first_rollout_starts_the_master_the_next_ones_reload_it(tmp_path: Path) -> None:
+    w = World(tmp_path, 2, ROLLOUT + MASTER)
+    assert w.rollout().ok
+    assert [e for e in w.log if "master" in e[0]] == [
+        ("start master", "web1"),
+        ("start master", "web2"),
+    ]
+    w.log.clear()
+    assert w.rollout().ok
+    assert [e for e in w.log if "master" in e[0]] == [
+        ("reload master", "web1"),
+        ("reload master", "web2"),
+    ]
+
+
+def test_hosts_without_a_master_are_only_switched(tmp_path: Path) -> None:
+    w = World(tmp_path, 1, ROLLOUT)
+    assert w.rollout().ok
+    assert not [e for e in w.log if "master" in e[0]]
+
+
+# --- what is recorded ------------------------------------------------------------------
+
+
+def test_history_says_what_happened(tmp_path: Path) -> None:
+    w = World(tmp_path, 2, ROLLOUT)
+    w.prepare_fails = {"web2"}
+    w.rollout()
+    entry = w.history()[0]
+    assert (entry["result"], entry["failed_step"], entry["note"]) == (
+        "failed",
+        "prepare",
+        "no host was switched",
+    )
+    assert entry["failures"] == {"web2": "prepare failed: build exited with 3"}
+    assert entry["action"] == "rollout" and entry["revision"] == SHA and entry["release"] == NEW
+    assert entry["hosts"] == ["web1", "web2"] and entry["duration_s"] >= 0
+    assert w.hosts["web1"].recorded == [entry] and w.hosts["web2"].recorded == []
+
+    w = World(tmp_path / "b", 2, ROLLOUT)
+    w.healthy = lambda host, release: release != NEW
+    w.rollout()
+    entry = w.history()[0]
+    assert (entry["failed_step"], entry["note"]) == (
+        "switch",
+        f"switched hosts rolled back (web1 runs {OLD})",  # the canary; web2 never moved
+    )
+    assert entry["releases"] == {"web1": OLD, "web2": OLD}
+
+    w = World(tmp_path / "c", 3, ROLLOUT + 'on_failure = "halt"\n')
+    w.healthy = lambda host, release: not (host == "web2" and release == NEW)
+    w.rollout()
+    assert w.history()[0]["note"] == f"halted: web1 runs {NEW}, web2 runs {NEW}, web3 runs {OLD}"
+
+
+def test_history_says_when_a_rollback_of_the_rollout_failed_too(tmp_path: Path) -> None:
+    w = World(tmp_path, 2, ROLLOUT)
+    w.healthy = lambda host, release: host == "web1"
+    w.switch_fails = {("web1", OLD)}
+    outcome = w.rollout()  # web2 fails on NEW; going back, web1's switch fails
+    assert not outcome.ok
+    assert w.history()[0]["note"] == (
+        f"switched hosts rolled back (web1 runs {NEW}, web2 runs {OLD}); rollback FAILED on web1"
+    )
+    assert outcome.releases == {"web1": NEW, "web2": OLD} == w.currents()
+
+
+def test_a_rollback_is_recorded_as_one(tmp_path: Path) -> None:
+    w = rolled_out(tmp_path, 2)
+    rollout.run_rollback(w.fleet, None, dry_run=False)
+    entry = w.history()[0]
+    assert (entry["action"], entry["result"], entry["release"]) == ("rollback", "ok", None)
+    assert entry["id"].split("-")[1] == "rollback" and entry["hosts"] == ["web1", "web2"]
+    assert entry["releases"] == {"web1": OLD, "web2": OLD}
+    w.healthy = lambda host, release: False
+    _, outcome = rollout.run_rollback(w.fleet, NEW, dry_run=False)
+    assert outcome is not None and outcome.step == "switch"
+    assert w.history()[0]["note"] == "halted; failed hosts returned to where they were"
+
+
+def test_a_host_without_a_previous_release_is_left_as_it_is(tmp_path: Path) -> None:
+    w = World(tmp_path, 2, ROLLOUT + "max_failed = 1\n")
+    w.hosts["web2"].current = None
+    w.hosts["web2"].releases = []
+    w.healthy = lambda host, release: host != "web2"
+    outcome = w.rollout()
+    assert outcome.ok and outcome.releases == {"web1": NEW, "web2": None}
+    assert w.switched() == [("web1", NEW), ("web2", NEW)]  # nothing to go back to
+
+
+# --- the rollback floor and the schema -------------------------------------------------
+
+STATUS = "\n".join(
+    [
+        '{"event": "migration", "name": "m1", "phase": "expand", "state": "applied",'
+        f' "release": "{OLD}"}}',
+        '{"event": "migration", "name": "m2", "phase": "expand", "state": "applied",'
+        f' "release": "{NEW}"}}',
+        '{"event": "migration", "name": "m3", "phase": "expand", "state": "missing",'
+        f' "release": "{NEW}"}}',
+        '{"event": "migration", "name": "m4", "phase": "expand", "state": "pending",'
+        ' "release": null}',
+        '{"event": "summary"}',
+    ]
+)
+
+
+def test_applied_reads_the_migrations_hosts_status(tmp_path: Path) -> None:
+    w = World(tmp_path, 2, MIGRATIONS + 'host = "web2"\ndir = "db/migrations"\n')
+    w.fleet.remotes = {"web1": w.hosts["web1"]}  # web2 is not selected: asked anyway
+    w.migrate_stdout = STATUS
+    rows = migrating.applied(w.fleet)
+    assert [(r.name, r.state) for r in rows] == [("m1", "applied"), ("m2", "applied"),
+                                                 ("m3", "missing")]  # fmt: skip
+    (call,) = [e for e in w.log if e[0] == "migrate"]
+    assert call[1:] == ("status", "--json", "--dir", "/srv/web2/current/db/migrations")
+    assert w.migrate_kw == [{"cwd": "/srv/web2/shared", "database": "sqlite:///app.sqlite3"}]
+    assert migrating.applied(World(tmp_path / "none", 1).fleet) == []
+
+
+def test_migrate_from_the_controller_runs_on_the_migrations_host(tmp_path: Path) -> None:
+    w = World(tmp_path, 2, MIGRATIONS + 'host = "web2"\n')
+    code, err = migrating.on_host(w.fleet, ["down", "--to", "x"], on_line=print)
+    assert (code, err) == (0, "warned")
+    (call,) = [e for e in w.log if e[0] == "migrate"]
+    assert call[1:] == ("down", "--dir", "/srv/web2/current/migrations", "--to", "x")
+    assert w.migrate_kw[0]["cwd"] == "/srv/web2/shared" and w.migrate_kw[0]["check"] is False
+
+
+def test_rollback_with_migrations_runs_expand_downs_newest_release_first(tmp_path: Path) -> None:
+    w = rolled_out(tmp_path, 2, MIGRATIONS)
+    newer = "20270101000000-ccccccc"
+    w.migrate_stdout = STATUS.replace(f'"name": "m3", "phase": "expand", "state": "missing",'
+                                      f' "release": "{NEW}"', f'"name": "m3", "phase": "expand",'
+                                      f' "state": "applied", "release": "{newer}"')  # fmt: skip
+    w.log.clear()
+    _, outcome = rollout.run_rollback(w.fleet, None, dry_run=False, migrations=True)
+    assert outcome is not None and outcome.ok
+    downs = [e[1:] for e in w.log if e[0] == "migrate" and e[1] == "down"]
+    assert downs == [
+        ("down", "--release", newer, "--phase", "expand", "--dir",
+         f"/srv/web1/releases/{newer}/migrations"),
+        ("down", "--release", NEW, "--phase", "expand", "--dir",
+         f"/srv/web1/releases/{NEW}/migrations"),
+    ]  # fmt: skip
+    # the hosts went back first
+    first_down = next(i for i, e in enumerate(w.log) if e[0] == "migrate" and e[1] == "down")
+    assert max(i for i, e in enumerate(w.log) if e[0] == "switch") < first_down
+
+
+def test_rollback_without_migrations_leaves_the_schema(tmp_path: Path) -> None:
+    w = rolled_out(tmp_path, 2, MIGRATIONS)
+    w.migrate_stdout = STATUS
+    w.log.clear()
+    _, outcome = rollout.run_rollback(w.fleet, None, dry_run=False)
+    assert outcome is not None and outcome.ok
+    assert not [e for e in w.log if e[0] == "migrate" and e[1] == "down"]
+
+
+def test_a_failed_down_is_reported_after_the_hosts_are_back(tmp_path: Path) -> None:
+    w = rolled_out(tmp_path, 2, MIGRATIONS)
+    w.migrate_stdout = STATUS
+    w.migrate_fails = "down"
+    _, outcome = rollout.run_rollback(w.fleet, None, dry_run=False, migrations=True)
+    assert outcome is not None and not outcome.ok and outcome.step == "migrations down"
+    assert w.currents() == dict.fromkeys(w.hosts, OLD)
+    assert w.history()[0]["note"] == "hosts are back; schema is not"
+
+
+# --- breaking locks --------------------------------------------------------------------
+
+
+def controller_lock(w: World, who: answers.LockOwner, age: float) -> Path:
+    import json
+
+    path = w.fleet.state_dir / "shop.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(who._asdict()))
+    os.utime(path, (time.time() - age, time.time() - age))
+    return path
+
+
+def test_unlock_breaks_only_stale_locks_and_records_it(tmp_path: Path) -> None:
+    w = World(tmp_path, 3)
+    old = lock.STALE_AFTER_S + 60
+    path = controller_lock(w, owner(), old)
+    w.hosts["web1"].holder = owner(heartbeat=time.time() - old)
+    w.hosts["web2"].holder = owner(heartbeat=time.time())
+    with pytest.raises(LockHeld) as held:
+        lock.break_locks(w.fleet, force=False)
+    assert not path.exists() and w.hosts["web1"].holder is None
+    assert w.hosts["web2"].holder is not None  # alive: left alone
+    assert str(held.value).startswith("host web2: held by alice@elsewhere")
+    assert str(held.value).endswith("(the holder looks alive; use --force to break it)")
+    (entry,) = w.history()
+    assert entry["action"] == "unlock" and entry["result"] == "ok"
+    assert [b.split(":")[0] for b in entry["broke"]] == [f"broke deploy lock {path}",
+                                                         "broke host web1"]  # fmt: skip
+    said = lock.break_locks(w.fleet, force=True)
+    assert said == [f"broke host web2: held by alice@elsewhere (pid 1) since t0: "
+                    f"rollout of {'f' * 12}"]  # fmt: skip
+    assert w.hosts["web2"].holder is None
+    assert lock.break_locks(w.fleet, force=False) == ["no lock held"]
+    assert len(w.history()) == 2
+
+
+def test_unlock_refuses_a_live_controller_lock_without_force(tmp_path: Path) -> None:
+    w = World(tmp_path, 1)
+    path = controller_lock(w, owner(), 5)
+    with pytest.raises(LockHeld, match=f"deploy lock {path}: held by alice@elsewhere"):
+        lock.break_locks(w.fleet, force=False)
+    assert path.exists()
+    lock.break_locks(w.fleet, force=True)
+    assert not path.exists()
+
+
+def test_an_unreadable_controller_lock_is_held_by_someone_unknown(tmp_path: Path) -> None:
+    held = lock.ControllerLock(tmp_path, "shop")
+    held.path.write_text("{not json")
+    holder = held.holder()
+    assert holder is not None and holder.id == ""
+    with pytest.raises(LockHeld, match="held .owner unknown."):
+        held.acquire(lock.Owner("shop", "r"))
+    assert held.force_release() == holder._replace(heartbeat=None) or held.holder() is None
+
+
+def test_locks_beat_while_held_and_a_failing_host_gives_back_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lock, "HEARTBEAT_S", 0.05)
+    w = World(tmp_path, 2)
+    me = lock.Owner("shop", "r")
+    path = w.fleet.state_dir / "shop.lock"
+    with lock.FleetLocks(w.fleet, me) as held:
+        assert held.held == ["web1", "web2"]
+        os.utime(path, (0, 0))
+        wait = time.monotonic() + 10
+        while not ({"web1", "web2"} <= set(w.heartbeats) and path.stat().st_mtime > 0):
+            assert time.monotonic() < wait, "no heartbeat"
+            time.sleep(0.01)
+        assert w.hosts["web1"].holder == me.wire()
+    assert not path.exists() and not any(h.locked for h in w.hosts.values())
+    w.lock_fails = {"web2"}
+    with pytest.raises(StepFailed, match="web2"), lock.FleetLocks(w.fleet, me):
+        pass
+    assert not w.hosts["web1"].locked and not path.exists()
+
+
+def test_an_agent_version_mismatch_names_both_versions(tmp_path: Path) -> None:
+    w = World(tmp_path, 1, ROLLOUT)
+    w.hosts["web1"].state = lambda: FakeHost.state(w.hosts["web1"])._replace(bundle=None)
+    _, failures = rollout.check_agents(w.fleet, ["web1"])
+    assert failures == {
+        "web1": f"version check failed: host agent is an older one, this controller is {BUNDLE}: "
+        "run `deployer setup`"
+    }
