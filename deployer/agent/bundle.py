@@ -18,8 +18,10 @@ from pathlib import Path
 
 import deployer
 
-# Host side: standard library only. Nothing else is shipped.
-HOST_PACKAGES = ("hostapi", "agent", "master", "migrations")
+# Host side: standard library only (and deployer/_vendor: pure-Python stand-ins for
+# stdlib modules an older host Python lacks). Nothing else is shipped.
+HOST_PACKAGES = ("hostapi", "agent", "master", "migrations", "_vendor")
+HOST_DATA = ("_vendor/tomli/LICENSE",)  # shipped with the vendored code it covers
 HOST_MODULES = ("__init__.py", "hostmain.py")
 MAIN = "import sys\nfrom deployer.hostmain import main\n\nsys.exit(main())\n"
 ID_FILE = "deployer/agent/BUNDLE_ID"
@@ -46,6 +48,7 @@ def _sources() -> list[tuple[str, bytes]]:
     files = [root / m for m in HOST_MODULES]
     for pkg in HOST_PACKAGES:
         files += sorted(p for p in (root / pkg).rglob("*.py") if "__pycache__" not in p.parts)
+    files += [root / d for d in HOST_DATA]
     return [(f"deployer/{f.relative_to(root).as_posix()}", f.read_bytes()) for f in files]
 
 
@@ -56,7 +59,7 @@ def build() -> Bundle:
     for name, data in sources:
         digest.update(name.encode() + b"\0" + data + b"\0")
     bundle_id = f"{deployer.__version__}+{digest.hexdigest()[:12]}"
-    compiled = [(f"{name}c", _pyc(name, data)) for name, data in sources]
+    compiled = [(f"{name}c", _pyc(name, data)) for name, data in sources if name.endswith(".py")]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in [

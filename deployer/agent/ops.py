@@ -47,11 +47,13 @@ def setup(
     layout: Layout, install: bool = False, master_toml: str | None = None
 ) -> answers.SetupResult:
     """Create the layout, or check the one there is; then (the layout being ours
-    alone) write the zipapp this runs from and master.toml. Idempotent."""
+    alone) write the zipapp this runs from, bin/deployer and master.toml. Idempotent."""
     created = trust.secure_dirs(layout.root, layout.dirs(), create=True)
     if not (layout.repo / "HEAD").exists():
         subprocess.run(["git", "init", "-q", "--bare", str(layout.repo)], check=True)
     installed = install and trust.write_file(layout.pyz, _own_zipapp())
+    if install:
+        trust.write_file(layout.wrapper, wrapper_script(layout, sys.executable), 0o755)
     changed = master_toml is not None and trust.write_file(
         layout.master_config, master_toml.encode()
     )
@@ -62,6 +64,40 @@ def setup(
         installed,
         changed,
     )
+
+
+WRAPPER = """\
+#!/bin/sh
+# Written by `deployer setup`: the host agent installed in this deploy_to, run
+# by the Python that set it up (not sha256-checked like the controller's calls:
+# only the deploy user can write it). `bin/deployer master status|reload|scale|
+# stop|upgrade` find the master's socket in master.toml (--socket wins).
+py={python}
+pyz={pyz}
+config={config}
+if [ "$1" = master ] && [ -f "$config" ]; then
+  case "$2" in
+    status|reload|scale|stop|upgrade)
+      command=$2
+      shift 2
+      exec "$py" "$pyz" master "$command" --config "$config" "$@"
+      ;;
+  esac
+fi
+exec "$py" "$pyz" "$@"
+"""
+
+
+def wrapper_script(layout: Layout, python: str) -> bytes:
+    """`<deploy_to>/bin/deployer`: the installed zipapp for an operator on the host."""
+    import shlex
+
+    quoted = {  # no path in a comment: a newline in it would end the comment
+        "python": shlex.quote(python or "python3"),
+        "pyz": shlex.quote(str(layout.pyz)),
+        "config": shlex.quote(str(layout.master_config)),
+    }
+    return WRAPPER.format(**quoted).encode()
 
 
 def _own_zipapp() -> bytes:

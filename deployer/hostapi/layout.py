@@ -11,6 +11,7 @@
   history.jsonl                       what was deployed here
   master.toml                         the master's options (written by `deployer setup`)
   .deployer/deployer.pyz              the host agent zipapp
+  bin/deployer                        runs it, for operators: `bin/deployer master status`
 
 The controller builds every host path from this class too (a Layout of the
 host's deploy_to), so the two sides cannot disagree on where a thing lives.
@@ -28,7 +29,7 @@ _SHA = re.compile(r"[0-9a-f]{7,40}")
 
 
 def utc_stamp(now: dt.datetime | None = None) -> str:
-    return f"{now or dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}"
+    return f"{now or dt.datetime.now(dt.timezone.utc):%Y%m%d%H%M%S}"
 
 
 def release_name(sha: str, now: dt.datetime | None = None) -> str:
@@ -109,6 +110,15 @@ class Layout:
         return self.tools / "deployer.pyz"
 
     @property
+    def bin(self) -> Path:
+        return self.root / "bin"
+
+    @property
+    def wrapper(self) -> Path:
+        """`<deploy_to>/bin/deployer`: the installed zipapp, for operators on the host."""
+        return self.bin / "deployer"
+
+    @property
     def master_config(self) -> Path:
         return self.root / "master.toml"
 
@@ -122,4 +132,4 @@ class Layout:
         return self.releases / name
 
     def dirs(self) -> list[Path]:
-        return [self.releases, self.shared, self.repo, self.run, self.log, self.tools]
+        return [self.releases, self.shared, self.repo, self.run, self.log, self.tools, self.bin]

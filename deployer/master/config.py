@@ -19,7 +19,10 @@ __all__ = ["ConfigError", "MasterConfig", "Readiness", "build", "load_file", "pa
 def load_file(path: str) -> dict[str, Any]:
     """The [master] section of a TOML file as checked option values; relative
     paths in it are relative to the file's directory."""
-    import tomllib  # here: only a master reading a file needs it
+    try:  # here: only a master reading a file needs it
+        import tomllib
+    except ImportError:  # Python < 3.11: the same parser, vendored
+        from deployer._vendor import tomli as tomllib
 
     p = Path(path)
     try:

@@ -24,7 +24,7 @@ import socket
 import sqlite3
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ class Owner:
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def this_runner() -> str:
@@ -291,7 +291,7 @@ class PostgresDatabase(Database):
             return self.try_lock()
         pid, app, user, addr, started = rows[0]
         who = f"{app or 'a session'} (server pid {pid}, role {user}, from {addr or 'local'})"
-        since = started.astimezone(UTC).isoformat(timespec="seconds") if started else "?"
+        since = started.astimezone(timezone.utc).isoformat(timespec="seconds") if started else "?"
         return Owner(who, since.replace("+00:00", "Z"))
 
     def unlock(self) -> None:

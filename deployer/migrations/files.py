@@ -15,7 +15,7 @@ import importlib.util
 import re
 import sys
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import ModuleType
 
@@ -294,7 +294,7 @@ def new_migration(
         raise BadInput(f"--phase {phase}: expected one of {', '.join(PHASES)}")
     label = label.lower().replace("-", "_")
     directory.mkdir(parents=True, exist_ok=True)
-    when = now or datetime.now(UTC)
+    when = now or datetime.now(timezone.utc)
     taken = {p.name.split("_", 1)[0] for p in directory.iterdir()}
     while when.strftime(STAMP) in taken:  # two files made in one second keep their order
         when += timedelta(seconds=1)

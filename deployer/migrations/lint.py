@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Union
 
 from deployer.hostapi.errors import BadInput
 from deployer.migrations.files import Migration
@@ -34,7 +35,7 @@ class LintContext:
     statement_index: int
 
 
-Check = re.Pattern[str] | Callable[[str, LintContext], bool]
+Check = Union[re.Pattern[str], Callable[[str, LintContext], bool]]  # evaluated: hosts run 3.9
 
 
 @dataclass(frozen=True)
