@@ -46,6 +46,11 @@ CREATE = {
 ADD_EMAIL = {
     "migrations/20240102000000_add_email.sql": "-- phase: expand\n-- up\n"
     "ALTER TABLE people ADD COLUMN email TEXT;\n-- down\nALTER TABLE people DROP COLUMN email;\n",
+    # a Python migration, imported and run chunk by chunk by the runner on 3.9
+    "migrations/20240102000100_fill_email.py": 'phase = "expand"\n\n\ndef up(db):\n'
+    '    for lo, hi in db.batches("people", key="id", size=1):\n'
+    '        db.execute("UPDATE people SET email = name WHERE id BETWEEN ? AND ?", (lo, hi))\n'
+    "        yield hi\n\n\ndef down(db):\n    pass\n",
 }
 
 
@@ -144,6 +149,14 @@ def columns(root: Path) -> list[str]:
         db.close()
 
 
+def rows(root: Path) -> list[tuple[str, str]]:
+    db = sqlite3.connect(root / "shared" / "app.sqlite3")
+    try:
+        return db.execute("SELECT name, email FROM people ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
 def stop_master(root: Path) -> None:
     stop_host_masters([SimpleNamespace(root=root)])  # by the pid in its pidfile
 
@@ -182,7 +195,10 @@ def test_setup_rollout_reload_rollback_and_migrate_on_python39(py39_project: Pro
     v1 = p.current(SimpleNamespace(root=root))
     pid = int(layout.pidfile.read_text())
     assert os.path.realpath(f"/proc/{pid}/exe").endswith("python3.9"), v1_out
-    assert (root / "shared" / "app.sqlite3").exists()
+    db = sqlite3.connect(root / "shared" / "app.sqlite3")
+    with db:
+        db.executemany("INSERT INTO people (name) VALUES (?)", [("ada",), ("bob",)])
+    db.close()
 
     commit(p.repo, {"app.py": APP + "\n# v2\n", **ADD_EMAIL}, "v2")
     p.deployer("rollout", check=True)  # the master (3.9) reloads its workers onto v2
@@ -197,10 +213,17 @@ def test_setup_rollout_reload_rollback_and_migrate_on_python39(py39_project: Pro
     status = subprocess.run([str(wrapper), "master", "status"], capture_output=True, text=True)
     assert status.returncode == 0, status.stderr
     assert f"master pid {pid} " in status.stdout and "workers: 2 ready of 2" in status.stdout
+    upgrade = subprocess.run([str(wrapper), "master", "upgrade"],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    assert f"master pid {pid} upgraded in place" in upgrade.stdout  # re-exec'd on 3.9
+    assert os.path.realpath(f"/proc/{pid}/exe").endswith("python3.9")
 
     migrations = p.deployer("migrate", "status", check=True).stdout
     assert "20240101000000_create" in migrations and "20240102000000_add_email" in migrations
-    assert "2 applied" in migrations and columns(root) == ["id", "name", "email"]
+    assert "3 applied" in migrations and columns(root) == ["id", "name", "email"]
+    assert rows(root) == [("ada", "ada"), ("bob", "bob")]
+    assert "web1" in p.deployer("status", check=True).stdout  # the agent's state op
 
     p.deployer("rollback", "--migrations", check=True)  # back to v1, expand down on 3.9
     assert p.current(SimpleNamespace(root=root)) == v1
