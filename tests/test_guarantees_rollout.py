@@ -179,11 +179,11 @@ def test_rollback_halts_at_a_host_that_fails(project: Project) -> None:
         proc = project.deployer("rollback")
     finally:
         health.close()
-    assert proc.returncode == 1, proc.stdout
     assert health.probed(host2, v1)  # host2 was switched back, and failed
     # host1 went back; host2 returned to where it was; host3 was never touched.
     assert revisions(project) == {host1: v1, host2: v2, host3: v2}
     assert host3 not in {h for h, _ in health.hits}
+    assert proc.returncode == 1, proc.stdout
 
 
 # --- migrations ------------------------------------------------------------------------
