@@ -68,14 +68,16 @@ def hosts(ctx: click.Context, patterns: str | None, as_json: bool) -> None:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
-def open_fleet(ctx: click.Context, patterns: str | None, lock_wait: float = 0.0):
+def open_fleet(
+    ctx: click.Context, patterns: str | None, lock_wait: float = 0.0, reporter: Any = None
+):
     """A FleetSession of the selected hosts, to use in a `with` block."""
     from deployer.history import state_dir
     from deployer.session import FleetSession
 
     inv = load_inventory(ctx)
     hosts = inv.select(patterns)
-    return FleetSession(inv, hosts, state_dir(inv.path), lock_wait=lock_wait)
+    return FleetSession(inv, hosts, state_dir(inv.path), reporter, lock_wait=lock_wait)
 
 
 def _batch_item(text: str) -> int | str:
@@ -229,30 +231,49 @@ def rollback(
 
 @cli.command()
 @hosts_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.5, max=300),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="A host that has not answered by then is reported unreachable.",
+)
 @click.pass_context
-def status(ctx: click.Context, patterns: str | None, as_json: bool) -> None:
-    """Per host: current release, revision, master workers, health."""
+def status(ctx: click.Context, patterns: str | None, as_json: bool, timeout: float) -> None:
+    """Per host: release, master workers, crashes, health, lock. Exit 0 only if every
+    host is reachable, all its workers are ready on the current release, nothing
+    crashed lately, health passes and no deploy lock is held."""
     from deployer import fleet
+    from deployer.report import Reporter
 
-    with open_fleet(ctx, patterns) as session:
-        rows = fleet.status(session)
+    with open_fleet(ctx, patterns, reporter=Reporter(sys.stderr)) as session:
+        rows = fleet.status(session, timeout)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            if "error" in r:
-                click.echo(f"{r['host']}: ERROR {r['error']}")
-                continue
-            master = r["master"]
-            m = f"master pid {master['pid']}" if master.get("running") else "master not running"
-            rev = (r["revision"] or "-")[:12]
-            click.echo(
-                f"{r['host']}: {r['current'] or 'no release'} ({rev}), {m}, "
-                f"health {r['health'] or '-'}"
-            )
-    if any("error" in r for r in rows):
+            click.echo(status_line(r))
+            for problem in r["problems"]:
+                click.echo(f"  - {problem}")
+    if not all(r["ok"] for r in rows):
         sys.exit(1)
+
+
+def status_line(r: dict) -> str:
+    verdict = "ok" if r["ok"] else "NOT OK"
+    if "current" not in r:
+        return f"{r['host']}: {verdict}"
+    rev = (r["revision"] or "-")[:12]
+    m = r["master"]
+    master = (
+        f"master pid {m['pid']} {m['ready']}/{m['configured']} ready"
+        if m
+        else ("master running" if r["master_running"] else "no master")
+    )
+    health = f", health {r['health']}" if r["health"] else ""
+    return f"{r['host']}: {verdict}: {r['current'] or 'no release'} ({rev}), {master}{health}"
 
 
 @cli.command()
@@ -273,15 +294,22 @@ def history(ctx: click.Context, limit: int, as_json: bool) -> None:
         click.echo(json.dumps(found.records, indent=2))
         return
     for e in found.records:
-        step = f" at {e['failed_step']}" if e.get("failed_step") else ""
-        click.echo(
-            printable(
-                f"{e.get('id')}  {e.get('action')}  "
-                f"{str(e.get('revision') or e.get('release'))[:12]}"
-                f"  {e.get('user')}  {e.get('started')}  {len(e.get('hosts', []))} host(s)"
-                f"  {e.get('result')}{step}  {e.get('duration_s')}s"
-            )
-        )
+        click.echo(printable(history_line(e)))
+
+
+def history_line(e: dict) -> str:
+    """One history record as a line; what a record lacks is left out, not "None"."""
+    when = e.get("started") or e.get("since") or "-"
+    if e.get("action") == "unlock":
+        broke = "; ".join(e.get("broke") or []) or "nothing"
+        return f"{e['id']}  unlock  {e.get('user') or '-'}  {when}  {broke}"
+    what = str(e.get("revision") or e.get("release") or "-")[:12]
+    step = f" at {e['failed_step']}" if e.get("failed_step") else ""
+    took = f"  {e['duration_s']}s" if e.get("duration_s") is not None else ""
+    hosts = f"  {len(e['hosts'])} host(s)" if e.get("hosts") else ""
+    result = f"{e.get('result') or '-'}{step}"
+    who = e.get("user") or "-"
+    return f"{e['id']}  {e.get('action')}  {what}  {who}  {when}{hosts}  {result}{took}"
 
 
 @cli.command()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from deployer.agent.bundle import build
+from deployer.hostapi import answers
+from deployer.lock import describe
 from deployer.remote import RemoteHost
 from deployer.session import FleetSession
 
@@ -42,29 +44,60 @@ def setup(fleet: FleetSession) -> dict[str, str]:
     return failures
 
 
-def status(fleet: FleetSession) -> list[dict[str, Any]]:
-    """Per host: current release and revision, master, health."""
+STATUS_WINDOW = 300.0  # seconds: worker crashes this recent make a host not ok
+
+
+def status(fleet: FleetSession, timeout: float) -> list[dict[str, Any]]:
+    """Per host: release, master, health, lock, and what is wrong with it; each host
+    answers within `timeout` or is reported unreachable."""
 
     def one(remote: RemoteHost) -> dict[str, Any]:
-        st = remote.state()
-        row: dict[str, Any] = {
-            "host": remote.name,
-            "current": st.current,
-            "revision": st.current_revision,
-            "previous": st.previous,
-            "releases": len(st.releases),
-            "master": st.master._asdict(),
-            "health": None,
-        }
-        if remote.config.health is not None and st.current:
-            try:
-                remote.health()
-                row["health"] = "ok"
-            except Exception as e:  # noqa: BLE001 - any failure is the answer here
-                row["health"] = f"failing: {e}"
-        return row
+        return row(remote, remote.status(timeout, STATUS_WINDOW))
 
-    results, failures = fleet.each(fleet.names, one)
-    rows = [results[n] for n in fleet.names if n in results]
-    rows += [{"host": n, "error": why} for n, why in failures.items()]
-    return rows
+    results, failures = fleet.each_within(fleet.names, one, timeout + 2)
+    return [
+        results[n] if n in results else {"host": n, "ok": False, "problems": [failures[n]]}
+        for n in fleet.names
+    ]
+
+
+def row(remote: RemoteHost, s: answers.HostStatus) -> dict[str, Any]:
+    st, m = s.state, s.master
+    problems = []
+    if st.current is None:
+        problems.append("no release")
+    if remote.config.master is not None:
+        if not st.master.running:
+            problems.append("master not running")
+        elif m is None:
+            problems.append(f"master does not answer: {s.master_error}")
+        else:
+            if m.ready < m.configured:
+                problems.append(f"{m.ready} of {m.configured} workers ready ({m.state})")
+            if m.release != st.current:
+                problems.append(f"workers run {m.release}, current is {st.current}")
+            if m.recent_crashes:
+                minutes = STATUS_WINDOW / 60
+                problems.append(
+                    f"{m.recent_crashes} worker crash(es) in the last {minutes:g} min, "
+                    f"last {m.last_crash}"
+                )
+            if m.crash_loops:
+                problems.append(f"{m.crash_loops} worker slot(s) in a crash loop")
+    if s.health not in (None, "ok"):
+        problems.append(f"health failing: {s.health}")
+    if s.lock is not None:
+        problems.append(describe(s.lock, "deploy lock"))
+    return {
+        "host": remote.name,
+        "ok": not problems,
+        "problems": problems,
+        "current": st.current,
+        "revision": st.current_revision,
+        "previous": st.previous,
+        "releases": len(st.releases),
+        "master": None if m is None else m._asdict(),
+        "master_running": st.master.running,
+        "health": s.health,
+        "lock": None if s.lock is None else s.lock._asdict(),
+    }

@@ -113,8 +113,11 @@ class History:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
 
     def read(self, limit: int | None = None) -> Entries:
-        """The newest `limit` good records; bad lines among those read are reported,
-        not fatal (a torn last line from a crash must not hide the rest)."""
+        """The newest `limit` good records, one per deploy id (a deploy writes one when
+        it starts and one when it ends: the last one says how it went); bad lines
+        among those read are reported, not fatal (a torn last line from a crash
+        must not hide the rest)."""
+        seen: set[str] = set()
         found = Entries(self.path)
         try:
             data = self.path.read_bytes()
@@ -131,6 +134,9 @@ class History:
             if record is None:
                 found.bad_lines.append(number)
                 continue
+            if record["id"] in seen:
+                continue
+            seen.add(record["id"])
             found.records.append(record)
             if limit is not None and len(found.records) >= limit:
                 break

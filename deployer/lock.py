@@ -54,7 +54,7 @@ class Owner:
         return LockOwner(**self.to_dict())
 
 
-def describe(holder: LockOwner | None, where: str) -> str:
+def describe(holder: LockOwner | None, where: str, hint: bool = True) -> str:
     """'alice@build1 (pid 42) since 2026-...: rollout abc1234 [stale: ...]'."""
     if holder is None or not holder.id:
         return f"{where}: held (owner unknown)"
@@ -65,7 +65,7 @@ def describe(holder: LockOwner | None, where: str) -> str:
     )
     why = stale_reason(holder)
     if why:
-        text += f" [stale: {why}; break it with `deployer unlock`]"
+        text += f" [stale: {why}" + ("; break it with `deployer unlock`]" if hint else "]")
     return text
 
 
@@ -101,9 +101,12 @@ class ControllerLock:
             return LockOwner("")
         return (LockOwner.from_json(data) or LockOwner(""))._replace(heartbeat=mtime)
 
-    def acquire(self, owner: Owner, wait: float = 0.0) -> None:
+    def acquire(self, owner: Owner, wait: float = 0.0) -> LockOwner | None:
+        """Take the lock, waiting up to `wait`; a holder that is provably gone (see
+        stale_reason) is replaced, and returned so that the caller can say so."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         end = time.monotonic() + wait
+        replaced = None
         while True:
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -111,13 +114,34 @@ class ControllerLock:
                 holder = self.holder()
                 if holder is None:
                     continue  # released between our open and our read: try again
+                if stale_reason(holder) and self._move_aside(holder):
+                    replaced = holder
+                    continue
                 if time.monotonic() >= end:
                     raise LockHeld(describe(holder, f"deploy lock {self.path}")) from None
                 time.sleep(min(1.0, max(0.05, end - time.monotonic())))
                 continue
             with os.fdopen(fd, "w") as fh:
                 json.dump(owner.to_dict(), fh)
-            return
+            return replaced
+
+    def _move_aside(self, stale: LockOwner) -> bool:
+        """Remove the stale lock, unless another taker replaced it meanwhile."""
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+        except OSError:
+            return False
+        try:
+            moved = LockOwner.from_json(json.loads(aside.read_text()))
+        except (OSError, ValueError):
+            moved = None
+        if moved is not None and moved.id and moved.id != stale.id:
+            with contextlib.suppress(OSError):
+                os.rename(aside, self.path)  # a live lock: give it back
+            return False
+        aside.unlink(missing_ok=True)
+        return True
 
     def heartbeat(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -144,11 +168,14 @@ class FleetLocks:
         self.wire = owner.wire()
         self.controller = ControllerLock(fleet.state_dir, owner.app)
         self.held: list[str] = []
+        self.interrupted: set[str] = set()  # deploys whose stale locks we took over
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
     def __enter__(self) -> FleetLocks:
-        self.controller.acquire(self.owner, wait=self.fleet.lock_wait)
+        replaced = self.controller.acquire(self.owner, wait=self.fleet.lock_wait)
+        if replaced is not None:
+            self._took_over(replaced, f"deploy lock {self.controller.path}")
         try:
             self._acquire_hosts()
         except BaseException:
@@ -160,9 +187,24 @@ class FleetLocks:
 
     def _acquire_hosts(self) -> None:
         results, failures = self.fleet.each(
-            self.fleet.names, lambda r: r.lock("acquire", self.wire)
+            self.fleet.names, lambda r: r.lock("acquire", self.wire, take_stale=STALE_AFTER_S)
         )
+        # held by a process this controller knows is gone: take those over by its id
+        dead = {
+            n: a.holder.id
+            for n, a in results.items()
+            if not a.done and a.holder is not None and a.holder.id and stale_reason(a.holder)
+        }
+        if dead:
+            again, more = self.fleet.each(
+                list(dead), lambda r: r.lock("acquire", self.wire, replace=dead[r.name])
+            )
+            results.update(again)
+            failures.update(more)
         self.held = [n for n, answer in results.items() if answer.done]
+        for n, answer in results.items():
+            if answer.done and answer.holder is not None:
+                self._took_over(answer.holder, f"host {n}")
         busy = {n: answer.holder for n, answer in results.items() if not answer.done}
         if busy:
             name, holder = next(iter(busy.items()))
@@ -170,6 +212,26 @@ class FleetLocks:
         if failures:
             name, why = next(iter(failures.items()))
             raise StepFailed(name, "lock", why)
+
+    def _took_over(self, holder: LockOwner, where: str) -> None:
+        """A lock whose holder is gone (killed, its machine lost): ours now. Its
+        deploy never finished: the history says so, once."""
+        self.fleet.reporter.say(f"took over the stale lock: {describe(holder, where, hint=False)}")
+        if holder.id and holder.id not in self.interrupted and self._unfinished(holder.id):
+            self.interrupted.add(holder.id)
+            self.fleet.history.append(
+                {
+                    **holder.to_json(),
+                    "result": "interrupted",
+                    "note": f"its lock went stale and was taken over by {self.owner.id}",
+                }
+            )
+
+    def _unfinished(self, deploy_id: str) -> bool:
+        """No final record: the deploy was killed (a failed one that could not release
+        a lost host's lock has recorded its end already)."""
+        last = next((e for e in self.fleet.history.entries() if e["id"] == deploy_id), None)
+        return last is None or last.get("result") == "running"
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -202,7 +264,7 @@ def break_locks(fleet: FleetSession, force: bool) -> list[str]:
     if holder is not None:
         if stale_reason(holder) or force:
             controller.force_release()
-            said.append("broke " + describe(holder, f"deploy lock {controller.path}"))
+            said.append("broke " + describe(holder, f"deploy lock {controller.path}", hint=False))
         else:
             alive.append(describe(holder, f"deploy lock {controller.path}"))
     breaker = Owner(app, "", "unlock")
@@ -213,7 +275,7 @@ def break_locks(fleet: FleetSession, force: bool) -> list[str]:
             continue
         if stale_reason(h) or force:
             fleet.remotes[name].lock("release", breaker.wire(), force=True)
-            said.append("broke " + describe(h, f"host {name}"))
+            said.append("broke " + describe(h, f"host {name}", hint=False))
         else:
             alive.append(describe(h, f"host {name}"))
     if said:

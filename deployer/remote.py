@@ -17,7 +17,7 @@ from deployer.hostapi.calls import AgentCall
 from deployer.hostapi.layout import Layout
 from deployer.hostapi.options import MasterConfig, to_toml
 from deployer.inventory import HostConfig
-from deployer.transport import Result, Stdin, Transport
+from deployer.transport import CommandTimeout, Result, Stdin, Transport
 
 LineCallback = Callable[[str], None]
 
@@ -50,16 +50,21 @@ class RemoteHost:
         call: AgentCall,
         stdin: Stdin = None,
         on_line: LineCallback | None = None,
-        timeout: float | None = None,
     ) -> Any:
-        """Run one agent call; its typed answer, or StepFailed saying why not."""
+        """Run one agent call within its deadline; its typed answer, or StepFailed
+        saying why not."""
         argv = call.argv(self.config.ssh.python, self.layout, build().sha256)
 
         def forward(line: str) -> None:
             if on_line is not None and not line.startswith(answers.RESULT_MARK):
                 on_line(line)
 
-        result = self.transport.run(argv, stdin=stdin, on_stdout=forward, timeout=timeout)
+        try:
+            result = self.transport.run(argv, stdin=stdin, on_stdout=forward, timeout=call.deadline)
+        except CommandTimeout:
+            raise StepFailed(
+                self.name, call.op, f"no answer within {call.deadline:g}s (host unreachable?)"
+            ) from None
         try:
             answer = answers.parse_result(result.stdout, call.answer)
         except answers.AgentFailed as e:
@@ -123,8 +128,13 @@ class RemoteHost:
         h = self.config.health
         if h is None:
             return None
-        call = calls.health(h.url, h.expect_status, h.timeout, h.passes, h.interval)
-        return self.call(call, timeout=h.timeout + 30)  # the host keeps the deadline itself
+        return self.call(calls.health(h.url, h.expect_status, h.timeout, h.passes, h.interval))
+
+    def status(self, timeout: float, window: float) -> answers.HostStatus:
+        master, health = self.master, self.config.health
+        socket = None if master is None else master.socket
+        url, expect = (None, 200) if health is None else (health.url, health.expect_status)
+        return self.call(calls.status(socket, url, expect, timeout, window))
 
     def watch(self, seconds: float) -> answers.WatchResult | None:
         """Watch the master (crashes, workers not ready) and health for `seconds`;
@@ -134,16 +144,20 @@ class RemoteHost:
             return None
         url = None if health is None else health.url
         expect = 200 if health is None else health.expect_status
-        call = calls.watch(seconds, master and master.socket, url, expect)
-        return self.call(call, timeout=seconds + 30)
+        return self.call(calls.watch(seconds, master and master.socket, url, expect))
 
     def record(self, entry: dict[str, Any]) -> answers.Recorded:
         return self.call(calls.record(entry))
 
     def lock(
-        self, action: str, owner: answers.LockOwner, force: bool = False
+        self,
+        action: str,
+        owner: answers.LockOwner,
+        force: bool = False,
+        take_stale: float | None = None,
+        replace: str | None = None,
     ) -> answers.LockAnswer:
-        return self.call(calls.lock(action, owner, force))
+        return self.call(calls.lock(action, owner, force, take_stale, replace))
 
     # --- migrations -----------------------------------------------------------------------
 

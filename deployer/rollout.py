@@ -245,11 +245,12 @@ def run_rollout(
     say = fleet.reporter.say
     release = next(iter(plan.targets.values()))
     owner = Owner(plan.app, plan.revision or "", "rollout")
-    if deploy_id:
-        owner = replace(owner, id=deploy_id)
+    # the lock names the rollout by its history id: a taker of its stale lock can
+    # then mark that very entry interrupted
+    owner = replace(owner, id=deploy_id or f"{release}-{owner.id[:4]}")
     started = time.monotonic()
     entry: dict[str, Any] = {
-        "id": deploy_id or f"{release}-{owner.id[:4]}",
+        "id": owner.id,
         "log": log,
         "action": "rollout",
         "revision": plan.revision,
@@ -261,6 +262,7 @@ def run_rollout(
     }
     outcome = Outcome(ok=False)
     with FleetLocks(fleet, owner):
+        fleet.history.append({**entry, "result": "running"})  # a SIGKILL leaves this
         say(f"rollout {plan.revision} as {release} to {', '.join(plan.hosts)}")
         states, failed = check_agents(fleet, plan.hosts)
         before = {n: s.current for n, s in states.items()}
@@ -462,6 +464,7 @@ def run_rollback(
 ) -> tuple[Plan, Outcome | None]:
     names = list(fleet.remotes)
     owner = Owner(fleet.inventory.app.name, to or "previous", "rollback")
+    owner = replace(owner, id=f"{utc_stamp()}-rollback-{owner.id[:4]}")
     with FleetLocks(fleet, owner):
         states, failed = check_agents(fleet, names)
         if failed:
@@ -481,7 +484,7 @@ def run_rollback(
         started = time.monotonic()
         before = {n: s.current for n, s in states.items()}
         entry: dict[str, Any] = {
-            "id": f"{utc_stamp()}-rollback-{owner.id[:4]}",
+            "id": owner.id,
             "action": "rollback",
             "revision": None,
             "release": to,
@@ -491,6 +494,7 @@ def run_rollback(
             "hosts": names,
         }
         outcome = Outcome(ok=False, releases=dict(before))
+        fleet.history.append({**entry, "result": "running"})
         for batch in plan.batches:
             _, bad = fleet.each(
                 batch, lambda r: switch_host(fleet, r, plan.targets[r.name], plan.watch)

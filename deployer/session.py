@@ -7,6 +7,8 @@ the reporter, for one command (setup, status, rollout, rollback, unlock...).
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,6 +79,39 @@ class FleetSession:
             raise
         pool.shutdown()
         return results, failures
+
+    def each_within(
+        self, names: Sequence[str], fn: Callable[[RemoteHost], Any], seconds: float
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """fn on every host at once, waiting `seconds` at most: a host that has not
+        answered by then (a frozen sshd: even connecting hangs) is a failure, and its
+        thread is left behind (a daemon: it never keeps the command from ending)."""
+        results: dict[str, Any] = {}
+        failures: dict[str, str] = {}
+        done = threading.Condition()
+
+        def run(remote: RemoteHost) -> None:
+            try:
+                value, error = fn(remote), None
+            except DeployerError as e:
+                value, error = None, str(e).removeprefix(f"{remote.name}: ")
+            with done:
+                if error is None:
+                    results[remote.name] = value
+                else:
+                    failures[remote.name] = error
+                done.notify_all()
+
+        for n in names:
+            threading.Thread(target=run, args=(self.remotes[n],), daemon=True).start()
+        end = time.monotonic() + seconds
+        with done:
+            while len(results) + len(failures) < len(names) and time.monotonic() < end:
+                done.wait(end - time.monotonic())
+            for n in names:
+                if n not in results and n not in failures:
+                    failures[n] = f"no answer within {seconds:g}s (host unreachable?)"
+            return dict(results), dict(failures)
 
     @property
     def exit_code(self) -> int:

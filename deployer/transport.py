@@ -65,7 +65,7 @@ class Result:
         """Return self, or raise CommandFailed naming host, command, exit code and stderr."""
         if self.ok:
             return self
-        message = f"{self.host}: `{shlex.join(self.argv)}` exited with {self.exit_code}"
+        message = f"{self.host}: `{label(self.argv)}` exited with {self.exit_code}"
         tail = self.stderr_tail()
         raise CommandFailed(self, f"{message}; stderr:\n{tail}" if tail else message)
 
@@ -83,6 +83,9 @@ class Command:
 
     def line(self) -> str:
         return command_line(self.argv, self.cwd, self.env)
+
+    def label(self) -> str:
+        return label(self.argv)
 
 
 class Transport(ABC):
@@ -113,6 +116,12 @@ class Transport(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+
+def label(argv: list[str] | tuple[str, ...]) -> str:
+    """A command for a message: a script given inline (`python3 -c ...`) is named,
+    not printed."""
+    return shlex.join("<script>" if "\n" in w or len(w) > 200 else w for w in argv)
 
 
 def command_line(
@@ -272,7 +281,7 @@ class LocalHost(Transport):
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             raise CommandTimeout(
-                f"{self.name}: `{shlex.join(argv)}` did not finish within {timeout:g}s (killed)"
+                f"{self.name}: `{label(argv)}` did not finish within {timeout:g}s (killed)"
             ) from None
         for t in readers:
             t.join()
@@ -435,15 +444,20 @@ class SSHHost(Transport):
             self._conn = None
 
     def close(self) -> None:
-        with self._lock:
-            self._close_quietly()
+        # A thread stuck opening the connection to a frozen host holds the lock: that
+        # connection is abandoned, not waited for (closing must be bounded too).
+        if self._lock.acquire(timeout=2.0):
+            try:
+                self._close_quietly()
+            finally:
+                self._lock.release()
 
     # operations
 
     def execute(self, cmd: Command) -> Result:
         import paramiko
 
-        line = cmd.line()
+        line, label = cmd.line(), cmd.label()
         transport = self.connection().transport
         try:
             chan = transport.open_session(timeout=self.config.ssh.connect_timeout)
@@ -451,13 +465,13 @@ class SSHHost(Transport):
         except (paramiko.SSHException, OSError, EOFError) as e:
             # Nothing ran yet; the next call reconnects.
             self.close()
-            raise TransportError(f"{self.name}: could not start `{line}`: {_reason(e)}") from None
+            raise TransportError(f"{self.name}: could not start `{label}`: {_reason(e)}") from None
         try:
-            code, out, err = self._collect(chan, cmd, line)
+            code, out, err = self._collect(chan, cmd, label)
         except (paramiko.SSHException, OSError, EOFError) as e:
             self.close()
             raise TransportError(
-                f"{self.name}: connection lost while running `{line}` "
+                f"{self.name}: connection lost while running `{label}` "
                 f"(it may or may not have completed): {_reason(e)}"
             ) from None
         finally:
@@ -465,7 +479,7 @@ class SSHHost(Transport):
         if code == -1:
             self.close()
             raise TransportError(
-                f"{self.name}: connection lost while running `{line}` (no exit status received)"
+                f"{self.name}: connection lost while running `{label}` (no exit status received)"
             )
         return Result(self.name, cmd.argv, code, out, err)
 

@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=30.0)
     sp.add_argument("--passes", type=int, default=3)
     sp.add_argument("--interval", type=float, default=0.5)
+    sp = with_root("status")
+    sp.add_argument("--timeout", type=float, default=5.0)
+    sp.add_argument("--window", type=float, default=300.0, help="recent crashes: seconds")
+    sp.add_argument("--socket", help="the master's control socket")
+    sp.add_argument("--url", help="health URL, probed once")
+    sp.add_argument("--expect", type=int, default=200)
     sp = with_root("watch")
     sp.add_argument("--seconds", type=float, required=True)
     sp.add_argument("--socket", help="the master's control socket")
@@ -67,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=LOCK_ACTIONS)
     sp.add_argument("--owner", default="{}", help="JSON object with at least an id")
     sp.add_argument("--force", action="store_true", help="release whoever holds it")
+    sp.add_argument(
+        "--take-stale", type=float, metavar="S", help="acquire: take over a lock silent for S"
+    )
+    sp.add_argument("--replace", metavar="ID", help="acquire: take over the lock of this holder")
     return p
 
 
@@ -107,13 +117,15 @@ def run_op(args: argparse.Namespace) -> tuple:
         return ops.switch(layout, args.release)
     if args.op == "prune":
         return ops.prune(layout, args.keep)
+    if args.op == "status":
+        return ops.status(layout, args.socket, args.url, args.expect, args.timeout, args.window)
     if args.op == "watch":
         return ops.watch(args.seconds, args.socket, args.url, args.expect)
     if args.op == "record":
         return ops.record(layout, json.loads(args.entry))
     if args.op == "lock":
         owner = answers.LockOwner.from_json(json.loads(args.owner)) or answers.LockOwner("")
-        return ops.lock(layout, args.action, owner, args.force)
+        return ops.lock(layout, args.action, owner, args.force, args.take_stale, args.replace)
     raise ops.AgentError(f"unknown operation {args.op!r}")
 
 

@@ -425,6 +425,64 @@ def _probe(url: str, timeout: float) -> tuple[int | None, str]:
         return None, f"no answer ({reason})"
 
 
+def status(
+    layout: Layout,
+    socket: str | None,
+    url: str | None,
+    expect: int,
+    timeout: float,
+    window: float,
+) -> answers.HostStatus:
+    """Everything `deployer status` shows of a host, within `timeout` in all."""
+    begun = time.monotonic()
+    host = state(layout)
+    master, why = None, None
+    if socket and host.master.running:
+        try:
+            with deadline(max(0.5, timeout / 2)):
+                master = _master_summary(socket, window)
+        except (AgentError, _Deadline) as e:
+            why = str(e) or f"no answer on {socket}"
+    health = None
+    if url and host.current:
+        left = max(0.5, timeout - (time.monotonic() - begun) - 0.5)
+        try:
+            with deadline(left):
+                code, last = _probe(url, left)
+            health = "ok" if code == expect else f"{url}: wanted {expect}, got {last}"
+        except _Deadline:
+            health = f"{url}: no complete answer within {left:.1f}s"
+    return answers.HostStatus(host, master, why, _read_owner(layout.lock / "owner.json"), health)
+
+
+def _master_summary(socket: str, window: float) -> answers.MasterSummary:
+    s = _master_status(socket)
+    since = time.time() - window
+    crashes = [c for c in s.get("recent_crashes", []) if c.get("at", 0) >= since]
+    last = crashes[-1] if crashes else None
+    release = s.get("release")
+    return answers.MasterSummary(
+        pid=s.get("pid", 0),
+        state=s.get("state", "?"),
+        release=os.path.basename(release) if release else None,
+        ready=s.get("ready", 0),
+        configured=s.get("configured", 0),
+        recent_crashes=len(crashes),
+        last_crash=None if last is None else f"{last.get('when')} ({last.get('how')})",
+        crash_loops=len(s.get("crash_loops", [])),
+    )
+
+
+def _master_status(socket: str) -> dict[str, Any]:
+    from deployer.master.control import ControlError, request  # only these ops need it
+
+    try:
+        answer = list(request(socket, {"cmd": "status"}, 10.0))[-1]
+    except (ControlError, TimeoutError, OSError, IndexError) as e:
+        raise AgentError(f"the master does not answer on {socket}: {e}") from None
+    return answer.get("status") or {}
+
+
 WATCH_POLL = 0.5
 
 
@@ -457,13 +515,7 @@ def watch(seconds: float, socket: str | None, url: str | None, expect: int) -> a
 
 
 def _check_master(socket: str, since: float) -> None:
-    from deployer.master.control import ControlError, request  # only the watch needs it
-
-    try:
-        answer = list(request(socket, {"cmd": "status"}, 10.0))[-1]
-    except (ControlError, TimeoutError, OSError, IndexError) as e:
-        raise AgentError(f"the master does not answer on {socket}: {e}") from None
-    status = answer.get("status") or {}
+    status = _master_status(socket)
     crashes = [c for c in status.get("recent_crashes", []) if c.get("at", 0) >= since]
     if crashes:
         c = crashes[0]
@@ -489,18 +541,33 @@ def record(layout: Layout, entry: dict[str, Any]) -> answers.Recorded:
 
 
 def lock(
-    layout: Layout, action: str, owner: answers.LockOwner, force: bool = False
+    layout: Layout,
+    action: str,
+    owner: answers.LockOwner,
+    force: bool = False,
+    take_stale: float | None = None,
+    replace: str | None = None,
 ) -> answers.LockAnswer:
-    """The host's deploy lock: a directory, because mkdir is atomic."""
+    """The host's deploy lock: a directory, because mkdir is atomic. Acquire also
+    takes over a lock whose holder is gone: whose heartbeat is older than
+    `take_stale` seconds, or held by `replace` (an id the controller knows is dead);
+    the answer then names the holder it replaced."""
     info = layout.lock / "owner.json"
     if action == "acquire":
         layout.run.mkdir(parents=True, exist_ok=True)
+        replaced = None
         try:
             layout.lock.mkdir()
         except FileExistsError:
-            return answers.LockAnswer(False, _read_owner(info))
+            holder = _read_owner(info)
+            gone = replace is not None and holder is not None and holder.id == replace
+            if not gone and (take_stale is None or not _stale(layout, holder, take_stale)):
+                return answers.LockAnswer(False, holder)
+            if not _take_over(layout, holder):
+                return answers.LockAnswer(False, _read_owner(info))
+            replaced = holder
         info.write_text(json.dumps(owner.to_json()))
-        return answers.LockAnswer(True)
+        return answers.LockAnswer(True, replaced)
     holder = _read_owner(info)
     mine = holder is not None and holder.id == owner.id
     if action == "heartbeat":
@@ -515,6 +582,37 @@ def lock(
     if action == "show":
         return answers.LockAnswer(False, holder)
     raise AgentError(f"unknown lock action {action!r}")
+
+
+def _stale(layout: Layout, holder: answers.LockOwner | None, after: float) -> bool:
+    beat = holder.heartbeat if holder is not None else None
+    if beat is None:  # no readable owner file: the directory's own age
+        try:
+            beat = layout.lock.stat().st_mtime
+        except OSError:
+            return False
+    return time.time() - beat > after
+
+
+def _take_over(layout: Layout, stale: answers.LockOwner | None) -> bool:
+    """Move the stale lock aside and take the place: mkdir decides between racers.
+    If what was moved is not the stale lock (another taker was faster), put it back."""
+    aside = layout.run / f".deploy.lock.stale-{os.getpid()}"
+    try:
+        os.rename(layout.lock, aside)
+    except OSError:
+        return False
+    moved = _read_owner(aside / "owner.json")
+    if stale is not None and moved is not None and moved.id != stale.id:
+        with contextlib.suppress(OSError):
+            os.rename(aside, layout.lock)
+        return False
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        layout.lock.mkdir()
+    except FileExistsError:
+        return False
+    return True
 
 
 def _read_owner(path: Path) -> answers.LockOwner | None:

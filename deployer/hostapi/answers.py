@@ -78,6 +78,44 @@ class HostState(NamedTuple):
         return _load(cls, data)
 
 
+class MasterSummary(NamedTuple):
+    """What a host's master says of itself, for `deployer status`."""
+
+    pid: int
+    state: str  # running | reloading | degraded | starting | stopping
+    release: str | None  # the release its workers run (a directory name)
+    ready: int
+    configured: int
+    recent_crashes: int  # within the status window
+    last_crash: str | None  # when (ISO) and how
+    crash_loops: int  # slots crashing in a row, their restarts backed off
+
+
+class HostStatus(NamedTuple):
+    state: HostState
+    master: MasterSummary | None  # None: no master running, or it did not answer
+    master_error: str | None  # why it did not answer
+    lock: LockOwner | None  # who holds the host's deploy lock
+    health: str | None  # None: not probed; "ok"; else why it failed
+
+    def to_json(self) -> dict[str, Any]:
+        out = self._asdict()
+        out["state"] = self.state.to_json()
+        out["master"] = None if self.master is None else self.master._asdict()
+        out["lock"] = None if self.lock is None else self.lock._asdict()
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HostStatus:
+        data = dict(data)
+        data["state"] = HostState.from_json(data["state"])
+        data["master"] = (
+            None if data.get("master") is None else _load(MasterSummary, data["master"])
+        )
+        data["lock"] = LockOwner.from_json(data.get("lock"))
+        return _load(cls, data)
+
+
 class PrepareResult(NamedTuple):
     release: str
     path: str

@@ -15,6 +15,8 @@ from deployer.hostapi import answers
 from deployer.hostapi.layout import Layout
 
 LOCK_ACTIONS = ("acquire", "release", "heartbeat", "show")
+PREPARE_DEADLINE = 3600.0  # sync, extract and the app's build
+LOCK_DEADLINE = 15.0  # also bounds cleanup: releasing the locks of a host that froze
 
 
 # Runs the host's zipapp only if it is the controller's own: the bytes are read
@@ -65,6 +67,9 @@ class AgentCall(NamedTuple):
     answer: type[tuple]
     root: bool = True  # the op works on a deploy root (--root)
     pyz_on_stdin: bool = False  # installs the zipapp it runs from
+    # Wall-clock seconds the controller waits for the answer: a host that stops
+    # answering (a frozen sshd) fails its step instead of hanging the command.
+    deadline: float = 60.0
 
     def argv(self, python: str, layout: Layout, digest: str) -> list[str]:
         root = ("--root", str(layout.root)) if self.root else ()
@@ -90,6 +95,19 @@ def state() -> AgentCall:
     return AgentCall("state", (), answers.HostState)
 
 
+def status(
+    socket: str | None, url: str | None, expect: int, timeout: float, window: float
+) -> AgentCall:
+    """State, the master's own account (crashes within `window` seconds), the lock and
+    one health probe, in one call; every wait on the host within `timeout`."""
+    args = ("--timeout", str(timeout), "--window", str(window))
+    if socket:
+        args += ("--socket", socket)
+    if url:
+        args += ("--url", url, "--expect", str(expect))
+    return AgentCall("status", args, answers.HostStatus, deadline=timeout)
+
+
 def prepare(
     revision: str,
     release: str,
@@ -104,7 +122,7 @@ def prepare(
         args += ["--build", build]
     if receive:
         args.append("--receive")
-    return AgentCall("prepare", tuple(args), answers.PrepareResult)
+    return AgentCall("prepare", tuple(args), answers.PrepareResult, deadline=PREPARE_DEADLINE)
 
 
 def switch(release: str) -> AgentCall:
@@ -118,7 +136,8 @@ def prune(keep: int) -> AgentCall:
 def health(url: str, expect: int, timeout: float, passes: int, interval: float) -> AgentCall:
     args = ("--url", url, "--expect", str(expect), "--timeout", str(timeout))
     args += ("--passes", str(passes), "--interval", str(interval))
-    return AgentCall("health", args, answers.HealthResult, root=False)
+    # the host keeps `timeout` itself (deployer/agent/ops.py): this is the backstop
+    return AgentCall("health", args, answers.HealthResult, root=False, deadline=timeout + 30)
 
 
 def watch(
@@ -131,19 +150,30 @@ def watch(
         args += ("--socket", socket)
     if url:
         args += ("--url", url, "--expect", str(expect))
-    return AgentCall("watch", args, answers.WatchResult)
+    return AgentCall("watch", args, answers.WatchResult, deadline=seconds + 30)
 
 
 def record(entry: dict[str, Any]) -> AgentCall:
     return AgentCall("record", ("--entry", json.dumps(entry, sort_keys=True)), answers.Recorded)
 
 
-def lock(action: str, owner: answers.LockOwner, force: bool = False) -> AgentCall:
-    """`force`: release whoever holds it (unlock of a stale lock)."""
+def lock(
+    action: str,
+    owner: answers.LockOwner,
+    force: bool = False,
+    take_stale: float | None = None,
+    replace: str | None = None,
+) -> AgentCall:
+    """`force`: release whoever holds it (unlock of a stale lock); `take_stale`:
+    acquire over a lock whose heartbeat is older than that many seconds; `replace`:
+    acquire over the lock of that holder id (one known to be dead)."""
     if action not in LOCK_ACTIONS:
         raise ValueError(f"unknown lock action {action!r}")
     args = (action, "--owner", json.dumps(owner.to_json(), sort_keys=True))
-    return AgentCall("lock", args + (("--force",) if force else ()), answers.LockAnswer)
+    args += ("--force",) if force else ()
+    args += ("--take-stale", str(take_stale)) if take_stale is not None else ()
+    args += ("--replace", replace) if replace is not None else ()
+    return AgentCall("lock", args, answers.LockAnswer, deadline=LOCK_DEADLINE)
 
 
 def master_start(layout: Layout) -> tuple[str, ...]:
