@@ -244,7 +244,13 @@ class FleetLocks:
     def _release(self) -> None:
         self._stop.set()
         if self.held:
-            self.fleet.each(self.held, lambda r: r.lock("release", self.wire))
+            _, left = self.fleet.each(self.held, lambda r: r.lock("release", self.wire))
+            for name in left:
+                self.fleet.reporter.say(
+                    "deploy lock left behind on this host; the next rollout takes it "
+                    "over (its holder is gone), or `deployer unlock`",
+                    name,
+                )
         self.controller.release(self.owner)
 
     def __exit__(self, *exc: object) -> None:

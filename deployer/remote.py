@@ -29,6 +29,9 @@ class RemoteHost:
     config: HostConfig
     transport: Transport
     cpus: int | None = None  # the host's CPU count ("auto" workers), learnt from state()
+    # Why the host stopped answering, once it missed a deadline: its further steps
+    # (a rollback, cleanup) fail at once instead of each waiting out its own.
+    unreachable: str | None = None
 
     @property
     def name(self) -> str:
@@ -53,6 +56,8 @@ class RemoteHost:
     ) -> Any:
         """Run one agent call within its deadline; its typed answer, or StepFailed
         saying why not."""
+        if self.unreachable is not None:
+            raise StepFailed(self.name, call.op, f"skipped: {self.unreachable}")
         argv = call.argv(self.config.ssh.python, self.layout, build().sha256)
 
         def forward(line: str) -> None:
@@ -62,9 +67,8 @@ class RemoteHost:
         try:
             result = self.transport.run(argv, stdin=stdin, on_stdout=forward, timeout=call.deadline)
         except CommandTimeout:
-            raise StepFailed(
-                self.name, call.op, f"no answer within {call.deadline:g}s (host unreachable?)"
-            ) from None
+            self.unreachable = f"the host stopped answering ({call.op}: none in {call.deadline:g}s)"
+            raise StepFailed(self.name, call.op, self.unreachable) from None
         try:
             answer = answers.parse_result(result.stdout, call.answer)
         except answers.AgentFailed as e:

@@ -4,7 +4,9 @@ goes back to the release it ran."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,3 +220,88 @@ def test_sigterm_during_a_health_check_puts_the_touched_host_back(
     assert proc.returncode == 130, out
     assert f"switched hosts rolled back ({canary.name} runs {before[canary.name]})" in out, out
     assert {h.name: plain.current(h) for h in plain.hosts} == before
+
+
+class Frozen:
+    """A host whose sshd (listener and every connection's process) is SIGSTOPped:
+    TCP still connects, nothing answers. Thawed (SIGCONT) when the test ends."""
+
+    def __init__(self, fleet: object, host: SSHTestHost) -> None:
+        import signal
+
+        from sshd import _sshd_descendants
+
+        listener = fleet._server(host).pid  # type: ignore[attr-defined]
+        self.pids = [listener, *_sshd_descendants(listener)]
+        self.signal = signal
+        for pid in self.pids:
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, self.signal.SIGCONT)
+
+
+@pytest.mark.parametrize("trickle", [1], indirect=True)  # only the frozen probe trickles
+def test_a_host_that_freezes_mid_rollout_fails_it_in_bounded_time(
+    plain: Project, trickle: Trickle, sshd_fleet: object
+) -> None:
+    """The canary's sshd freezes while its health probe runs: the rollout fails
+    within the probe's deadline plus seconds, the others are untouched, `status`
+    answers within its timeout, and once the host is back the next rollout takes
+    over the lock it left without `deployer unlock`."""
+    import subprocess
+    import sys
+
+    canary = plain.hosts[0]
+    before = {h.name: plain.current(h) for h in plain.hosts}
+    with_health(plain, f"http://127.0.0.1:{trickle.port}/health", timeout=3)
+    env = {**os.environ, "DEPLOYER_STATE_DIR": str(plain.state)}
+    argv = [sys.executable, "-m", "deployer", "-i", str(plain.inventory)]
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [*argv, "rollout"], cwd=plain.repo, env=env, stdout=subprocess.PIPE, text=True
+    )
+    frozen = None
+    try:
+        assert trickle.connected.wait(60), "the canary's health probe never started"
+        frozen = Frozen(sshd_fleet, canary)
+        froze = time.monotonic()
+        out, _ = proc.communicate(timeout=120)
+        rollout_took = time.monotonic() - froze
+        t0 = time.monotonic()
+        status = subprocess.run(
+            [*argv, "status", "--json", "--timeout", "3"],
+            cwd=plain.repo, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        status_took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if frozen is not None:
+            frozen.thaw()
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+    assert f"{canary.name}: health failed: the host stopped answering" in out, out
+    assert "deploy lock left behind on this host" in out
+    # the canary runs what it was switched to, and the summary says so; no other host moved
+    assert f"{canary.name} runs {plain.current(canary)}" in out
+    assert {h.name: plain.current(h) for h in plain.hosts[1:]} == {
+        n: r for n, r in before.items() if n != canary.name
+    }
+    rows = {r["host"]: r for r in json.loads(status.stdout)}
+    assert status.returncode == 1
+    assert rows[canary.name]["problems"] == ["no answer within 5s (host unreachable?)"]
+    assert all(rows[h.name]["ok"] for h in plain.hosts[1:]), rows
+    assert status_took < 15, status_took
+    # back again: the next rollout takes over the lock the frozen host kept
+    again = subprocess.run(
+        [*argv, "rollout"], cwd=plain.repo, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert again.returncode == 0, again.stdout
+    assert f"took over the stale lock: host {canary.name}" in again.stdout, again.stdout
+    print(
+        f"frozen canary: rollout failed in {rollout_took:.1f}s after the freeze "
+        f"({time.monotonic() - started:.1f}s in all); status answered in {status_took:.1f}s"
+    )

@@ -137,7 +137,7 @@ def health(url: str, expect: int, timeout: float, passes: int, interval: float) 
     args = ("--url", url, "--expect", str(expect), "--timeout", str(timeout))
     args += ("--passes", str(passes), "--interval", str(interval))
     # the host keeps `timeout` itself (deployer/agent/ops.py): this is the backstop
-    return AgentCall("health", args, answers.HealthResult, root=False, deadline=timeout + 30)
+    return AgentCall("health", args, answers.HealthResult, root=False, deadline=timeout + 10)
 
 
 def watch(
@@ -150,7 +150,7 @@ def watch(
         args += ("--socket", socket)
     if url:
         args += ("--url", url, "--expect", str(expect))
-    return AgentCall("watch", args, answers.WatchResult, deadline=seconds + 30)
+    return AgentCall("watch", args, answers.WatchResult, deadline=seconds + 10)
 
 
 def record(entry: dict[str, Any]) -> AgentCall:
