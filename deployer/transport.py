@@ -477,6 +477,13 @@ class SSHHost(Transport):
         finally:
             chan.close()
         if code == -1:
+            if transport.is_active():
+                # sshd sends exit-signal, not exit-status, for a command a signal ended
+                # (paramiko drops it): the connection itself is fine
+                raise TransportError(
+                    f"{self.name}: `{label}` was killed on the host by a signal "
+                    "(it ended without an exit status)"
+                )
             self.close()
             raise TransportError(
                 f"{self.name}: connection lost while running `{label}` (no exit status received)"

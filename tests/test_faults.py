@@ -305,3 +305,73 @@ def test_a_host_that_freezes_mid_rollout_fails_it_in_bounded_time(
         f"frozen canary: rollout failed in {rollout_took:.1f}s after the freeze "
         f"({time.monotonic() - started:.1f}s in all); status answered in {status_took:.1f}s"
     )
+
+
+BACKFILL = {
+    "migrations/20240101000000_create.sql": "-- phase: expand\n-- up\n"
+    "CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER);\n"
+    "INSERT INTO t (id) WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n"
+    " WHERE i < 40) SELECT i FROM n;\n-- down\nDROP TABLE t;\n",
+}
+SLOW_FILL = {
+    "migrations/20240102000000_fill.py": (
+        "import time\n\nphase = 'expand'\n\n\ndef up(db):\n"
+        "    for lo, hi in db.batches('t', key='id', size=1):\n"
+        "        db.execute('UPDATE t SET v = 1 WHERE id BETWEEN ? AND ?', (lo, hi))\n"
+        "        time.sleep(0.25)\n"
+        "        yield hi\n\n\ndef down(db):\n    pass\n"
+    )
+}
+
+
+def test_a_killed_backfill_is_reported_as_killed_and_in_progress(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost]
+) -> None:
+    import sqlite3
+    import subprocess
+    import sys
+
+    hosts = ssh_hosts[:1]
+    p = make_project(tmp_path, hosts, {"app.txt": "v1\n", **BACKFILL})
+    text = p.inventory.read_text().replace(
+        "[ssh]\n", '[migrations]\ndatabase = "sqlite:///app.sqlite3"\n\n[ssh]\n', 1
+    )
+    p.inventory.write_text(text)
+    p.deployer("setup", check=True)
+    p.deployer("rollout", check=True)
+    commit(p.repo, SLOW_FILL, "a slow backfill")
+    env = {**os.environ, "DEPLOYER_STATE_DIR": str(p.state)}
+    argv = [sys.executable, "-m", "deployer", "-i", str(p.inventory)]
+    proc = subprocess.Popen(
+        [*argv, "rollout"], cwd=p.repo, env=env, stdout=subprocess.PIPE, text=True
+    )
+    db = hosts[0].root / "shared" / "app.sqlite3"
+
+    def chunks_done() -> int:
+        with sqlite3.connect(db) as conn:
+            row = conn.execute(
+                "SELECT progress FROM deployer_migrations WHERE name LIKE '%_fill'"
+            ).fetchone()
+        return json.loads(row[0])["chunks"] if row and row[0] else 0
+
+    try:
+        from master_helpers import wait_for
+
+        wait_for(lambda: chunks_done() >= 5, 60, "5 chunks of the backfill")
+        runner = subprocess.run(
+            ["pgrep", "-u", hosts[0].user, "-f", "migrate up"], capture_output=True, text=True
+        ).stdout.split()
+        assert runner, "the migration runner is not running on the host"
+        for pid in runner:
+            os.kill(int(pid), 9)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert "killed on the host by a signal" in out, out
+    assert "connection lost" not in out
+    status = p.deployer("migrate", "status").stdout
+    line = next(x for x in status.splitlines() if "_fill" in x)
+    assert line.startswith("partial") and "in progress:" in line, status
+    assert "its file is not in this release" in line and "missing" not in status

@@ -247,7 +247,8 @@ def status_table(rows: list[MigrationStatus]) -> Iterator[str]:
         detail = {
             "applied": f"batch {r.batch}, {r.applied_at}, {r.duration_ms} ms",
             "partial": f"in progress: {r.progress and r.progress['chunks']} chunk(s), "
-            f"last {r.progress and r.progress['value']!r}",
+            f"last {r.progress and r.progress['value']!r}"
+            + ("" if r.file else ", its file is not in this release"),
             "pending": "",
             "changed": f"file changed: applied {short(r.applied_checksum)}, "
             f"now {short(r.checksum)}",

@@ -563,7 +563,9 @@ def statuses(migrations: list[Migration], rows: dict[str, state.Row]) -> list[Mi
     for name in sorted(set(by_name) | set(rows)):
         m, r = by_name.get(name), rows.get(name)
         if m is None:
-            st = "missing"
+            # a run that was cut short (a killed backfill) is in progress, whichever
+            # release's files are read now: its file is in the release that ran it
+            st = "partial" if r is not None and not r.done else "missing"
         elif r is None:
             st = "pending"
         elif r.checksum != m.checksum:
