@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from deployer.agent.bundle import build
@@ -27,13 +28,11 @@ def setup(fleet: FleetSession) -> dict[str, str]:
             return
         if done.config_changed:
             say(f"wrote {remote.layout.master_config}", remote.name)
+        for change in done.config_changes:
+            say(f"  {change}", remote.name)
         state = remote.state()
-        if state.master.running and done.installed:
-            # A master of the old agent: re-exec it on the new one without a restart.
-            remote.upgrade_master(on_line=lambda s: say(f"master: {s}", remote.name))
-            say(f"master upgraded in place (pid {state.master.pid})", remote.name)
-        elif state.master.running:
-            say(f"master running (pid {state.master.pid})", remote.name)
+        if state.master.running:
+            apply_to_running_master(remote, done, say)
         elif state.current:
             remote.start_master(on_line=lambda s: say(f"master: {s}", remote.name))
             say("master started", remote.name)
@@ -42,6 +41,43 @@ def setup(fleet: FleetSession) -> dict[str, str]:
 
     _, failures = fleet.each(fleet.names, one)
     return failures
+
+
+# master.toml keys a running master cannot take without a restart (bound or named
+# at its start); the others it takes by an in-place upgrade, workers by scaling
+RESTART_KEYS = ("listen", "socket", "pidfile", "log", "cwd")
+
+
+def apply_to_running_master(
+    remote: RemoteHost, done: answers.SetupResult, say: Callable[[str, str], None]
+) -> None:
+    """A new agent and changed options reach the running master with no request lost:
+    the new code and options by a re-exec in place, workers by scaling."""
+    changed = {c.split(":", 1)[0] for c in done.config_changes}
+    restart = sorted(changed & set(RESTART_KEYS))
+    live = changed - set(RESTART_KEYS) - {"workers"}
+
+    def line(s: str) -> None:
+        say(f"master: {s}", remote.name)
+
+    if done.installed or live:
+        remote.upgrade_master(on_line=line, reconfigure=bool(live))
+        what = ["the new agent"] if done.installed else []
+        what += [f"new {', '.join(sorted(live))}"] if live else []
+        say(f"master upgraded in place: {' and '.join(what)}", remote.name)
+    if "workers" in changed:
+        master = remote.master
+        assert master is not None
+        remote.scale_master(master.worker_count(remote.cpus))
+        say(f"master scaled to {master.worker_count(remote.cpus)} workers", remote.name)
+    if restart:
+        say(
+            f"master still runs with its old {', '.join(restart)}: that takes a restart "
+            "(`deployer master stop`, then `deployer setup`; it drops connections)",
+            remote.name,
+        )
+    if not (done.installed or changed):
+        say("master running, nothing to change", remote.name)
 
 
 STATUS_WINDOW = 300.0  # seconds: worker crashes this recent make a host not ok

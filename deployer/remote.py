@@ -216,11 +216,17 @@ class RemoteHost:
         words = calls.master_reload(str(self._master_config().socket), timeout)
         return self._master(words, on_line, timeout + 10)
 
-    def upgrade_master(self, on_line: LineCallback | None = None) -> Result:
+    def upgrade_master(
+        self, on_line: LineCallback | None = None, reconfigure: bool = False
+    ) -> Result:
         """Re-exec the running master on the agent just installed (same pid, socket and
-        workers), on the zipapp in the layout."""
-        words = calls.master_upgrade(str(self._master_config().socket), self.layout)
-        return self._master(words, on_line, 120)
+        workers), on the zipapp in the layout; `reconfigure`: with master.toml's options."""
+        socket = str(self._master_config().socket)
+        return self._master(calls.master_upgrade(socket, self.layout, reconfigure), on_line, 120)
+
+    def scale_master(self, workers: int) -> Result:
+        socket = str(self._master_config().socket)
+        return self._master(calls.master_scale(socket, workers), None, self._master_timeout())
 
     def stop_master(self) -> Result:
         return self._master(calls.master_stop(str(self._master_config().socket)), None, 120)

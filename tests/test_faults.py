@@ -375,3 +375,47 @@ def test_a_killed_backfill_is_reported_as_killed_and_in_progress(
     line = next(x for x in status.splitlines() if "_fill" in x)
     assert line.startswith("partial") and "in progress:" in line, status
     assert "its file is not in this release" in line and "missing" not in status
+
+
+def test_setup_applies_a_changed_master_section_to_the_running_master(
+    project: Project, port: int
+) -> None:
+    host = project.hosts[0]
+    pid = int((host.root / "run" / "master.pid").read_text())
+    text = project.inventory.read_text()
+    text = text.replace("workers = 2\n", "workers = 3\n").replace(
+        "shutdown_timeout = 10\n", "shutdown_timeout = 7\n"
+    )
+    project.inventory.write_text(text)
+    with Load(port, threads=3, duration=120, address=host.address) as load:
+        load.wait_requests(20)
+        out = project.deployer("setup", "--hosts", host.name, check=True).stdout
+        load.wait_requests(load.result.ok + 20)
+        result = load.stop()
+    assert "workers: 2 -> 3" in out and "shutdown_timeout: 10.0 -> 7.0" in out, out
+    assert "master upgraded in place: new shutdown_timeout" in out
+    assert "master scaled to 3 workers" in out
+    assert result.failed == 0, result.summary()
+    status = subprocess_master_status(project, host)
+    assert status["pid"] == pid and status["configured"] == 3
+    assert status["config"]["shutdown_timeout"] == 7.0
+    from master_helpers import wait_for
+
+    wait_for(lambda: subprocess_master_status(project, host)["ready"] == 3, 30, "3 ready")
+    # what a running master cannot take says so, and nothing breaks
+    project.inventory.write_text(text.replace(f':{port}"', f':{port + 1}"', 1))
+    out = project.deployer("setup", "--hosts", host.name, check=True).stdout
+    assert f'listen: "{host.address}:{port}" -> "{host.address}:{port + 1}"' in out
+    assert "master still runs with its old listen: that takes a restart" in out
+
+
+def subprocess_master_status(project: Project, host: SSHTestHost) -> dict:
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "deployer", "master", "status", "--json", "--socket",
+         str(host.root / "run" / "master.sock")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(r.stdout)

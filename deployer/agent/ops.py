@@ -54,6 +54,7 @@ def setup(
     installed = install and trust.write_file(layout.pyz, _own_zipapp())
     if install:
         trust.write_file(layout.wrapper, wrapper_script(layout, sys.executable), 0o755)
+    changes = [] if master_toml is None else _config_changes(layout, master_toml)
     changed = master_toml is not None and trust.write_file(
         layout.master_config, master_toml.encode()
     )
@@ -63,7 +64,32 @@ def setup(
         [str(d) for d in created],
         installed,
         changed,
+        changes,
     )
+
+
+def _config_changes(layout: Layout, new_text: str) -> list[str]:
+    """`key: old -> new` for each master option master.toml is about to change."""
+    from deployer.hostapi.options import ConfigError, toml_value
+    from deployer.master.config import load_text
+
+    path = str(layout.master_config)
+    try:
+        old = load_text(layout.master_config.read_text(), path)
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError, ConfigError):
+        old = {}  # unreadable: every key counts as changed
+    new = load_text(new_text, path)
+
+    def shown(value: Any) -> str:
+        return "unset" if value is None else toml_value(value)
+
+    return [
+        f"{key}: {shown(old.get(key))} -> {shown(new.get(key))}"
+        for key in dict.fromkeys([*old, *new])
+        if old.get(key) != new.get(key)
+    ]
 
 
 WRAPPER = """\

@@ -35,6 +35,7 @@ class SetupResult(NamedTuple):
     created: list[str] = []  # directories this call made
     installed: bool = False  # the zipapp on disk changed
     config_changed: bool = False  # master.toml changed
+    config_changes: list[str] = []  # "key: old -> new", each master option it changed
 
 
 class ReleaseInfo(NamedTuple):

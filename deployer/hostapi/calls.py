@@ -184,10 +184,18 @@ def master_reload(socket: str, timeout: float) -> tuple[str, ...]:
     return ("master", "reload", "--socket", socket, "--wait", "--timeout", str(timeout))
 
 
-def master_upgrade(socket: str, layout: Layout) -> tuple[str, ...]:
+def master_upgrade(socket: str, layout: Layout, reconfigure: bool = False) -> tuple[str, ...]:
     """The new code is the zipapp just installed (named: the running master may
-    have imported its own from an anonymous copy)."""
-    return ("master", "upgrade", "--socket", socket, "--code", str(layout.pyz))
+    have imported its own from an anonymous copy); `reconfigure`: and the options
+    of the master.toml just written."""
+    words = ("master", "upgrade", "--socket", socket, "--code", str(layout.pyz))
+    if reconfigure:
+        words += ("--config", str(layout.master_config), "--reconfigure")
+    return words
+
+
+def master_scale(socket: str, workers: int) -> tuple[str, ...]:
+    return ("master", "scale", "--socket", socket, str(workers))
 
 
 def master_stop(socket: str) -> tuple[str, ...]:

@@ -657,6 +657,7 @@ class Arbiter(Reloads, ControlHandlers):
         if fds["notify"] is not None:
             notify = NotifySocket(socket.socket(fileno=fds["notify"]))
         listener = socket.socket(fileno=fds["listener"])
+        listener.setblocking(not cfg.nonblocking)  # a reconfigure may have changed it
         systemd = SystemdNotifier(state["systemd"])
         return cls(cfg, log, listener, control, notify=notify, systemd=systemd)
 

@@ -77,6 +77,12 @@ def build_parser() -> Parser:
         help="directory or zipapp holding the new `deployer` package (default: where the master's"
         " own deployer package is, as it is on disk now)",
     )
+    upgrade.add_argument(
+        "--reconfigure",
+        action="store_true",
+        help="the re-exec'd master takes the options in --config (all but listen, socket,"
+        " pidfile, log and cwd, which take a restart); workers change with `scale`",
+    )
     return parser
 
 
@@ -288,6 +294,11 @@ def cmd_upgrade(args: argparse.Namespace, path: str) -> int:
     message: dict[str, Any] = {"cmd": "upgrade"}
     if args.code:
         message["code"] = os.path.abspath(args.code)
+    if args.reconfigure:
+        if not args.config:
+            raise ConfigError("upgrade --reconfigure: --config FILE names the new options")
+        cfg = config_mod.build(config_mod.load_file(args.config), {})
+        message["config"] = cfg.to_dict()
     for answer in exchange(path, message, client_timeout(args) or 60):
         if answer.get("ok"):
             workers = " ".join(map(str, answer["workers"]))

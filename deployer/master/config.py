@@ -13,12 +13,31 @@ from deployer.hostapi.checks import Invalid, Readiness, from_text
 from deployer.hostapi.options import ConfigError, MasterConfig, from_table
 from deployer.hostapi.options import build as layer
 
-__all__ = ["ConfigError", "MasterConfig", "Readiness", "build", "load_file", "parse_flag_number"]
+__all__ = [
+    "ConfigError",
+    "MasterConfig",
+    "Readiness",
+    "build",
+    "load_file",
+    "load_text",
+    "parse_flag_number",
+]
 
 
 def load_file(path: str) -> dict[str, Any]:
     """The [master] section of a TOML file as checked option values; relative
     paths in it are relative to the file's directory."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config: {path} is not UTF-8: {e}") from None
+    return load_text(text, path)
+
+
+def load_text(text: str, path: str) -> dict[str, Any]:
+    """load_file() of a file's `text` (`path` names it and anchors relative paths)."""
     try:  # here: only a master reading a file needs it
         import tomllib
     except ImportError:  # Python < 3.11: the same parser, vendored
@@ -26,11 +45,7 @@ def load_file(path: str) -> dict[str, Any]:
 
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text())
-    except OSError as e:
-        raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--config: {path} is not UTF-8: {e}") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
     section = data.get("master", {})

@@ -24,6 +24,7 @@ from typing import Any
 
 from deployer.master import listener as listener_mod
 from deployer.master import reexec
+from deployer.master.config import MasterConfig
 from deployer.master.control import Connection
 from deployer.master.worker import Worker, rss_bytes
 
@@ -145,6 +146,9 @@ class ControlHandlers:
         """Check the new code, then re-exec in place; the new master answers `conn`."""
         code = message.get("code") or reexec.code_root()
         refusal = self.upgrade_refusal(code)
+        config = self.cfg.to_dict()
+        if refusal is None and message.get("config") is not None:
+            config, refusal = self.reconfigured(message["config"])
         if refusal is not None:
             conn.send({"ok": False, "error": f"upgrade refused: {refusal}"})
             return
@@ -155,7 +159,7 @@ class ControlHandlers:
                 "message": f"checking that the code in {code} can adopt this master",
             }
         )
-        error = reexec.preflight(self.upgrade_state(conn, code), code)
+        error = reexec.preflight(self.upgrade_state(conn, code, config), code)
         if error is not None:
             error = f"the new code in {code} failed its check, nothing changed: {error}"
             self.log.master(f"upgrade: {error}")
@@ -172,7 +176,7 @@ class ControlHandlers:
         self.flush_connections(1.0)  # nothing left in our buffers: the new master has none
         # A fresh state, not the checked one: workers and clients may have moved
         # while the check ran in its subprocess.
-        failure = reexec.reexec(self.upgrade_state(conn, code), code)
+        failure = reexec.reexec(self.upgrade_state(conn, code, config), code)
         signal.set_wakeup_fd(self.wake_w)  # only reached if exec failed
         self.log.master(f"upgrade: exec failed, still on the old code: {failure}")
         conn.send({"ok": False, "error": f"exec failed, nothing changed: {failure}"})
@@ -189,8 +193,24 @@ class ControlHandlers:
             return f"code {code!r} does not exist"
         return None
 
-    def upgrade_state(self, requester: Connection, code: str) -> dict[str, Any]:
-        return reexec.new_state(self.to_state(requester), code)
+    def upgrade_state(
+        self, requester: Connection, code: str, config: dict[str, Any]
+    ) -> dict[str, Any]:
+        return reexec.new_state({**self.to_state(requester), "config": config}, code)
+
+    def reconfigured(self, config: Any) -> tuple[dict[str, Any], str | None]:
+        """The options the re-exec'd master takes instead of its own (master.toml as
+        setup rewrote it), or why it cannot: what is bound or named at start stays."""
+        try:
+            new = MasterConfig.from_dict(config)
+        except (TypeError, ValueError, KeyError) as e:
+            return {}, f"not a master configuration: {e}"
+        fixed = ("listen", "socket", "pidfile", "log", "cwd")
+        moved = [k for k in fixed if getattr(new, k) != getattr(self.cfg, k)]
+        if moved:
+            what = ", ".join(f"{k} {getattr(self.cfg, k)} -> {getattr(new, k)}" for k in moved)
+            return {}, f"{what}: takes a restart of the master, not an upgrade"
+        return new.to_dict(), None
 
     def answer_upgrade(self, state: dict[str, Any]) -> None:
         """On the re-exec'd master: tell the client that asked how the upgrade went."""
@@ -238,6 +258,7 @@ class ControlHandlers:
             "configured": self.target,
             "ready": ready,
             "ready_mode": str(self.cfg.ready),
+            "config": self.cfg.describe(),
             "started_at": iso(self.started),
             "rss": rss_bytes(os.getpid()),
             "reloads": self.counts["reloads"],
