@@ -109,10 +109,9 @@ def run_op(args: argparse.Namespace) -> tuple:
         # the bundle id too: a rollout checks the agent and reads state in one call
         return ops.state(layout)._replace(bundle=_bundle_id())
     if args.op == "prepare":
-        # receive and prepare in one call: one python start and SSH round trip less
-        received = ops.receive(layout, [args.revision]) if args.receive else {}
-        prepared = ops.prepare(layout, args.revision, args.release, args.shared, args.build)
-        return prepared._replace(**received)
+        return ops.receive_and_prepare(
+            layout, args.receive, args.revision, args.release, args.shared, args.build
+        )
     if args.op == "switch":
         return ops.switch(layout, args.release)
     if args.op == "prune":

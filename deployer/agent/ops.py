@@ -222,10 +222,13 @@ def receive(layout: Layout, revisions: list[str]) -> dict[str, Any]:
         )
         assert proc.stdin is not None
         chunk = first
-        while chunk:
-            proc.stdin.write(chunk)
-            chunk = data.read(65536)
-            received += len(chunk)
+        try:
+            while chunk:
+                proc.stdin.write(chunk)
+                chunk = data.read(65536)
+                received += len(chunk)
+        except BrokenPipeError:
+            pass  # index-pack gave up (a full disk?): its own words say why, below
         out, err = proc.communicate()
         if proc.returncode != 0:
             raise AgentError(f"git index-pack failed: {err.decode(errors='replace').strip()}")
@@ -243,7 +246,7 @@ def receive(layout: Layout, revisions: list[str]) -> dict[str, Any]:
 
 def prepare(
     layout: Layout, revision: str, release: str, shared: list[str], build: str | None
-) -> dict[str, Any]:
+) -> answers.PrepareResult:
     """Create releases/<release> from a revision, link shared paths, run the build."""
     final = layout.release(release)
     if final.exists():
@@ -265,6 +268,48 @@ def prepare(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return answers.PrepareResult(release, str(final), time.monotonic() - started)
+
+
+def receive_and_prepare(
+    layout: Layout,
+    receive_pack: bool,
+    revision: str,
+    release: str,
+    shared: list[str],
+    build: str | None,
+) -> answers.PrepareResult:
+    """receive (the pack on stdin, if any) and prepare in one call: one python start
+    and SSH round trip less; a full disk is said as such, with the space there is."""
+    try:
+        received = receive(layout, [revision]) if receive_pack else {}
+        return prepare(layout, revision, release, shared, build)._replace(**received)
+    except (AgentError, OSError) as e:
+        full = _disk_full(layout, e)
+        if full is None:
+            raise
+        raise AgentError(f"{full}; {e}") from None
+
+
+def _disk_full(layout: Layout, error: BaseException) -> str | None:
+    """ "No space left on device", with the space there is, when that is what an
+    error was about (tar says "Wrote only 2560 of 10240 bytes", git "unable to write")."""
+    text = str(error)
+    hints = ("No space left", "Wrote only", "Disk quota exceeded", "unable to write")
+    try:
+        du = shutil.disk_usage(layout.root)
+    except OSError:
+        du = None
+    nearly_full = du is not None and du.free < 4 * 1024 * 1024
+    said = getattr(error, "errno", None) in (28, 122) or any(h in text for h in hints)
+    if not (said or nearly_full):
+        return None
+    if du is None:
+        return "no space left on device"
+    mb = 1024 * 1024
+    return (
+        f"no space left on device under {layout.root}: {du.free / mb:.1f} MB free "
+        f"of {du.total / mb:.1f} MB"
+    )
 
 
 def _extract(layout: Layout, revision: str, dest: Path) -> None:
