@@ -42,6 +42,7 @@ Source = bytes | str | os.PathLike[str]  # file content, or a local path to read
 
 STDERR_TAIL_LINES = 20
 CHUNK = 64 * 1024
+KEEPALIVE_S = 15
 STREAMED_TAIL = 1 << 20  # bytes of a streamed command's output kept for its Result
 MAX_LINE = 1 << 20  # a longer line reaches the line callback in parts
 
@@ -413,6 +414,9 @@ class SSHHost(Transport):
             conn = self._new_connection()
             try:
                 conn.open()
+                # a NAT or firewall that drops an idle connection is noticed (a frozen
+                # host is not: every command's deadline covers that)
+                conn.transport.set_keepalive(KEEPALIVE_S)
                 return conn
             except HostKeyRefused:
                 conn.close()
