@@ -59,12 +59,13 @@ class FakeHost:
             current_revision=None,
             previous=previous[-1] if previous else None,
             releases=[answers.ReleaseInfo(r, None) for r in self.releases],
-            have=[],
+            have=["c" * 40],
             master=answers.MasterState(self.master_running),
             bundle=BUNDLE,
         )
 
     def prepare(self, revision: str, release: str, pack: Any, on_line: Callable) -> None:
+        assert (revision, release, pack) == (SHA, NEW, b"pack"), (revision, release, pack)
         self.world.log.append(("prepare", self.name))
         if self.name in self.world.prepare_fails:
             raise StepFailed(self.name, "prepare", "build exited with 3")
@@ -105,15 +106,32 @@ class FakeHost:
     def prune(self) -> None:
         self.pruned = True
 
-    def lock(self, action: str, owner: answers.LockOwner, force: bool = False) -> Any:
+    def lock(
+        self,
+        action: str,
+        owner: answers.LockOwner,
+        force: bool = False,
+        take_stale: float | None = None,
+        replace: str | None = None,
+    ) -> Any:
+        assert action in ("acquire", "heartbeat", "release", "show"), action
+        assert isinstance(owner, answers.LockOwner), owner
         self.world.log.append(("lock", self.name, action, force))
+        if action == "acquire":
+            self.world.owners.append(owner)
         if self.name in self.world.lock_fails:
             raise StepFailed(self.name, "lock", "cannot connect")
         if action == "acquire":
-            if self.holder is not None:
-                return answers.LockAnswer(False, self.holder)
+            held = self.holder
+            if held is not None:
+                beat = held.heartbeat
+                stale = (
+                    take_stale is not None and beat is not None and time.time() - beat > take_stale
+                )
+                if not stale and held.id != replace:
+                    return answers.LockAnswer(False, held)
             self.holder = owner
-            return answers.LockAnswer(True)
+            return answers.LockAnswer(True, held)
         if action == "release" and self.holder is not None:
             if force or self.holder.id == owner.id:
                 self.holder = None
@@ -138,7 +156,8 @@ class FakeHost:
 
 class Source:
     def resolve(self, revision: str | None) -> str:
-        return revision or SHA
+        assert revision == SHA, revision
+        return "resolved-" + revision
 
 
 class World:
@@ -155,6 +174,8 @@ class World:
         self.interrupt: tuple[str, str] | None = None
         self.watch_fails: set[tuple[str, str]] = set()
         self.lock_fails: set[str] = set()
+        self.owners: list[answers.LockOwner] = []
+        self.packed: list[tuple] = []
         self.switch_fails: set[tuple[str, str]] = set()
         self.heartbeats: list[str] = []
         self.migrate_stdout = ""
@@ -186,7 +207,13 @@ def no_bundle_no_git(monkeypatch: pytest.MonkeyPatch) -> None:
     from deployer.agent import bundle
 
     monkeypatch.setattr(bundle, "build", lambda: type("B", (), {"id": BUNDLE})())
-    monkeypatch.setattr(sync, "pack_for_host", lambda source, revision, have: b"pack")
+
+    def pack_for_host(source: Any, revision: str, have: list[str]) -> bytes:
+        assert isinstance(source, Source) and revision == "resolved-" + SHA, (source, revision)
+        assert have == ["c" * 40], have  # what the host said it has
+        return b"pack"
+
+    monkeypatch.setattr(sync, "pack_for_host", pack_for_host)
     # one release name for the whole test, whatever second the plan is made in
     monkeypatch.setattr(rollout, "release_name", lambda sha, when=None: NEW)
 
@@ -846,3 +873,206 @@ def test_an_agent_version_mismatch_names_both_versions(tmp_path: Path) -> None:
         "web1": f"version check failed: host agent is an older one, this controller is {BUNDLE}: "
         "run `deployer setup`"
     }
+
+
+# --- what the rollout hands on: owners, history fields, failure keys -------------------
+
+
+def test_the_locks_and_the_history_name_the_rollout(tmp_path: Path) -> None:
+    import getpass
+
+    w = World(tmp_path, 2, ROLLOUT)
+    plan = rollout.plan_rollout(w.inventory, list(w.hosts), SHA)
+    assert rollout.run_rollout(w.fleet, plan, Source(), deploy_id="d-42", log="/x.log").ok
+    assert {(o.app, o.revision, o.action, o.id) for o in w.owners} == {
+        ("shop", SHA, "rollout", "d-42")
+    }
+    entry = w.history()[0]
+    assert (entry["id"], entry["log"], entry["user"]) == ("d-42", "/x.log", getpass.getuser())
+    assert entry["controller"] == socket.gethostname() and entry["started"] == w.owners[0].since
+    w.owners.clear()
+    assert w.rollout().ok
+    assert w.history()[0]["id"] == w.owners[0].id and w.history()[0]["log"] is None
+
+
+def test_a_rollback_names_itself_in_its_locks(tmp_path: Path) -> None:
+    w = rolled_out(tmp_path, 2)
+    w.owners.clear()
+    rollout.run_rollback(w.fleet, None, dry_run=False)
+    assert {(o.app, o.revision, o.action) for o in w.owners} == {("shop", "previous", "rollback")}
+    entry = w.history()[0]
+    assert entry["revision"] is None and entry["user"] and entry["controller"]
+    assert entry["started"] == w.owners[0].since
+    assert entry["id"] == w.owners[0].id
+    w.owners.clear()
+    rollout.run_rollback(w.fleet, NEW, dry_run=False)
+    assert {(o.revision, o.action) for o in w.owners} == {(NEW, "rollback")}
+
+
+def test_a_rollback_refuses_hosts_it_cannot_read(tmp_path: Path) -> None:
+    w = rolled_out(tmp_path, 2)
+
+    def unreadable() -> answers.HostState:
+        raise StepFailed("web2", "state", "cannot connect")
+
+    w.hosts["web2"].state = unreadable
+    with pytest.raises(StepFailed) as e:
+        rollout.run_rollback(w.fleet, None, dry_run=False)
+    assert str(e.value) == "web2: state failed: state failed: cannot connect"
+    assert w.switched() == []
+
+
+def test_a_rollback_watches_each_batch(tmp_path: Path) -> None:
+    w = rolled_out(tmp_path, 2)
+    w.inventory = w.fleet.inventory = World(tmp_path / "w", 2, "[rollout]\nwatch = 3\n").inventory
+    rollout.run_rollback(w.fleet, None, dry_run=False)
+    assert [e for e in w.log if e[0] == "watch"] == [("watch", "web1", 3.0), ("watch", "web2", 3.0)]
+
+
+def test_no_watch_when_watch_is_zero(tmp_path: Path) -> None:
+    w = World(tmp_path, 2, ROLLOUT)
+    assert w.rollout().ok
+    assert not [e for e in w.log if e[0] == "watch"]
+    w = World(tmp_path / "b", 1, "[rollout]\nwatch = 0.5\n")
+    assert w.rollout().ok
+    assert [e for e in w.log if e[0] == "watch"] == [("watch", "web1", 0.5)]
+
+
+def test_failure_keys_and_notes(tmp_path: Path) -> None:
+    w = World(tmp_path, 2, ROLLOUT + MIGRATIONS)
+    w.migrate_fails = "expand"
+    outcome = w.rollout()
+    assert outcome.failed == {"migrations": "web1: migrations failed: no such table"}
+    assert w.history()[0]["note"] == "no host was switched"
+    w = World(tmp_path / "b", 2, ROLLOUT + MIGRATIONS)
+    w.migrate_fails = "contract"
+    outcome = w.rollout()
+    assert outcome.failed == {"migrations": "web1: migrations failed: no such table"}
+    assert w.history()[0]["note"] == "hosts stay on the new release (safe: contract runs last)"
+    w = rolled_out(tmp_path / "c", 2, MIGRATIONS)
+    w.migrate_stdout = STATUS
+    w.migrate_fails = "down"
+    _, outcome = rollout.run_rollback(w.fleet, None, dry_run=False, migrations=True)
+    assert outcome is not None
+    assert outcome.failed == {"migrations": "web1: migrations failed: no such table"}
+
+
+def test_ctrl_c_is_recorded_with_where_each_host_is(tmp_path: Path) -> None:
+    w = World(tmp_path, 3, ROLLOUT)
+    w.interrupt = ("web2", NEW)
+    with pytest.raises(KeyboardInterrupt):
+        w.rollout()
+    entry = w.history()[0]
+    assert entry["failures"] == {"interrupted": "Ctrl-C or SIGTERM"}
+    assert entry["releases"] == {"web1": OLD, "web2": OLD, "web3": OLD}
+    assert entry["note"] == f"switched hosts rolled back (web1 runs {OLD}, web2 runs {OLD})"
+
+
+def test_a_host_that_never_had_a_release_is_named_so(tmp_path: Path) -> None:
+    w = World(tmp_path, 2, ROLLOUT)
+    w.hosts["web2"].current = None
+    w.hosts["web2"].releases = []
+    w.healthy = lambda host, release: host != "web2"
+    outcome = w.rollout()
+    assert not outcome.ok
+    assert w.history()[0]["note"] == (
+        f"switched hosts rolled back (web1 runs {OLD}, web2 runs {NEW})"
+    )
+
+
+def test_plan_text_of_two_batches_and_a_watch(tmp_path: Path) -> None:
+    w = World(tmp_path, 2, "[rollout]\ncanary = 1\nbatch = 1\nwatch = 7.5\n")
+    text = rollout.plan_rollout(w.inventory, ["web1", "web2"], SHA).render()
+    assert f"  switch canary batch: web1 -> {NEW}; reload master; check health; watch 7.5s" in text
+    assert f"  switch batch 2: web2 -> {NEW}; reload master; check health; watch 7.5s" in text
+
+
+def test_missing_release_names_what_each_host_has(tmp_path: Path) -> None:
+    w = rolled_out(tmp_path, 2)
+    w.hosts["web2"].releases = []
+    with pytest.raises(BadInput) as e:
+        rollout.run_rollback(w.fleet, OLD, dry_run=False)
+    assert str(e.value) == f"release {OLD} does not exist on: web2 (has: none)"
+
+
+def test_unlock_reports_hosts_it_could_not_check(tmp_path: Path) -> None:
+    w = World(tmp_path, 3)
+    w.hosts["web1"].holder = owner(heartbeat=time.time() - lock.STALE_AFTER_S - 60)
+    w.lock_fails = {"web2", "web3"}
+    with pytest.raises(StepFailed) as e:
+        lock.break_locks(w.fleet, force=False)
+    assert str(e.value) == ("web2, web3: unlock failed: locks on these hosts were not checked")
+    assert w.hosts["web1"].holder is None  # what it could check, it did
+    (entry,) = w.history()
+    assert (entry["app"], entry["revision"], entry["action"]) == ("shop", "", "unlock")
+    assert entry["broke"][0].startswith("broke host web1: held by alice@elsewhere (pid 1)")
+
+
+def test_controller_lock_file_details(tmp_path: Path) -> None:
+    import json
+    import stat
+
+    held = lock.ControllerLock(tmp_path, "shop")
+    me = lock.Owner("shop", "r")
+    started = time.monotonic()
+    held.acquire(me)
+    assert stat.S_IMODE(held.path.stat().st_mode) == 0o644
+    assert json.loads(held.path.read_text()) == me.to_dict()
+    with pytest.raises(LockHeld) as e:
+        lock.ControllerLock(tmp_path, "shop").acquire(lock.Owner("shop", "r2"))
+    assert time.monotonic() - started < 0.5  # no waiting unless asked
+    assert str(e.value).startswith(f"deploy lock {held.path}: held by ")
+    os.utime(held.path, (1000, 1000))
+    held.heartbeat()
+    assert held.path.stat().st_mtime > 1000
+    held.release(me)
+    held.heartbeat()  # no lock, no error
+    held.release(me)
+    assert held.force_release() is None
+    held.path.write_text("[1, 2]")  # valid JSON, not an owner
+    assert held.holder() == answers.LockOwner("", heartbeat=held.path.stat().st_mtime)
+
+
+def test_a_waiting_lock_takes_over_soon_after_the_release(tmp_path: Path) -> None:
+    import threading
+
+    a = lock.Owner("shop", "r")
+    held = lock.ControllerLock(tmp_path, "shop")
+    held.acquire(a)
+    released_at: list[float] = []
+
+    def release() -> None:
+        held.release(a)
+        released_at.append(time.monotonic())
+
+    threading.Timer(0.2, release).start()
+    lock.ControllerLock(tmp_path, "shop").acquire(lock.Owner("shop", "r2"), wait=10)
+    took_over = time.monotonic()
+    assert held.holder().revision == "r2"
+    # it looks again at least once a second: never much more than that after the release
+    assert took_over - released_at[0] < 1.6
+
+
+def test_fleet_locks_wait_as_long_as_the_session_says(tmp_path: Path) -> None:
+    import threading
+
+    w = World(tmp_path, 1, ROLLOUT)
+    w.fleet.lock_wait = 10
+    other = lock.Owner("shop", "r")
+    held = lock.ControllerLock(w.fleet.state_dir, "shop")
+    held.acquire(other)
+    threading.Timer(0.2, held.release, args=(other,)).start()
+    assert w.rollout().ok  # waited for the other rollout instead of refusing
+
+
+def test_stale_reason_never_signals_the_holder(tmp_path: Path) -> None:
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        holder = owner(controller=socket.gethostname(), pid=child.pid)
+        assert lock.stale_reason(holder) is None
+        assert child.poll() is None  # only asked whether it is alive (signal 0)
+    finally:
+        child.kill()
+        child.wait()
