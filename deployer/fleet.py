@@ -60,11 +60,12 @@ def apply_to_running_master(
     def line(s: str) -> None:
         say(f"master: {s}", remote.name)
 
-    if done.installed or live:
-        remote.upgrade_master(on_line=line, reconfigure=bool(live))
-        what = ["the new agent"] if done.installed else []
-        what += [f"new {', '.join(sorted(live))}"] if live else []
-        say(f"master upgraded in place: {' and '.join(what)}", remote.name)
+    if done.installed:
+        remote.upgrade_master(on_line=line)
+        say("master upgraded in place: the new agent", remote.name)
+    if live:  # by the new code: an older master ignores new options in an upgrade
+        remote.upgrade_master(on_line=line, reconfigure=True)
+        say(f"master upgraded in place: new {', '.join(sorted(live))}", remote.name)
     if "workers" in changed:
         master = remote.master
         assert master is not None

@@ -225,6 +225,7 @@ class HostConfig:
     app: AppConfig
     master: MasterConfig | None
     health: HealthConfig | None
+    env: dict[str, str] = field(default_factory=dict)  # [env] with the host's own over it
 
     @property
     def port(self) -> int:
@@ -246,6 +247,8 @@ class HostConfig:
             socket=str(layout.socket),
             pidfile=str(layout.pidfile),
             log=str(layout.master_log),
+            env=dict(self.env),
+            env_file=str(layout.secrets),
         )
 
     @property
@@ -268,6 +271,8 @@ class HostConfig:
 
 # Keys a [hosts.NAME] table may set besides every [ssh] key.
 HOST_KEYS = {"address": host_address, "transport": choice("ssh", "local")}
+# What the master itself sets for every worker: [env] may not.
+RESERVED_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
 SECTIONS: dict[str, type] = {
     "app": AppConfig,
     "master": MasterConfig,
@@ -367,15 +372,19 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
 _PLACEHOLDER = re.compile(r"\{(host|address)\}")
 
 
+def _placeholders(text: str, host_name: str, address: str) -> str:
+    subst = {"host": host_name, "address": address}
+    return _PLACEHOLDER.sub(lambda m: subst[m.group(1)], text)
+
+
 def _expand(section: Any, host_name: str, address: str) -> Any:
     """Per-host copy of a section with {host} and {address} substituted."""
     if section is None:
         return None
-    subst = {"host": host_name, "address": address}
 
     def one(v: Any) -> Any:
         if isinstance(v, str):
-            return _PLACEHOLDER.sub(lambda m: subst[m.group(1)], v)
+            return _placeholders(v, host_name, address)
         if isinstance(v, tuple):
             return tuple(one(x) for x in v)
         return v
@@ -429,9 +438,10 @@ def load(path: str | os.PathLike[str] | None = None) -> Inventory:
 
 def parse(data: dict[str, Any], path: str = "<inventory>") -> Inventory:
     problems = _Problems()
-    _unknown_keys(data, [*SECTIONS, "hosts"], "top level", problems)
-
     sections: dict[str, Any] = {}
+    _unknown_keys(data, [*SECTIONS, "env", "hosts"], "top level", problems)
+    sections["env"] = _env(data.get("env"), "[env]", problems)
+
     for name, cls in SECTIONS.items():
         table = _section(data, name, problems)
         if table is None:
@@ -491,7 +501,8 @@ def _parse_hosts(
         if not isinstance(spec, dict):
             problems.add(where, f"expected a table, got {_describe(spec)}")
             continue
-        _unknown_keys(spec, [*HOST_KEYS, *ssh_fields], where, problems)
+        _unknown_keys(spec, [*HOST_KEYS, *ssh_fields, "env"], where, problems)
+        host_env = _env(spec.get("env"), f"{where} env", problems)
         own = {k: v for k, v in spec.items() if k in HOST_KEYS}
         overrides = {k: v for k, v in spec.items() if k in ssh_fields}
         good = {}
@@ -528,6 +539,7 @@ def _parse_hosts(
         if sections.get("app") is None:
             continue  # already reported; nothing to expand
         address = good["address"]
+        env = {**sections["env"], **host_env}
         hosts[name] = HostConfig(
             name=name,
             address=address,
@@ -536,8 +548,25 @@ def _parse_hosts(
             app=_expand(sections["app"], name, address),
             master=_expand(sections["master"], name, address),
             health=_expand(sections["health"], name, address),
+            env={k: _placeholders(v, name, address) for k, v in env.items()},
         )
     return hosts
+
+
+def _env(table: Any, where: str, problems: _Problems) -> dict[str, str]:
+    """[env] (or a host's env): NAME = "value" for the workers; values expand
+    {host}/{address}. Secrets never here: `deployer secrets set`."""
+    if table is None:
+        return {}
+    try:
+        env = checks.env(table)
+    except Invalid as e:
+        problems.add(where, str(e))
+        return {}
+    for name in env:
+        if name in RESERVED_ENV or name.startswith("DEPLOYER_"):
+            problems.add(f"{where} {name}", "set by the master for every worker; pick another name")
+    return env
 
 
 def _same_machine_key(h: HostConfig) -> str:

@@ -60,7 +60,9 @@ def port() -> int:
 
 @pytest.fixture
 def project(tmp_path: Path, ssh_hosts: list[SSHTestHost], port: int) -> Iterator[Project]:
-    p = make_project(tmp_path, ssh_hosts[:1], {"app.py": APP}, extra=master_extra(port))
+    # the previous version knows no `[rollout] watch`: it comes after its steps
+    extra = master_extra(port).replace("watch = 1\n", "")
+    p = make_project(tmp_path, ssh_hosts[:1], {"app.py": APP}, extra=extra)
     try:
         yield p
     finally:
@@ -73,6 +75,9 @@ def test_hosts_of_the_previous_version_are_upgraded_in_place(
     code = previous_tree(tmp_path / "previous")
     run_previous(project, code, "setup")
     run_previous(project, code, "rollout")
+    project.inventory.write_text(
+        project.inventory.read_text().replace("[rollout]\n", "[rollout]\nwatch = 1\n", 1)
+    )
     host = project.hosts[0]
     pid = int((host.root / "run" / "master.pid").read_text())
     old_pyz = (host.root / ".deployer" / "deployer.pyz").read_bytes()
@@ -89,8 +94,12 @@ def test_hosts_of_the_previous_version_are_upgraded_in_place(
     assert int((host.root / "run" / "master.pid").read_text()) == pid
     assert b"_resume" in Path(f"/proc/{pid}/cmdline").read_bytes()
     assert result.failed == 0, result.summary()
-    # master.toml exactly as the previous version wrote it
-    assert (host.root / "master.toml").read_bytes() == old_toml
+    # master.toml as the previous version wrote it, and the secrets file it now names,
+    # which the running master took in the same setup
+    new_toml = (host.root / "master.toml").read_text()
+    added = f'env_file = "{host.root}/shared/.deployer-secrets.json"\n'
+    assert new_toml.replace(added, "") == old_toml.decode()
+    assert "master upgraded in place: new env_file" in out
 
     v2 = commit(project.repo, {"app.py": APP + "\n# v2\n"}, "v2")
     with Load(port, threads=3, duration=120, address=host.address) as load:

@@ -123,6 +123,11 @@ class Layout:
         return self.root / "master.toml"
 
     @property
+    def secrets(self) -> Path:
+        """`deployer secrets`: a JSON object, mode 0600, read at each worker's start."""
+        return self.shared / ".deployer-secrets.json"
+
+    @property
     def master_log(self) -> Path:
         return self.log / "master.log"
 

@@ -148,6 +148,16 @@ OPTIONS: tuple[Option, ...] = (
         omit_default=True,
     ),
     Option(
+        "supervisor",
+        checks.choice("auto", "systemd", "none"),
+        'what brings the master back after a reboot: "systemd" (setup installs and enables'
+        ' a unit, or fails), "auto" (a unit where systemd is, else setup says it is not)'
+        ' or "none"',
+        "auto|systemd|none",
+        flag=False,  # read by `deployer setup`, not by the master
+        omit_default=True,
+    ),
+    Option(
         "cwd",
         checks.path,
         "workers' directory; a symlink is resolved at each reload",
@@ -186,6 +196,15 @@ OPTIONS: tuple[Option, ...] = (
         inventory=False,
         flag=False,
     ),
+    Option(
+        "env_file",
+        checks.path,
+        "a JSON object of environment variables (secrets) read at each worker's start",
+        "FILE",
+        inventory=False,
+        is_path=True,
+        omit_default=True,
+    ),
 )
 BY_KEY = {o.key: o for o in OPTIONS}
 INVENTORY_OPTIONS = tuple(o for o in OPTIONS if o.inventory)
@@ -208,11 +227,13 @@ class MasterConfig:
     reload_batch: int = 1
     listen_fds: int = 1
     nonblocking: bool = False
+    supervisor: str = "auto"  # "auto" | "systemd" | "none": see deployer setup
     cwd: str | None = None
     socket: str | None = None
     pidfile: str | None = None
     log: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    env_file: str | None = None
 
     @property
     def argv(self) -> list[str]:

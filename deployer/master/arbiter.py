@@ -22,6 +22,7 @@ self-upgrade (to_state, from_state; see upgrade.py).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import selectors
 import signal
@@ -415,12 +416,34 @@ class Arbiter(Reloads, ControlHandlers):
         self.log.master(f"{worker.label} spawned (release {spec.release})")
         return worker
 
+    def env_file(self) -> dict[str, str]:
+        """The variables in env_file (`deployer secrets`), read at every spawn: a
+        reload gives the workers the current ones. A bad file is logged by its
+        place, never its content (it holds secrets)."""
+        path = self.cfg.env_file
+        if not path:
+            return {}
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not valid JSON"
+            self.log.master(f"env_file {path}: {why}; workers start without its variables")
+            return {}
+        if not isinstance(data, dict):
+            self.log.master(f"env_file {path}: not a JSON object; workers start without it")
+            return {}
+        return {str(k): str(v) for k, v in data.items()}
+
     def launch(
         self, slot: Slot, spec: Spec, stdout: int, stderr: int, ready_w: int | None
     ) -> Launch:
         """How to start the slot's worker on `spec`, writing to these pipes."""
         extra = {
             **self.cfg.env,
+            **self.env_file(),
             "DEPLOYER_WORKER_ID": str(slot.id),
             "DEPLOYER_RELEASE": spec.release,
             "PWD": spec.release,
@@ -657,7 +680,8 @@ class Arbiter(Reloads, ControlHandlers):
         if fds["notify"] is not None:
             notify = NotifySocket(socket.socket(fileno=fds["notify"]))
         listener = socket.socket(fileno=fds["listener"])
-        listener.setblocking(not cfg.nonblocking)  # a reconfigure may have changed it
+        if cfg.nonblocking:  # a reconfigure may have turned it on; never off: workers
+            listener.setblocking(False)  # share the flag, and some set it themselves
         systemd = SystemdNotifier(state["systemd"])
         return cls(cfg, log, listener, control, notify=notify, systemd=systemd)
 
