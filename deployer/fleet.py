@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from deployer.agent.bundle import build
-from deployer.hostapi import answers
+from deployer.hostapi import answers, calls
 from deployer.lock import describe
 from deployer.remote import RemoteHost
 from deployer.session import FleetSession
@@ -38,9 +38,59 @@ def setup(fleet: FleetSession) -> dict[str, str]:
             say("master started", remote.name)
         else:
             say("no release yet: the first rollout starts the master", remote.name)
+        supervise(remote, say)
 
     _, failures = fleet.each(fleet.names, one)
     return failures
+
+
+def supervise(remote: RemoteHost, say: Callable[[str, str], None]) -> None:
+    """The app's systemd unit on the host ([master] supervisor), so that a reboot
+    brings the master back; says what changed, or in one line why it will not."""
+    master = remote.master
+    assert master is not None
+    boot = master.worker_count(remote.cpus or 16) * (master.ready_timeout + master.ready_soak)
+    deadline = boot + master.shutdown_timeout + 90  # where systemd runs, it starts the unit
+    call = calls.unit(remote.config.app.name, master.supervisor, deadline)
+    u: answers.UnitResult = remote.call(call)
+    if u.unit is None or u.path is None:  # no systemd here, or supervisor = "none"
+        gone = f"unit {u.unit} removed; " if u.removed else ""
+        say(f"{gone}{u.boot}", remote.name)
+        for note in u.notes:
+            say(f"  {note}", remote.name)
+        return
+    what = "written" if u.written else "up to date"
+    how = "enabled" if u.enabled_now else ("already enabled" if u.enabled else "NOT enabled")
+    say(f"{u.scope} unit {u.unit} {what} ({u.path}), {how}", remote.name)
+    if u.started:
+        say(f"unit {u.unit}: {u.started}", remote.name)
+    for note in u.notes:
+        say(f"  {note}", remote.name)
+
+
+def secrets(
+    fleet: FleetSession, action: str, key: str, value: str | None, reload: bool
+) -> dict[str, str]:
+    """Set or unset a secret on every host; with `reload`, each master whose secret
+    changed replaces its workers one by one (they read it when they start)."""
+    say = fleet.reporter.say
+
+    def one(remote: RemoteHost) -> None:
+        done = remote.secrets(action, key, value)
+        verb = {"set": "set", "unset": "removed"}[action]
+        say(f"{key} {verb}" if done.changed else f"{key} unchanged", remote.name)
+        wanted = reload and done.changed and remote.config.master is not None
+        if wanted and remote.state().master.running:
+            remote.reload_master(on_line=lambda s: say(f"reload: {s}", remote.name))
+            say("workers reloaded with it", remote.name)
+
+    _, failures = fleet.each(fleet.names, one)
+    return failures
+
+
+def secret_names(fleet: FleetSession) -> tuple[dict[str, list[str]], dict[str, str]]:
+    results, failures = fleet.each(fleet.names, lambda r: r.secrets("list").keys)
+    return {n: results[n] for n in fleet.names if n in results}, failures
 
 
 # master.toml keys a running master cannot take without a restart (bound or named
@@ -55,7 +105,7 @@ def apply_to_running_master(
     the new code and options by a re-exec in place, workers by scaling."""
     changed = {c.split(":", 1)[0] for c in done.config_changes}
     restart = sorted(changed & set(RESTART_KEYS))
-    live = changed - set(RESTART_KEYS) - {"workers"}
+    live = changed - set(RESTART_KEYS) - {"workers", "supervisor"}  # supervisor: setup's own
 
     def line(s: str) -> None:
         say(f"master: {s}", remote.name)
@@ -125,6 +175,10 @@ def row(remote: RemoteHost, s: answers.HostStatus) -> dict[str, Any]:
         problems.append(f"health failing: {s.health}")
     if s.lock is not None:
         problems.append(describe(s.lock, "deploy lock"))
+    boot = s.boot
+    supervised = remote.master is not None and remote.master.supervisor != "none"
+    if supervised and boot is not None and not boot.comes_back:
+        problems.append(boot.why)  # the master would not come back after a reboot
     return {
         "host": remote.name,
         "ok": not problems,
@@ -137,4 +191,5 @@ def row(remote: RemoteHost, s: answers.HostStatus) -> dict[str, Any]:
         "master_running": st.master.running,
         "health": s.health,
         "lock": None if s.lock is None else s.lock._asdict(),
+        "boot": None if s.boot is None else s.boot._asdict(),
     }

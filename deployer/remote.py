@@ -150,6 +150,11 @@ class RemoteHost:
         expect = 200 if health is None else health.expect_status
         return self.call(calls.watch(seconds, master and master.socket, url, expect))
 
+    def secrets(self, action: str, key: str | None = None, value: str | None = None):
+        """`value` (for set) goes on the agent's stdin, never its command line."""
+        stdin = None if value is None else value.encode()
+        return self.call(calls.secrets(action, key), stdin=stdin)
+
     def record(self, entry: dict[str, Any]) -> answers.Recorded:
         return self.call(calls.record(entry))
 

@@ -16,7 +16,7 @@ import sys
 from deployer import __version__
 from deployer.agent import ops
 from deployer.hostapi import answers
-from deployer.hostapi.calls import LOCK_ACTIONS
+from deployer.hostapi.calls import LOCK_ACTIONS, SECRET_ACTIONS
 from deployer.hostapi.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from deployer.hostapi.layout import Layout
 from deployer.hostapi.trust import UntrustedPath
@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--install", action="store_true", help="write this zipapp into the layout")
     sp.add_argument("--master-toml", help="the master's options file, written if it changed")
     with_root("state")
+    sp = with_root("unit")
+    sp.add_argument("--app", required=True, help="the app's name (names the unit)")
+    sp.add_argument("--supervisor", choices=("auto", "systemd", "none"), default="auto")
     sp = with_root("prepare")
     sp.add_argument("--revision", required=True)
     sp.add_argument("--release", required=True)
@@ -67,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--socket", help="the master's control socket")
     sp.add_argument("--url", help="health URL, probed every poll")
     sp.add_argument("--expect", type=int, default=200)
+    sp = with_root("secrets")
+    sp.add_argument("action", choices=SECRET_ACTIONS)
+    sp.add_argument("key", nargs="?")
     sp = with_root("record")
     sp.add_argument("--entry", required=True, help="JSON object")
     sp = with_root("lock")
@@ -108,6 +114,8 @@ def run_op(args: argparse.Namespace) -> tuple:
     if args.op == "state":
         # the bundle id too: a rollout checks the agent and reads state in one call
         return ops.state(layout)._replace(bundle=_bundle_id())
+    if args.op == "unit":
+        return ops.unit(layout, args.app, args.supervisor)
     if args.op == "prepare":
         return ops.receive_and_prepare(
             layout, args.receive, args.revision, args.release, args.shared, args.build
@@ -120,6 +128,8 @@ def run_op(args: argparse.Namespace) -> tuple:
         return ops.status(layout, args.socket, args.url, args.expect, args.timeout, args.window)
     if args.op == "watch":
         return ops.watch(args.seconds, args.socket, args.url, args.expect)
+    if args.op == "secrets":
+        return ops.secrets(layout, args.action, args.key)
     if args.op == "record":
         return ops.record(layout, json.loads(args.entry))
     if args.op == "lock":

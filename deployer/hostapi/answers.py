@@ -92,18 +92,53 @@ class MasterSummary(NamedTuple):
     crash_loops: int  # slots crashing in a row, their restarts backed off
 
 
+class BootStatus(NamedTuple):
+    """Would the master come back after a reboot: the unit `deployer setup` installed
+    (agent op `unit`), as the host has it now."""
+
+    supervisor: str | None  # as setup last applied it; None: setup never installed a unit
+    unit: str | None = None  # deployer-<app>-<hash>.service
+    scope: str | None = None  # "system" | "user"
+    path: str | None = None  # the unit file
+    enabled: bool = False  # the unit file is there and enabled
+    linger: bool | None = None  # user units: the user's systemd starts at boot
+    systemd_running: bool = False  # the host was booted with systemd
+    comes_back: bool = False
+    why: str = ""  # one line: how it comes back, or why it does not
+
+
+class UnitResult(NamedTuple):
+    """Agent op `unit` (deployer setup): the app's systemd unit on this host."""
+
+    supervisor: str
+    unit: str | None = None
+    scope: str | None = None
+    path: str | None = None
+    written: bool = False  # the unit file was created or changed
+    removed: bool = False  # supervisor = "none": a unit setup installed before was removed
+    enabled: bool = False  # enabled now
+    enabled_now: bool = False  # this call enabled it
+    systemd_running: bool = False
+    linger: bool | None = None
+    started: str | None = None  # systemd running: how the unit started (or None)
+    notes: list[str] = []  # what could not be done, one line each
+    boot: str = ""  # one line: will the master come back after a reboot
+
+
 class HostStatus(NamedTuple):
     state: HostState
     master: MasterSummary | None  # None: no master running, or it did not answer
     master_error: str | None  # why it did not answer
     lock: LockOwner | None  # who holds the host's deploy lock
     health: str | None  # None: not probed; "ok"; else why it failed
+    boot: BootStatus | None = None  # None: not asked (a host without a [master])
 
     def to_json(self) -> dict[str, Any]:
         out = self._asdict()
         out["state"] = self.state.to_json()
         out["master"] = None if self.master is None else self.master._asdict()
         out["lock"] = None if self.lock is None else self.lock._asdict()
+        out["boot"] = None if self.boot is None else self.boot._asdict()
         return out
 
     @classmethod
@@ -114,6 +149,7 @@ class HostStatus(NamedTuple):
             None if data.get("master") is None else _load(MasterSummary, data["master"])
         )
         data["lock"] = LockOwner.from_json(data.get("lock"))
+        data["boot"] = None if data.get("boot") is None else _load(BootStatus, data["boot"])
         return _load(cls, data)
 
 
@@ -145,6 +181,13 @@ class WatchResult(NamedTuple):
     seconds: float
     polls: int  # master status reads
     probes: int  # health probes
+
+
+class Secrets(NamedTuple):
+    """The names of the secrets a host holds (never their values)."""
+
+    keys: list[str]
+    changed: bool = False
 
 
 class Recorded(NamedTuple):

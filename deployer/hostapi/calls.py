@@ -91,6 +91,14 @@ def setup(install: bool = False, master_toml: str | None = None) -> AgentCall:
     return AgentCall("setup", args, answers.SetupResult, pyz_on_stdin=install)
 
 
+def unit(app: str, supervisor: str, deadline: float = 300.0) -> AgentCall:
+    """Install and enable the app's systemd unit (`supervisor` "auto" or "systemd"),
+    or remove the one setup installed (`"none"`); where systemd runs, start it (it
+    takes over a running master). `deadline`: a start waits for every worker."""
+    args = ("--app", app, "--supervisor", supervisor)
+    return AgentCall("unit", args, answers.UnitResult, deadline=deadline)
+
+
 def state() -> AgentCall:
     return AgentCall("state", (), answers.HostState)
 
@@ -151,6 +159,16 @@ def watch(
     if url:
         args += ("--url", url, "--expect", str(expect))
     return AgentCall("watch", args, answers.WatchResult, deadline=seconds + 10)
+
+
+SECRET_ACTIONS = ("set", "unset", "list")
+
+
+def secrets(action: str, key: str | None = None) -> AgentCall:
+    """`set KEY` takes the value on stdin: a secret is never on a command line."""
+    if action not in SECRET_ACTIONS:
+        raise ValueError(f"unknown secrets action {action!r}")
+    return AgentCall("secrets", (action, *((key,) if key else ())), answers.Secrets)
 
 
 def record(entry: dict[str, Any]) -> AgentCall:

@@ -13,7 +13,8 @@
   and exit when no connection is left or at $SHUTDOWN_TIMEOUT.
 
 Routes: `/` (who answered), `/health` (200, or 500 with FAIL_HEALTH=1),
-`/slow?s=SECONDS` (answers after a delay: an in-flight request).
+`/slow?s=SECONDS` (answers after a delay: an in-flight request), `/env/NAME`
+(the sha256 of environment variable NAME: the worker got it, it never shows).
 
 Switches (environment, or KEY=VALUE lines in ./release.env, the way a
 release ships its settings): CRASH_AT_BOOT=1, NEVER_READY=1, FAIL_HEALTH=1,
@@ -25,6 +26,7 @@ IDLE_TIMEOUT=SECONDS (keep-alive, default 5).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import socket
@@ -104,6 +106,9 @@ class App:
             return 200, f"ok pid={self.pid} release={self.release}\n".encode()
         if url.path == "/health":
             return (500, b"unhealthy\n") if flag("FAIL_HEALTH") else (200, b"healthy\n")
+        if url.path.startswith("/env/"):  # what the worker was given, as a sha256
+            value = os.environ.get(url.path[5:], "")  # (tests; the value never shows)
+            return 200, f"{hashlib.sha256(value.encode()).hexdigest()}\n".encode()
         if url.path == "/slow":
             seconds = float(parse_qs(url.query).get("s", ["1"])[0])
             await asyncio.sleep(seconds)
