@@ -1076,3 +1076,41 @@ def test_stale_reason_never_signals_the_holder(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_its_deploy_marked_interrupted(tmp_path: Path) -> None:
+    w = World(tmp_path, 2, ROLLOUT)
+    age = lock.STALE_AFTER_S + 60
+    dead = owner(id="dead-deploy", heartbeat=time.time() - age)
+    path = controller_lock(w, dead, age)
+    w.hosts["web1"].holder = dead
+    gone = os.fork()
+    if gone == 0:
+        os._exit(0)
+    os.waitpid(gone, 0)
+    # web2's lock beat lately, but its holder ran here, and its pid is gone
+    here = socket.gethostname()
+    w.hosts["web2"].holder = dead._replace(controller=here, pid=gone, heartbeat=time.time())
+    w.fleet.history.append({**dead.to_json(), "result": "running"})  # what it left
+    assert w.rollout().ok
+    records = [e for e in w.history() if e["id"] == "dead-deploy"]
+    assert [e["result"] for e in records] == ["interrupted"]  # its last word
+    assert records[0]["note"] == f"its lock went stale and was taken over by {w.owners[0].id}"
+    assert not path.exists() and not any(h.locked for h in w.hosts.values())
+
+
+def test_a_finished_deploys_stale_lock_is_taken_over_without_a_record(tmp_path: Path) -> None:
+    w = World(tmp_path, 1, ROLLOUT)
+    dead = owner(id="failed-deploy", heartbeat=time.time() - lock.STALE_AFTER_S - 60)
+    w.hosts["web1"].holder = dead
+    w.fleet.history.append({**dead.to_json(), "result": "failed"})
+    assert w.rollout().ok
+    assert [e["result"] for e in w.history() if e["id"] == "failed-deploy"] == ["failed"]
+
+
+def test_a_live_lock_elsewhere_is_not_taken_over(tmp_path: Path) -> None:
+    w = World(tmp_path, 1, ROLLOUT)
+    controller_lock(w, owner(id="alive"), 5)
+    with pytest.raises(LockHeld, match="held by alice@elsewhere"):
+        w.rollout()
+    assert w.switched() == []
