@@ -27,6 +27,14 @@ inventory_option = click.option(
     metavar="FILE",
     help="Inventory file (also $DEPLOYER_INVENTORY).",
 )
+destination_option = click.option(
+    "--destination",
+    "-d",
+    "destination",
+    metavar="NAME",
+    help="Stage: merge <inventory stem>.NAME.toml (inventory.NAME.toml) over the inventory; "
+    "its own lock, history and logs.",
+)
 hosts_option = click.option(
     "--hosts",
     "-H",
@@ -39,16 +47,17 @@ hosts_option = click.option(
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="deployer")
 @inventory_option
+@destination_option
 @click.pass_context
-def cli(ctx: click.Context, inventory_path: str) -> None:
+def cli(ctx: click.Context, inventory_path: str, destination: str | None) -> None:
     """Ship a long-running network service to a fleet of hosts with zero failed requests."""
-    ctx.obj = {"inventory_path": inventory_path}
+    ctx.obj = {"inventory_path": inventory_path, "destination": destination or None}
 
 
 def load_inventory(ctx: click.Context):  # -> Inventory (import kept lazy)
     from deployer import inventory
 
-    return inventory.load(ctx.obj["inventory_path"])
+    return inventory.load(ctx.obj["inventory_path"], ctx.obj.get("destination"))
 
 
 @cli.command()
@@ -77,7 +86,8 @@ def open_fleet(
 
     inv = load_inventory(ctx)
     hosts = inv.select(patterns)
-    return FleetSession(inv, hosts, state_dir(inv.path), reporter, lock_wait=lock_wait)
+    state = state_dir(inv.path, inv.destination)
+    return FleetSession(inv, hosts, state, reporter, lock_wait=lock_wait)
 
 
 def _batch_item(text: str) -> int | str:
@@ -286,7 +296,7 @@ def history(ctx: click.Context, limit: int, as_json: bool) -> None:
     from deployer.report import printable
 
     inv = load_inventory(ctx)
-    found = History(state_dir(inv.path)).read(limit)
+    found = History(state_dir(inv.path, inv.destination)).read(limit)
     warning = found.warning()
     if warning:
         click.echo(f"deployer: {warning}", err=True)
@@ -308,7 +318,7 @@ def history_line(e: dict) -> str:
     took = f"  {e['duration_s']}s" if e.get("duration_s") is not None else ""
     hosts = f"  {len(e['hosts'])} host(s)" if e.get("hosts") else ""
     result = f"{e.get('result') or '-'}{step}"
-    who = e.get("user") or "-"
+    who = e.get("performer") or e.get("user") or "-"
     return f"{e['id']}  {e.get('action')}  {what}  {who}  {when}{hosts}  {result}{took}"
 
 
@@ -322,7 +332,7 @@ def logs(ctx: click.Context, deploy_id: str | None, follow: bool) -> None:
     from deployer.history import state_dir
 
     inv = load_inventory(ctx)
-    state = state_dir(inv.path)
+    state = state_dir(inv.path, inv.destination)
     path = hook.log_path(state, deploy_id)
     if follow:
         hook.follow(path, lambda: hook.running(state, inv.app.name, path.stem), sys.stdout)
@@ -342,7 +352,7 @@ def init(ctx: click.Context, repo: str, branch: str) -> None:
 
     repo_path = Path(repo).expanduser().absolute()
     inventory = Path(ctx.obj["inventory_path"]).expanduser().absolute()
-    changes = hook.init(repo_path, inventory, branch, sys.executable)
+    changes = hook.init(repo_path, inventory, branch, sys.executable, ctx.obj.get("destination"))
     for line in changes or [f"{repo_path}: already set up, nothing changed"]:
         click.echo(line)
     click.echo("In your app's repository, add the remote (this machine, or over ssh):")
@@ -525,10 +535,11 @@ def migrate(ctx: click.Context, args: tuple[str, ...]) -> None:
 
 
 def verbatim_master_args(args: list[str]) -> list[str] | None:
-    """The arguments after `master` (behind any -i/--inventory), exactly as given:
-    click would drop the `--` before the worker command (`master run ... -- CMD`)."""
+    """The arguments after `master` (behind any -i/--inventory, -d/--destination), exactly
+    as given: click would drop the `--` before the worker command (`master run ... -- CMD`)."""
     i = 0
-    while i < len(args) and (args[i] in ("-i", "--inventory") or args[i].startswith("--inv")):
+    globals_ = ("-i", "--inventory", "-d", "--destination")
+    while i < len(args) and (args[i] in globals_ or args[i].startswith(("--inv", "--dest"))):
         i += 1 if "=" in args[i] else 2
     return args[i + 1 :] if i < len(args) and args[i] == "master" else None
 

@@ -16,13 +16,14 @@ STATE_ENV = "DEPLOYER_STATE_DIR"
 SHOWN_BAD_LINES = 10  # a warning names this many bad line numbers, then counts the rest
 
 
-def state_dir(inventory_path: str) -> Path:
+def state_dir(inventory_path: str, destination: str | None = None) -> Path:
     """Where the controller keeps locks, history and logs: $DEPLOYER_STATE_DIR, or
-    `.deployer/` beside the inventory (so two apps never share state by accident)."""
+    `.deployer/` beside the inventory (so two apps never share state by accident);
+    a destination (`-d staging`) has its own below it, `destinations/<name>/`, so
+    staging and production never share a lock, a history or a log index."""
     env = os.environ.get(STATE_ENV)
-    if env:
-        return Path(env)
-    return Path(inventory_path).resolve().parent / ".deployer"
+    base = Path(env) if env else Path(inventory_path).resolve().parent / ".deployer"
+    return base / "destinations" / destination if destination else base
 
 
 # --- what a record may hold ------------------------------------------------------------
@@ -50,7 +51,7 @@ def _text_map(v: Any) -> bool:
 
 TEXT_FIELDS = (
     "app", "revision", "release", "user", "controller", "started", "since",
-    "result", "failed_step", "note", "log",
+    "result", "failed_step", "note", "log", "performer",
 )  # fmt: skip
 FIELDS: dict[str, Callable[[Any], bool]] = {
     **dict.fromkeys(TEXT_FIELDS, _text),

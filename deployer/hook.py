@@ -89,6 +89,7 @@ class HookConfig:
     repo: Path
     inventory: Path
     branch: str
+    destination: str | None = None  # `deployer -d NAME init`: pushes here deploy NAME
 
     @classmethod
     def read(cls, repo: Path) -> HookConfig:
@@ -103,19 +104,31 @@ class HookConfig:
                 )
             return value
 
-        return cls(repo, Path(get("deployer.inventory")), get("deployer.branch"))
+        try:
+            destination = git(repo, "config", "--get", "deployer.destination").strip() or None
+        except DeployerError:
+            destination = None
+        if destination is not None:
+            from deployer.inventory import check_destination
+
+            check_destination(destination)
+        return cls(repo, Path(get("deployer.inventory")), get("deployer.branch"), destination)
 
     @property
     def ref(self) -> str:
         return f"refs/heads/{self.branch}"
 
 
-def init(repo: Path, inventory: Path, branch: str, python: str) -> list[str]:
+def init(
+    repo: Path, inventory: Path, branch: str, python: str, destination: str | None = None
+) -> list[str]:
     """Create or adopt the bare repo and install the hooks; returns what changed
-    (empty when everything already was as asked)."""
+    (empty when everything already was as asked). With a destination, its pushes
+    deploy that destination (`-d NAME`)."""
     from deployer import inventory as inventories
 
-    inventories.load(str(inventory))  # a push must never be the first to find it broken
+    # a push must never be the first to find it broken
+    inventories.load(str(inventory), destination)
     check_branch(branch)
     changes: list[str] = []
     if not repo.exists() or (repo.is_dir() and not any(repo.iterdir())):
@@ -124,12 +137,20 @@ def init(repo: Path, inventory: Path, branch: str, python: str) -> list[str]:
         changes.append(f"created bare repository {repo}")
     elif not is_bare(repo):
         raise BadInput(f"--repo: {repo} is not a bare git repository (nor an empty directory)")
-    for key, value in (("deployer.inventory", str(inventory)), ("deployer.branch", branch)):
+    settings = [
+        ("deployer.inventory", str(inventory)),
+        ("deployer.branch", branch),
+        ("deployer.destination", destination),
+    ]
+    for key, value in settings:
         try:
             old = git(repo, "config", "--get", key).strip()
         except DeployerError:
             old = None
-        if old != value:
+        if old != value and value is None:
+            git(repo, "config", "--unset", key)
+            changes.append(f"unset {key} (no -d: pushes deploy the inventory itself)")
+        elif old != value and value is not None:
             git(repo, "config", key, value)
             changes.append(f"set {key} = {value}")
     # Hooks run in the repo with an inherited environment; never let a ref update
@@ -223,10 +244,10 @@ def check_push(cfg: HookConfig, old: str, new: str) -> None:
     from deployer.lock import ControllerLock, describe
 
     try:
-        inv = inventories.load(str(cfg.inventory))
+        inv = inventories.load(str(cfg.inventory), cfg.destination)
     except DeployerError as e:
         raise BadInput(f"the inventory does not validate:\n{e}") from None
-    lock = ControllerLock(state_dir(str(cfg.inventory)), inv.app.name)
+    lock = ControllerLock(state_dir(str(cfg.inventory), cfg.destination), inv.app.name)
     holder = lock.holder()
     if holder is not None:
         raise BadInput(f"another rollout is running: {describe(holder, 'deploy lock')}")
@@ -299,6 +320,7 @@ class Run:
 def start_rollout(cfg: HookConfig, sha: str) -> Run:
     """`deployer rollout` in a session of its own, so the pusher's disconnect (SIGHUP,
     SIGPIPE on the hook's stdout) never reaches it; its output goes to the log."""
+    from deployer.deploy_hooks import performer
     from deployer.history import state_dir
 
     deploy_id = f"{release_name(sha)}-{os.getpid() % 10000:04d}"
@@ -306,10 +328,12 @@ def start_rollout(cfg: HookConfig, sha: str) -> Run:
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{deploy_id}.log"
     # `deployer logs` finds logs through the controller's state dir.
-    index = state_dir(str(cfg.inventory)) / "logs"
+    index = state_dir(str(cfg.inventory), cfg.destination) / "logs"
     index.mkdir(parents=True, exist_ok=True)
     (index / log.name).symlink_to(log)
-    argv = [sys.executable, "-P", "-m", "deployer", "-i", str(cfg.inventory), "rollout", sha]
+    argv = [sys.executable, "-P", "-m", "deployer", "-i", str(cfg.inventory)]
+    argv += ["-d", cfg.destination] if cfg.destination else []
+    argv += ["rollout", sha]
     argv += ["--repo", str(cfg.repo), "--deploy-id", deploy_id, "--log-file", str(log)]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
@@ -318,7 +342,9 @@ def start_rollout(cfg: HookConfig, sha: str) -> Run:
             stdout=fh,
             stderr=subprocess.STDOUT,
             cwd=cfg.repo,
-            env={**clean_env(), "PYTHONUNBUFFERED": "1"},
+            # who pushed, worked out here: the pusher's SSH session (its auth info
+            # file) ends with the push, the rollout goes on
+            env={**clean_env(), "PYTHONUNBUFFERED": "1", "DEPLOYER_PERFORMER": performer()},
             start_new_session=True,
         )
     return Run(deploy_id, log, proc)
@@ -363,13 +389,18 @@ def summary(cfg: HookConfig, run: Run, code: int, started: float) -> str:
     from deployer.history import History, state_dir
 
     entry = next(
-        (e for e in History(state_dir(str(cfg.inventory))).entries(50) if e.get("id") == run.id),
+        (
+            e
+            for e in History(state_dir(str(cfg.inventory), cfg.destination)).entries(50)
+            if e.get("id") == run.id
+        ),
         None,
     )
     took = f"{time.monotonic() - started:.1f}s"
     if entry is None:
         return f"deployer: rollout {run.id} exited {code} after {took} (see {run.log})"
     hosts = ", ".join(entry.get("hosts", []))
+    hosts = f"{cfg.destination} ({hosts})" if cfg.destination else hosts
     result = "ok" if entry.get("result") == "ok" else f"FAILED at {entry.get('failed_step')}"
     return printable(
         f"deployer: {str(entry.get('revision'))[:12]} to {hosts}: {result} "

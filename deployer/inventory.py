@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from deployer.errors import HostSelectionError, InventoryError
+from deployer.errors import BadInput, HostSelectionError, InventoryError
 from deployer.hostapi import checks, options
 from deployer.hostapi.checks import (
     Checker,
@@ -293,6 +293,7 @@ class Inventory:
     rollout: RolloutConfig
     ssh: SSHConfig
     hosts: dict[str, HostConfig]
+    destination: str | None = None  # -d NAME: <stem>.NAME.toml was merged over `path`
 
     def select(self, patterns: str | None) -> list[HostConfig]:
         return select_hosts(self.hosts, patterns)
@@ -430,10 +431,66 @@ def _section(data: dict, name: str, problems: _Problems) -> dict | None:
     return table
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Inventory:
-    """Read and validate an inventory; raises InventoryError listing every problem."""
+def load(path: str | os.PathLike[str] | None = None, destination: str | None = None) -> Inventory:
+    """Read and validate an inventory; raises InventoryError listing every problem.
+
+    With a destination (`-d staging`), `<stem>.<destination>.toml` beside it
+    (`inventory.staging.toml`) is deep-merged over it first, and the merged document is
+    validated as one inventory."""
     path = str(path or os.environ.get(ENV_VAR) or DEFAULT_PATH)
-    return parse(_read_toml(path), path)
+    if not destination:
+        return parse(_read_toml(path), path)
+    overlay = overlay_path(path, destination)
+    base = _read_toml(path)
+    if not overlay.exists() and not overlay.is_symlink():
+        raise InventoryError(
+            str(overlay), [f"file not found: -d {destination} merges it over {path}"]
+        )
+    layer = _read_toml(str(overlay))
+    try:
+        return dataclasses.replace(parse(merge(base, layer), path), destination=destination)
+    except InventoryError as e:
+        raise _blame(e, base, path, overlay) from None
+
+
+DESTINATION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_destination(name: str) -> str:
+    """A destination's name: it names a file beside the inventory and a state directory."""
+    if not DESTINATION.fullmatch(name):
+        raise BadInput(
+            f"-d/--destination: expected a name of letters, digits, '_' and '-' (at most 64, "
+            f"not starting with '-' or '_'), got {name!r}"
+        )
+    return name
+
+
+def overlay_path(path: str | os.PathLike[str], destination: str) -> Path:
+    """`inventory.toml` + staging -> `inventory.staging.toml`, in the same directory."""
+    base = Path(path)
+    return base.with_name(f"{base.stem}.{check_destination(destination)}{base.suffix}")
+
+
+def merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """`layer` over `base`: tables merge key by key, arrays and scalars replace."""
+    out = dict(base)
+    for k, v in layer.items():
+        old = out.get(k)
+        out[k] = merge(old, v) if isinstance(old, dict) and isinstance(v, dict) else v
+    return out
+
+
+def _blame(e: InventoryError, base: dict[str, Any], path: str, overlay: Path) -> InventoryError:
+    """The merged document's problems, each one the base alone does not have named with
+    the overlay file (its key, or its value meeting the base's, made it)."""
+    try:
+        parse(base, path)
+        own: set[str] = set()
+    except InventoryError as alone:
+        own = set(alone.problems)
+    blamed = [p if p in own else f"{overlay}: {p}" for p in e.problems]
+    return InventoryError(f"{path} with {overlay.name}", blamed)
 
 
 def parse(data: dict[str, Any], path: str = "<inventory>") -> Inventory:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from deployer import migrating
+from deployer.deploy_hooks import DeployHooks, performer
 from deployer.errors import BadInput, DeployerError, StepFailed
 from deployer.hostapi.answers import HostState
 from deployer.hostapi.exits import EXIT_FAILED, EXIT_OK
@@ -106,6 +107,7 @@ class Outcome:
     failed: dict[str, str] = field(default_factory=dict)  # host -> why
     step: str | None = None
     releases: dict[str, str | None] = field(default_factory=dict)  # host -> release it runs
+    rolled_back: bool = False  # a failed rollout put its switched hosts back
 
     @property
     def exit_code(self) -> int:
@@ -236,6 +238,29 @@ def run_rollout(
     deploy_id: str | None = None,
     log: str | None = None,
 ) -> Outcome:
+    """The rollout between the controller's deploy hooks (deployer.deploy_hooks):
+    pre-deploy before any lock, post-deploy, post-rollback or on-failure after."""
+    inv = fleet.inventory
+    hooks = DeployHooks(
+        inv.path, fleet.reporter.say, "rollout", inv.app.name, inv.destination, plan.hosts
+    )
+    hooks.revision, hooks.log = plan.revision, log
+    hooks.release = next(iter(plan.targets.values()), None)
+    hooks.pre_deploy()
+    started = time.monotonic()
+    with hooks.on_error(started):
+        outcome = _rollout(fleet, plan, source, deploy_id, log)
+    hooks.finished(outcome.ok, outcome.rolled_back, time.monotonic() - started)
+    return outcome
+
+
+def _rollout(
+    fleet: FleetSession,
+    plan: Plan,
+    source: Any,
+    deploy_id: str | None = None,
+    log: str | None = None,
+) -> Outcome:
     """Execute a rollout plan; the caller holds nothing, this takes the locks.
 
     `deploy_id` names the rollout (history, lock owner) when the caller already
@@ -256,6 +281,7 @@ def run_rollout(
         "revision": plan.revision,
         "release": release,
         "user": owner.user,
+        "performer": performer(),
         "controller": owner.controller,
         "started": owner.since,
         "hosts": plan.hosts,
@@ -373,6 +399,7 @@ def _abort(
     if plan.on_failure == "rollback":
         fleet.reporter.say(f"rolling back {', '.join(touched) or 'nothing'}")
         revert(fleet, before, touched)
+        outcome.rolled_back = bool(touched)
         # what each host's `current` is now, whether or not its reload and health went well
         for n in touched:
             outcome.releases[n] = fleet.switched_to.get(n, before.get(n))
@@ -462,6 +489,31 @@ def run_rollback(
     force: bool = False,
     migrations: bool = False,
 ) -> tuple[Plan, Outcome | None]:
+    """The rollback, then the controller's post-rollback or on-failure hook."""
+    inv = fleet.inventory
+    hooks = DeployHooks(
+        inv.path, fleet.reporter.say, "rollback", inv.app.name, inv.destination, fleet.names
+    )
+    started = time.monotonic()
+    with hooks.on_error(started):
+        plan, outcome = _rollback(fleet, to, dry_run, force, migrations)
+    if outcome is not None:
+        targets = sorted(set(plan.targets.values()))
+        hooks.release = ",".join(targets)
+        rollouts = [e for e in fleet.history.entries() if e.get("action") == "rollout"]
+        known = {e.get("release"): e.get("revision") for e in reversed(rollouts)}
+        hooks.revision = ",".join(str(known.get(t) or "") for t in targets)
+        hooks.finished(outcome.ok, False, time.monotonic() - started)
+    return plan, outcome
+
+
+def _rollback(
+    fleet: FleetSession,
+    to: str | None,
+    dry_run: bool,
+    force: bool = False,
+    migrations: bool = False,
+) -> tuple[Plan, Outcome | None]:
     names = list(fleet.remotes)
     owner = Owner(fleet.inventory.app.name, to or "previous", "rollback")
     owner = replace(owner, id=f"{utc_stamp()}-rollback-{owner.id[:4]}")
@@ -489,6 +541,7 @@ def run_rollback(
             "revision": None,
             "release": to,
             "user": owner.user,
+            "performer": performer(),
             "controller": owner.controller,
             "started": owner.since,
             "hosts": names,
