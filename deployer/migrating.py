@@ -60,6 +60,8 @@ def run_migrations(fleet: FleetSession, phase: str, release: str, deferred: bool
     args = ["up", "--phase", phase, "--dir", files]
     if release != "current":
         args += ["--release", release]
+    if deferred:  # the running release may predate migrations (or a first deploy)
+        args.append("--if-dir-exists")
     remote.migrate(
         *args,
         database=m.database,

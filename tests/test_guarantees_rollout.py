@@ -226,12 +226,6 @@ def test_deferred_contract_migrations_run_at_the_start_of_the_next_rollout(
     assert set(revisions(project).values()) == {v3}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with contract = next-rollout, a rollout to hosts whose current release has "
-    "no migrations directory (a first deploy) fails at expand: the deferred contract step "
-    "runs `migrate up --dir <root>/current/migrations`, which does not exist",
-)
 def test_first_rollout_with_contract_next_rollout(project: Project) -> None:
     configure(
         project, '[migrations]\ndatabase = "sqlite:///app.sqlite3"\ncontract = "next-rollout"\n'

@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--to", metavar="NAME", help="stop after this migration")
     up.add_argument("--dry-run", action="store_true", help="show what would run; change nothing")
     up.add_argument("--release", help="record this release name with what is applied")
+    up.add_argument(
+        "--if-dir-exists",
+        action="store_true",
+        help="a release that ships no migrations directory has nothing to apply",
+    )
 
     down = sub.add_parser("down", parents=[common], help="run down sections, newest first")
     which = down.add_mutually_exclusive_group()
@@ -286,6 +291,10 @@ HUMAN["summary"] = lambda e: (
 
 
 def cmd_up(args: argparse.Namespace, out: Output) -> int:
+    if args.if_dir_exists and not Path(args.dir).is_dir():
+        out.event({"event": "done", "ok": True, "command": "up", "phase": args.phase,
+                   "applied": [], "dry_run": args.dry_run})  # fmt: skip
+        return 0
     _runner(args, out).up(phase=args.phase, to=args.to, dry_run=args.dry_run)
     return 0
 
