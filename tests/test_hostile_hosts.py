@@ -309,3 +309,25 @@ def test_an_invalid_database_url_never_shows_its_password(tmp_path: Path) -> Non
     with pytest.raises(InventoryError) as e:
         inventory.parse(__import__("tomllib").loads(text))
     assert "mysql://app:***@db/shop" in str(e.value) and "hunter2secret" not in str(e.value)
+
+
+def test_a_host_whose_sshd_has_no_sftp_subsystem_is_set_up_and_deployed(tmp_path: Path) -> None:
+    """Nothing goes over SFTP: the zipapp travels on an exec channel's stdin."""
+    from sshd import SSHDFleet
+
+    class NoSFTP(SSHDFleet):
+        def _config_text(self, server: object) -> str:
+            text = super()._config_text(server)  # type: ignore[arg-type]
+            assert "Subsystem sftp" in text
+            return "".join(x for x in text.splitlines(True) if not x.startswith("Subsystem"))
+
+    fleet = NoSFTP()
+    try:
+        hosts = fleet.fresh_copies(fleet.start(1), label="nosftp")
+        project = project_at(tmp_path, hosts, str(hosts[0].root.parent / "{host}"))
+        for args in (["setup"], ["rollout"], ["status"]):
+            proc = project.deployer(*args)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert project.current(hosts[0]) is not None
+    finally:
+        fleet.cleanup()
