@@ -104,6 +104,7 @@ ready = "notify"
 ready_soak = 0.3
 shutdown_timeout = 10
 ready_timeout = 10
+supervisor = "none"  # demo hosts are temporary: no systemd unit
 
 [health]
 url = "http://{{address}}:{port}/health"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -12,6 +14,58 @@ import pytest
 # tests/ is on sys.path (rootdir conftest, no __init__.py): import as `sshd`
 from master_helpers import Masters
 from sshd import SSHD, SSHDFleet, SSHTestHost
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _systemd_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """System units that `deployer setup` installs for a `transport = "local"` host
+    (as root) go under this root, never into the machine's /etc (the agent reads
+    DEPLOYER_SYSTEMD_ROOT; SSH hosts, as the unprivileged test user, get user units)."""
+    old = os.environ.get("DEPLOYER_SYSTEMD_ROOT")
+    root = tmp_path_factory.mktemp("systemd-root")
+    os.environ["DEPLOYER_SYSTEMD_ROOT"] = str(root)
+    try:
+        yield root
+    finally:
+        if old is None:
+            os.environ.pop("DEPLOYER_SYSTEMD_ROOT", None)
+        else:
+            os.environ["DEPLOYER_SYSTEMD_ROOT"] = old
+        remove_gone_test_units()
+
+
+def remove_gone_test_units() -> None:
+    """The user units setup installed in the SSH login user's home for test deploy
+    roots that are gone (sshd.py's temp dirs): that home outlives every session."""
+    import pwd
+    import tempfile
+
+    from sshd import TEST_USER
+
+    from deployer.master.units import MARK
+
+    try:
+        user = TEST_USER if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+        unit_dir = Path(pwd.getpwnam(user).pw_dir) / ".config" / "systemd" / "user"
+        files = list(unit_dir.glob("deployer-*.service"))
+    except (KeyError, OSError):
+        return
+    ours = os.path.join(tempfile.gettempdir(), "deployer-sshd-")
+    for unit in files:
+        try:
+            text = unit.read_text()
+        except (OSError, UnicodeDecodeError):
+            continue
+        paths = [
+            line.split("=", 1)[1]
+            for line in text.splitlines()
+            if line.startswith("ConditionPathExists=")
+        ]
+        gone = paths and all(p.startswith(ours) and not os.path.exists(p) for p in paths)
+        if text.startswith(MARK) and gone:
+            for path in (unit.parent / "default.target.wants" / unit.name, unit):
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
 
 @pytest.fixture(scope="session")

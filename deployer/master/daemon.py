@@ -5,6 +5,8 @@ Everything that can be bad input (busy port, a live master on the socket or
 pidfile) is checked before detaching, so `start` reports it with exit 2.
 `start` returns only once every worker is ready (exit 0) or a first worker
 failed to boot (exit 1, with the reason and the worker's last stderr lines).
+`run` where a master already answers on the socket takes it over without a
+failed request (handover.py): how the systemd unit replaces a daemon.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import socket
 import sys
 
-from deployer.master import listener
+from deployer.master import handover, listener
 from deployer.master.arbiter import Arbiter
 from deployer.master.config import ConfigError, MasterConfig
 from deployer.master.control import ControlServer
@@ -26,6 +28,9 @@ START_GRACE = 30.0  # `start` waits ready_timeout plus this for the daemon's ver
 
 
 def serve(cfg: MasterConfig, detach: bool) -> int:
+    activated = os.environ.get("LISTEN_PID") == str(os.getpid())  # systemd gave a socket
+    if not detach and not activated and handover.wanted(cfg):
+        return take_over(cfg)  # `run` where a master runs: the unit taking over a daemon
     sock = open_listener(cfg)
     if cfg.nonblocking:
         sock.setblocking(False)  # on the open file: every worker's copy is non-blocking
@@ -60,6 +65,33 @@ def serve(cfg: MasterConfig, detach: bool) -> int:
         os._exit(code)
 
 
+def take_over(cfg: MasterConfig) -> int:
+    """`run` on the socket of a running master: take its listening socket, start our
+    workers, and once they are ready take its place (see handover.py)."""
+    h = handover.Handover(cfg, write_pid=lambda: write_pidfile(cfg.pidfile))
+    sock = h.request()
+    try:
+        if cfg.nonblocking:
+            sock.setblocking(False)
+        ctl = ControlServer(h.control_path)
+        try:
+            log = open_log(cfg.log)
+        except BaseException:
+            ctl.close()
+            raise
+    except BaseException as e:
+        sock.close()
+        h.abort(str(e))
+        raise
+    log.master(
+        f"taking over from master pid {h.old_pid} on {cfg.socket} (its release {h.old_release})"
+    )
+    got = listener.describe(sock)
+    if cfg.listen and cfg.listen != got:
+        log.master(f"listen is {cfg.listen} here, the socket taken over {got}: a restart moves it")
+    return run_arbiter(cfg, log, sock, ctl, announce=h.announce, handover=h)
+
+
 def open_log(path: str | None) -> MasterLog:
     try:
         return MasterLog(path)
@@ -83,10 +115,15 @@ def open_listener(cfg: MasterConfig) -> socket.socket:
     return listener.bind(cfg.listen)
 
 
-def run_arbiter(cfg, log, sock, ctl, announce) -> int:
-    write_pidfile(cfg.pidfile)
+def run_arbiter(cfg, log, sock, ctl, announce, handover=None) -> int:
+    if handover is None:
+        write_pidfile(cfg.pidfile)  # a handover writes it once it has taken over
     try:
-        return Arbiter(cfg, log, sock, ctl, announce=announce).run()
+        systemd = None if handover is None else handover.notifier()
+        arbiter = Arbiter(cfg, log, sock, ctl, announce=announce, systemd=systemd)
+        if handover is not None:
+            handover.arbiter = arbiter
+        return arbiter.run()
     finally:
         remove_pidfile(cfg.pidfile)
 

@@ -8,6 +8,7 @@ events first (see control.py for the protocol):
     reload   replace every worker (reload.py); progress until ok or error
     scale N  set the worker count
     stop     graceful stop; answered once every worker is gone
+    handover give the listening socket to a new master, which then says stop
     upgrade  re-exec the master in place on new code (upgrade.py); the new
              master answers
 
@@ -22,8 +23,8 @@ import signal
 import time
 from typing import Any
 
+from deployer.master import handover, reexec
 from deployer.master import listener as listener_mod
-from deployer.master import reexec
 from deployer.master.config import MasterConfig
 from deployer.master.control import Connection
 from deployer.master.worker import Worker, rss_bytes
@@ -105,6 +106,7 @@ class ControlHandlers:
             "scale": self.control_scale,
             "stop": self.control_stop,
             "upgrade": self.request_upgrade,
+            "handover": self.control_handover,
         }
         cmd = message.get("cmd")
         handler = handlers.get(cmd) if isinstance(cmd, str) else None
@@ -139,6 +141,10 @@ class ControlHandlers:
         conn.send({"event": "stopping", "pid": os.getpid()})
         self.stop_waiters.append(conn)
         self.begin_stop("stop requested")
+
+    def control_handover(self, conn: Connection, message: dict[str, Any]) -> None:
+        """A new master (`master run`, a systemd unit) takes over: handover.py."""
+        handover.give(self, conn)
 
     # --- upgrade: the old master's side (the new one's is upgrade.py) ---
 

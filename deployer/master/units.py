@@ -1,5 +1,6 @@
-"""`deployer master unit`: a systemd unit (and optionally a .socket unit)
-for the given options.
+"""systemd units: the one `deployer setup` installs for an app on a host
+(`installed`), and the one `deployer master unit` prints for the given options
+(`render`, optionally with a .socket unit).
 
 The service is Type=notify: the master sends READY=1 once every worker is
 ready, and RELOADING=1 / READY=1 around each reload. ExecReload runs
@@ -11,6 +12,7 @@ TimeoutStopSec gets SIGKILL.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import sys
@@ -18,8 +20,22 @@ import sys
 from deployer.master.config import MasterConfig
 
 
+def master_argv(python: str | None = None) -> list[str]:
+    """How to run `deployer master` with the code we run from: the zipapp by its
+    path when we run from one (the hosts), else the package (a checkout)."""
+    import deployer
+
+    python = python or sys.executable
+    root = os.path.dirname(os.path.dirname(os.path.abspath(deployer.__file__)))
+    if root.startswith("/proc/"):  # the bootstrap's memfd copy: argv[0] names the file
+        root = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else root
+    if os.path.isfile(root) and not root.startswith("/proc/"):
+        return [python, root, "master"]
+    return [python, "-m", "deployer.master"]
+
+
 def server_argv(cfg: MasterConfig, with_listen: bool) -> list[str]:
-    argv = [sys.executable, "-m", "deployer.master", "run"]
+    argv = [*master_argv(), "run"]
     for option, value in cfg.items():
         if option.flag and (with_listen or option.key != "listen"):
             argv += [option.flag_name, option.flag_text(value)]
@@ -50,9 +66,7 @@ def render(cfg: MasterConfig, socket_unit: bool = False) -> str:
     ]
     if cfg.socket:
         reload = [
-            sys.executable,
-            "-m",
-            "deployer.master",
+            *master_argv(),
             "reload",
             "--wait",
             "--socket",
@@ -89,3 +103,125 @@ def render(cfg: MasterConfig, socket_unit: bool = False) -> str:
             ]
         )
     return out
+
+
+# --- the unit `deployer setup` installs: one per app and deploy_to ---------------------
+
+HEADER = "# Written by `deployer setup`; edits are overwritten (drop-ins in {name}.d/ stay)."
+MARK = "# Written by `deployer setup`;"  # how setup knows a unit file is its own
+
+
+class UnitError(ValueError):
+    """A value that cannot be written into a unit file (a control character)."""
+
+
+def app_unit_name(app: str, deploy_to: str) -> str:
+    """`deployer-<app>-<8 hex of sha256(deploy_to)>.service`: unique per app and
+    deploy_to, so several apps on one host, and several deploy roots of one app on
+    one machine, each get their own unit."""
+    digest = hashlib.sha256(os.fsencode(deploy_to)).hexdigest()[:8]
+    return f"deployer-{app}-{digest}.service"
+
+
+def _plain(value: str, what: str) -> str:
+    """A value with systemd's specifiers escaped (`%` -> `%%`)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise UnitError(f"{what} {value!r} has a control character: it cannot go into a unit")
+    return value.replace("%", "%%")
+
+
+def _word(value: str, what: str, dollar: bool = True) -> str:
+    """One word of a command line (ExecStart=) or of Environment=, quoted the way
+    systemd unquotes it; `$` doubled where systemd would expand variables."""
+    text = _plain(value, what)
+    if dollar:
+        text = text.replace("$", "$$")
+    if text and not any(c in text for c in " \t\"'\\;"):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def command_line(argv: list[str], what: str = "command") -> str:
+    return " ".join(_word(a, what) for a in argv)
+
+
+def installed(
+    app: str,
+    deploy_to: str,
+    python: str,
+    cfg: MasterConfig,
+    scope: str,
+    user: str | None = None,
+    path_env: str | None = None,
+) -> str:
+    """The unit `deployer setup` installs: the host's zipapp runs the master in the
+    foreground with the host's master.toml; `scope` is "system" (with User=) or
+    "user" (the deploy user's own systemd, lingering)."""
+    root = deploy_to.rstrip("/") or "/"
+    pyz = os.path.join(root, ".deployer", "deployer.pyz")
+    toml = os.path.join(root, "master.toml")
+    base = [python, pyz, "master"]
+    start = [*base, "run", "--config", toml]
+    reload = [*base, "reload", "--wait", "--config", toml]
+    workers = cfg.worker_count()
+    # ExecReload waits for the whole reload and systemd bounds it by TimeoutStartSec:
+    # every worker replaced (ready_timeout + soak each) and the last one drained.
+    reload_bound = workers * (cfg.ready_timeout + cfg.ready_soak) + cfg.shutdown_timeout + 30
+    name = app_unit_name(app, root)
+    lines = [
+        HEADER.format(name=name),
+        "[Unit]",
+        f"Description=deployer master of {_plain(app, 'app')} in {_plain(root, 'deploy_to')}",
+    ]
+    if scope == "system":
+        lines += ["Wants=network-online.target", "After=network-online.target"]
+    lines += [
+        # nothing to run before the first release: skipped at boot, not failed
+        f"ConditionPathExists={_plain(os.path.join(root, 'current'), 'deploy_to')}",
+        f"ConditionPathExists={_plain(toml, 'deploy_to')}",
+        "StartLimitIntervalSec=120",
+        "StartLimitBurst=10",
+        "",
+        "[Service]",
+        "Type=notify",
+        "NotifyAccess=main",
+    ]
+    if scope == "system" and user:
+        lines.append(f"User={_plain(user, 'user')}")
+    lines.append(f"WorkingDirectory={_plain(root, 'deploy_to')}")
+    if path_env:
+        lines.append(f"Environment={_word('PATH=' + path_env, 'PATH', dollar=False)}")
+    lines += [
+        f"ExecStart={command_line(start, 'deploy_to')}",
+        f"ExecReload={command_line(reload, 'deploy_to')}",
+        # SIGTERM to the master alone: it drains its workers (stop_signal, SIGKILL at
+        # shutdown_timeout); whatever is left after TimeoutStopSec gets SIGKILL
+        "KillMode=mixed",
+        "KillSignal=SIGTERM",
+        f"TimeoutStartSec={int(reload_bound) + 1}",
+        f"TimeoutStopSec={int(cfg.shutdown_timeout) + 10}",
+        "Restart=on-failure",
+        "RestartSec=2",
+    ]
+    if scope == "system":  # a user manager may not raise it past its own hard limit
+        lines.append("LimitNOFILE=65536")
+    lines += [
+        f"SyslogIdentifier=deployer-{app}",
+        "",
+        "[Install]",
+        f"WantedBy={'multi-user.target' if scope == 'system' else 'default.target'}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def exec_start(text: str) -> list[str]:
+    """The ExecStart= of a unit file as an argv (what systemd runs; for tests and
+    for `status`), for the quoting `installed` writes."""
+    import shlex
+
+    for line in text.splitlines():
+        if line.startswith("ExecStart="):
+            words = shlex.split(line[len("ExecStart=") :])
+            return [w.replace("$$", "$").replace("%%", "%") for w in words]
+    raise UnitError("no ExecStart= line")
