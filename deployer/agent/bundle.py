@@ -79,11 +79,15 @@ def _pyc(name: str, source: bytes) -> bytes:
     another version sees another magic number and falls back to the source."""
     code = compile(source, name, "exec", dont_inherit=True)
     flags = (1).to_bytes(4, "little")  # hash-based, source not checked
+    # marshal format 2: no back-references. From format 3 on, marshal marks an object
+    # for reuse only if its refcount is above 1, so the bytes (and the sha256 the hosts
+    # check) depended on what else this process held: `deployer exec` computed another
+    # digest than the `deployer setup` that installed the zipapp.
     return (
         importlib.util.MAGIC_NUMBER
         + flags
         + importlib.util.source_hash(source)
-        + marshal.dumps(code)
+        + marshal.dumps(code, 2)
     )
 
 
