@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
         "--take-stale", type=float, metavar="S", help="acquire: take over a lock silent for S"
     )
     sp.add_argument("--replace", metavar="ID", help="acquire: take over the lock of this holder")
+    sp = with_root("logs")
+    sp.add_argument("--lines", type=int, help="the last N lines (default: all)")
+    sp.add_argument("--since", help="only lines stamped at or after this (2026-12-01T11:00:00Z)")
+    sp.add_argument("--follow", action="store_true", help="then new lines, until stdin closes")
+    sp.add_argument("--poll", type=float, default=0.25, help="follow: seconds between reads")
+    sp = with_root("exec")
+    sp.add_argument("--argv", required=True, help="the command: a JSON list of strings")
     return p
 
 
@@ -132,6 +139,10 @@ def run_op(args: argparse.Namespace) -> tuple:
         return ops.secrets(layout, args.action, args.key)
     if args.op == "record":
         return ops.record(layout, json.loads(args.entry))
+    if args.op == "logs":
+        return ops.logs(layout, args.lines, args.since, args.follow, args.poll)
+    if args.op == "exec":  # returns only if it could not run the command
+        ops.exec_in_current(layout, json.loads(args.argv))
     if args.op == "lock":
         owner = answers.LockOwner.from_json(json.loads(args.owner)) or answers.LockOwner("")
         return ops.lock(layout, args.action, owner, args.force, args.take_stale, args.replace)

@@ -308,3 +308,40 @@ def parse_result(stdout: str, answer: type[T]) -> T | None:
         except TypeError as e:  # a field missing: an agent of another version
             raise ValueError(f"unexpected answer {body!r}: {e}") from None
     return None
+
+
+# --- day-2 ------------------------------------------------------------------------------
+
+
+class LogsResult(NamedTuple):
+    """`agent logs`: the lines themselves were streamed before this answer."""
+
+    path: str
+    exists: bool  # the log was there (when the op ended)
+    lines: int  # lines streamed
+    reopened: int = 0  # follow: times the log was moved away and a new one followed
+
+
+class ExecResult(NamedTuple):
+    """`agent exec` never answers when the command runs (it replaces the agent):
+    only its refusals are result lines."""
+
+    exit_code: int = 0
+
+
+class Probe(NamedTuple):
+    """hostapi/probe.py: what `deployer doctor` and `config --diff` learn of a host
+    without its agent. Each part is a JSON object; {"error": ...} if it could not
+    be learnt."""
+
+    python: str  # version, e.g. "3.11.7"
+    executable: str
+    time: float  # the host's clock (epoch seconds)
+    user: dict[str, Any] = {}  # name, uid
+    disk: dict[str, Any] = {}  # path (deploy_to or the nearest existing parent), free, total
+    layout: dict[str, Any] = {}  # state: ok | missing | incomplete | untrusted | not-writable
+    agent: dict[str, Any] = {}  # state: same | differs | missing
+    master_toml: dict[str, Any] = {}  # exists, text
+    master: dict[str, Any] = {}  # running, pid
+    systemd: dict[str, Any] = {}  # running, systemctl
+    listen: dict[str, Any] = {}  # state: free | ours | taken | unchecked | error

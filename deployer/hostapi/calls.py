@@ -218,3 +218,53 @@ def master_scale(socket: str, workers: int) -> tuple[str, ...]:
 
 def master_stop(socket: str) -> tuple[str, ...]:
     return ("master", "stop", "--socket", socket)
+
+
+# --- day-2: logs, exec, probe ---------------------------------------------------------
+
+LOG_LINE = "|"  # every line of the log `agent logs` streams starts with this
+LOG_LIVE = "@@deployer-logs live"  # follow: the backlog is out, new lines come from here on
+LOG_ALIVE = "@@deployer-logs alive"  # follow: nothing new; a dead connection ends the op
+FOLLOW_DEADLINE = 7 * 24 * 3600.0  # a follow ends when its stdin closes; this is the backstop
+
+
+def logs(
+    lines: int | None, since: str | None = None, follow: bool = False, poll: float = 0.25
+) -> AgentCall:
+    """log/master.log: the last `lines` lines (None: no limit) stamped at or after
+    `since` (the log's own form, `2026-12-01T11:01:55.333Z`); `follow`: then new
+    lines as they come, by name across a reopen (SIGUSR1 rotation), until the
+    op's stdin closes (the controller's Ctrl-C, or its connection gone)."""
+    args: tuple[str, ...] = ()
+    if lines is not None:
+        args += ("--lines", str(lines))
+    if since is not None:
+        args += ("--since", since)
+    if follow:
+        args += ("--follow", "--poll", str(poll))
+    deadline = FOLLOW_DEADLINE + 60 if follow else 120.0
+    return AgentCall("logs", args, answers.LogsResult, deadline=deadline)
+
+
+def exec_command(argv: Sequence[str]) -> AgentCall:
+    """Run `argv` in current/ with the app's environment (master.toml's env, then
+    the env_file secrets, both read on the host). The argv travels as one JSON word,
+    so no shell ever re-splits it. On success the command replaces the agent (its
+    output and exit code are the command's, stderr merged into stdout); the only
+    answer the agent itself gives is a refusal (no release, a bad master.toml)."""
+    if not argv:
+        raise ValueError("exec: empty command")
+    return AgentCall("exec", ("--argv", json.dumps(list(argv))), answers.ExecResult)
+
+
+def probe(python: str, layout: Layout, digest: str, listen: str | None) -> list[str]:
+    """A read-only look at a host that needs no agent (`deployer doctor`, `config
+    --diff`): hostapi/probe.py run by `python -c`, with trust.py's checks of the
+    layout, whose answer is an answers.Probe result line."""
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    source = (here / "probe.py").read_text()
+    trust = (here / "trust.py").read_text()
+    dirs = json.dumps([str(d) for d in layout.dirs()])
+    return [python, "-c", source, str(layout.root), digest, listen or "", dirs, trust]
