@@ -500,3 +500,18 @@ def test_doctor_names_a_host_whose_sshd_is_down(
     assert "connection refused" in detail
     assert _checks(proc.stdout, "host2")["python"] == ("skip", "not checked: no connection")
     assert took < 20
+
+
+OLD_PYTHON = Path("/root/.pyenv/versions/3.6.15/bin/python3")
+
+
+@pytest.mark.skipif(not os.access(OLD_PYTHON, os.X_OK), reason=f"no {OLD_PYTHON} (pyenv)")
+def test_the_probe_names_an_old_python_by_its_version(tmp_path: Path) -> None:
+    argv = calls.probe(str(OLD_PYTHON), Layout.at(tmp_path / "x"), "0" * 64, None)
+    probe = answers.parse_result(subprocess.run(argv, capture_output=True, text=True).stdout,
+                                 answers.Probe)  # fmt: skip
+    assert probe is not None and probe.python == "3.6.15"
+    check = day2._python(probe, "python3")
+    assert (check.status, check.detail) == (
+        "FAIL", f"3.6.15 ({OLD_PYTHON}): the host agent needs Python 3.9 or later"
+    )  # fmt: skip
