@@ -43,6 +43,19 @@ hosts_option = click.option(
     help="Comma-separated host names or globs; '!pattern' excludes (default: all).",
 )
 
+json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+
+
+def timeout_option(text: str) -> Any:
+    return click.option(
+        "--timeout",
+        type=click.FloatRange(min=0.5, max=300),
+        default=5.0,
+        show_default=True,
+        metavar="SECONDS",
+        help=text,
+    )
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="deployer")
@@ -241,15 +254,8 @@ def rollback(
 
 @cli.command()
 @hosts_option
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0.5, max=300),
-    default=5.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="A host that has not answered by then is reported unreachable.",
-)
+@json_option
+@timeout_option("A host that has not answered by then is reported unreachable.")
 @click.pass_context
 def status(ctx: click.Context, patterns: str | None, as_json: bool, timeout: float) -> None:
     """Per host: release, master workers, crashes, health, lock. Exit 0 only if every
@@ -615,15 +621,8 @@ def config(
 
 @cli.command()
 @hosts_option
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0.5, max=300),
-    default=5.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Connection attempts to a host within this time.",
-)
+@json_option
+@timeout_option("Connection attempts to a host within this time.")
 @click.pass_context
 def doctor(ctx: click.Context, patterns: str | None, as_json: bool, timeout: float) -> None:
     """Read-only preflight of each host, one line per check: SSH and host key, Python,
