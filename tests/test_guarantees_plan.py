@@ -147,7 +147,9 @@ class FakeHost:
 
     def migrate(self, *args: str, cwd: str, on_line: Callable | None = None, **kw: Any) -> Any:
         self.world.log.append(("migrate", *args))
-        self.world.migrate_kw.append({"cwd": cwd, **kw})
+        self.world.migrate_kw.append(
+            {"cwd": cwd, **kw, **({"on_line": on_line} if on_line else {})}
+        )
         if self.world.migrate_fails and self.world.migrate_fails in args:
             raise StepFailed(self.name, "migrations", "no such table")
         return type("Result", (), {"stdout": self.world.migrate_stdout, "exit_code": 0,
@@ -239,6 +241,14 @@ def test_a_healthy_rollout_switches_batch_by_batch_canary_first(tmp_path: Path) 
     assert not (w.fleet.state_dir / "shop.lock").exists()
     (entry,) = w.history()
     assert entry["result"] == "ok" and entry["releases"] == dict.fromkeys(w.hosts, NEW)
+    import json
+
+    lines = [json.loads(x) for x in (w.fleet.state_dir / "history.jsonl").read_text().splitlines()]
+    # recorded when it started (a SIGKILL leaves that), then when it ended
+    assert [(x["id"], x["result"]) for x in lines] == [
+        (entry["id"], "running"),
+        (entry["id"], "ok"),
+    ]
     assert all(h.recorded == [entry] for h in w.hosts.values())
 
 
@@ -388,6 +398,9 @@ def test_expand_before_the_first_switch_contract_after_the_last(tmp_path: Path) 
     w = World(tmp_path, 2, ROLLOUT + MIGRATIONS)
     assert w.rollout().ok
     assert steps(w) == ["expand@new", "switch web1", "switch web2", "contract@new"]
+    assert [(kw["cwd"], kw["database"]) for kw in w.migrate_kw] == [
+        ("/srv/web1/shared", "sqlite:///app.sqlite3")
+    ] * 2
     (expand,) = [e for e in w.log if e[0] == "migrate" and "expand" in e]
     assert expand[expand.index("--dir") + 1] == f"/srv/web1/releases/{NEW}/migrations"
 
@@ -491,7 +504,15 @@ def test_rollback_past_a_contract_is_refused_unless_forced(tmp_path: Path) -> No
 
 @pytest.mark.parametrize(
     ("spec", "total", "size"),
-    [(3, 10, 3), ("10%", 10, 1), ("10%", 11, 2), ("50%", 3, 2), ("100%", 7, 7), ("1%", 1, 1)],
+    [
+        (3, 10, 3),
+        ("10%", 10, 1),
+        ("10%", 11, 2),
+        ("50%", 3, 2),
+        ("100%", 7, 7),
+        ("1%", 1, 1),
+        ("1%", 101, 2),
+    ],  # fmt: skip
 )
 def test_batch_size_rounds_percentages_up(spec: int | str, total: int, size: int) -> None:
     assert rollout.batch_size(spec, total) == size
@@ -739,11 +760,15 @@ def test_applied_reads_the_migrations_hosts_status(tmp_path: Path) -> None:
 
 def test_migrate_from_the_controller_runs_on_the_migrations_host(tmp_path: Path) -> None:
     w = World(tmp_path, 2, MIGRATIONS + 'host = "web2"\n')
+    w.fleet.remotes = {"web1": w.hosts["web1"]}  # web2 is not selected: asked anyway
     code, err = migrating.on_host(w.fleet, ["down", "--to", "x"], on_line=print)
     assert (code, err) == (0, "warned")
     (call,) = [e for e in w.log if e[0] == "migrate"]
     assert call[1:] == ("down", "--dir", "/srv/web2/current/migrations", "--to", "x")
-    assert w.migrate_kw[0]["cwd"] == "/srv/web2/shared" and w.migrate_kw[0]["check"] is False
+    assert w.migrate_kw == [
+        {"cwd": "/srv/web2/shared", "database": "sqlite:///app.sqlite3", "check": False,
+         "on_line": print}
+    ]  # fmt: skip
 
 
 def test_rollback_with_migrations_runs_expand_downs_newest_release_first(tmp_path: Path) -> None:
@@ -1114,3 +1139,38 @@ def test_a_live_lock_elsewhere_is_not_taken_over(tmp_path: Path) -> None:
     with pytest.raises(LockHeld, match="held by alice@elsewhere"):
         w.rollout()
     assert w.switched() == []
+
+
+def test_down_expand_runs_on_the_migrations_host_even_unselected(tmp_path: Path) -> None:
+    w = World(tmp_path, 2, MIGRATIONS + 'host = "web2"\n')
+    w.fleet.remotes = {"web1": w.hosts["web1"]}
+    migrating.down_expand(w.fleet, [OLD, NEW, OLD])
+    assert [e[1:4] for e in w.log if e[0] == "migrate"] == [
+        ("down", "--release", NEW),
+        ("down", "--release", OLD),
+    ]
+    assert all(kw["cwd"] == "/srv/web2/shared" for kw in w.migrate_kw)
+    assert all(kw["database"] == "sqlite:///app.sqlite3" for kw in w.migrate_kw)
+    assert all("on_line" in kw for kw in w.migrate_kw)
+
+
+def test_ctrl_c_with_halt_records_where_each_host_stopped(tmp_path: Path) -> None:
+    w = World(tmp_path, 3, ROLLOUT + 'on_failure = "halt"\n')
+    w.interrupt = ("web2", NEW)
+    with pytest.raises(KeyboardInterrupt):
+        w.rollout()
+    assert w.history()[0]["releases"] == {"web1": NEW, "web2": NEW, "web3": OLD} == w.currents()
+
+
+def test_a_stale_controller_lock_replaced_meanwhile_is_given_back(tmp_path: Path) -> None:
+    import json
+
+    taker = lock.ControllerLock(tmp_path, "shop")
+    live = owner(id="new-taker")
+    taker.path.write_text(json.dumps(live._asdict()))
+    # we saw a stale holder "old", but by now another taker has put its own lock there
+    assert taker._move_aside(owner(id="old")) is False
+    assert taker.holder().id == "new-taker" and list(tmp_path.iterdir()) == [taker.path]
+    assert taker._move_aside(owner(id="new-taker")) is True
+    assert list(tmp_path.iterdir()) == []
+    assert taker._move_aside(owner(id="gone")) is False  # nothing there to move
