@@ -1,0 +1,46 @@
+"""`deployer secrets`: a JSON object in shared/, mode 0600; values never answered."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+from deployer.agent.ops.common import AgentError
+from deployer.hostapi import answers, trust
+from deployer.hostapi.layout import Layout
+
+
+def secrets(layout: Layout, action: str, key: str | None) -> answers.Secrets:
+    """The host's secrets: a JSON object in shared/, mode 0600, that the master reads
+    at each worker's start. `set` reads the value from stdin; no value is ever
+    printed, answered or put in a message."""
+    path = layout.secrets
+    try:
+        with open(path) as f:
+            values = json.load(f)
+        if not isinstance(values, dict):
+            raise ValueError
+    except FileNotFoundError:
+        values = {}
+    except ValueError:
+        raise AgentError(f"{path} is not a JSON object: fix or remove it") from None
+    changed = False
+    if action in ("set", "unset"):
+        if not key or not _ENV_NAME.fullmatch(key):
+            raise AgentError(f"secrets {action}: {key!r} is not a variable name")
+        if action == "set":
+            value = sys.stdin.read()
+            value = value[:-1] if value.endswith("\n") else value
+            if "\0" in value:
+                raise AgentError(f"secrets set {key}: the value has a NUL byte")
+            changed = values.get(key) != value
+            values[key] = value
+        else:
+            changed = values.pop(key, None) is not None
+        if changed:
+            trust.write_file(path, json.dumps(values, sort_keys=True).encode(), 0o600)
+    return answers.Secrets(sorted(values), changed)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
