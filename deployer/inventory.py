@@ -271,6 +271,8 @@ class HostConfig:
 
 # Keys a [hosts.NAME] table may set besides every [ssh] key.
 HOST_KEYS = {"address": host_address, "transport": choice("ssh", "local")}
+# Sections a [hosts.NAME] table may override key by key.
+OVERRIDES: dict[str, type] = {"master": MasterConfig, "health": HealthConfig}
 # What the master itself sets for every worker: [env] may not.
 RESERVED_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
 SECTIONS: dict[str, type] = {
@@ -345,14 +347,17 @@ def section_keys(cls: type) -> list[_Key]:
     ]
 
 
-def _check_fields(cls: type, table: dict, where: str, problems: _Problems) -> dict[str, Any]:
-    """Check each key of `table` against the keys of `cls`; returns the good values."""
+def _check_fields(
+    cls: type, table: dict, where: str, problems: _Problems, partial: bool = False
+) -> dict[str, Any]:
+    """Check each key of `table` against the keys of `cls`; returns the good values.
+    `partial`: an override of some keys (a host's), required ones may be elsewhere."""
     values: dict[str, Any] = {}
     keys = section_keys(cls)
     _unknown_keys(table, [k.name for k in keys], where, problems)
     for k in keys:
         if k.name not in table:
-            if k.required:
+            if k.required and not partial:
                 problems.add(f"{where} {k.name}", "required key is missing")
             continue
         try:
@@ -496,6 +501,7 @@ def _blame(e: InventoryError, base: dict[str, Any], path: str, overlay: Path) ->
 def parse(data: dict[str, Any], path: str = "<inventory>") -> Inventory:
     problems = _Problems()
     sections: dict[str, Any] = {}
+    good: dict[str, dict[str, Any]] = {}  # each section's good values, for host overrides
     _unknown_keys(data, [*SECTIONS, "env", "hosts"], "top level", problems)
     sections["env"] = _env(data.get("env"), "[env]", problems)
 
@@ -508,10 +514,11 @@ def parse(data: dict[str, Any], path: str = "<inventory>") -> Inventory:
                 problems.add("[app]", "required section is missing (name and deploy_to)")
             sections[name] = cls() if name in ("ssh", "rollout") else None
             continue
-        sections[name] = _build(cls, _check_fields(cls, table, f"[{name}]", problems))
+        good[name] = _check_fields(cls, table, f"[{name}]", problems)
+        sections[name] = _build(cls, good[name])
 
     ssh: SSHConfig = sections["ssh"] or SSHConfig()
-    hosts = _parse_hosts(data, sections, ssh, problems)
+    hosts = _parse_hosts(data, sections, good, ssh, problems)
     _check_conflicts(hosts, problems)
     _check_health_urls(hosts, problems)
     if sections["migrations"] is not None:
@@ -540,7 +547,11 @@ _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def _parse_hosts(
-    data: dict, sections: dict[str, Any], ssh: SSHConfig, problems: _Problems
+    data: dict,
+    sections: dict[str, Any],
+    values: dict[str, dict[str, Any]],
+    ssh: SSHConfig,
+    problems: _Problems,
 ) -> dict[str, HostConfig]:
     table = _section(data, "hosts", problems)
     if not table:
@@ -558,7 +569,7 @@ def _parse_hosts(
         if not isinstance(spec, dict):
             problems.add(where, f"expected a table, got {_describe(spec)}")
             continue
-        _unknown_keys(spec, [*HOST_KEYS, *ssh_fields, "env"], where, problems)
+        _unknown_keys(spec, [*HOST_KEYS, *ssh_fields, *OVERRIDES, "env"], where, problems)
         host_env = _env(spec.get("env"), f"{where} env", problems)
         own = {k: v for k, v in spec.items() if k in HOST_KEYS}
         overrides = {k: v for k, v in spec.items() if k in ssh_fields}
@@ -603,11 +614,40 @@ def _parse_hosts(
             transport=transport,
             ssh=host_ssh,
             app=_expand(sections["app"], name, address),
-            master=_expand(sections["master"], name, address),
-            health=_expand(sections["health"], name, address),
+            master=_expand(
+                _override(spec, "master", sections, values, where, problems), name, address
+            ),
+            health=_expand(
+                _override(spec, "health", sections, values, where, problems), name, address
+            ),
             env={k: _placeholders(v, name, address) for k, v in env.items()},
         )
     return hosts
+
+
+def _override(
+    spec: dict,
+    name: str,
+    sections: dict[str, Any],
+    values: dict[str, dict[str, Any]],
+    where: str,
+    problems: _Problems,
+) -> Any:
+    """A section as one host has it: the top-level table with the host's own
+    [hosts.NAME.<section>] keys over it (a host may also have one the others lack)."""
+    table = spec.get(name)
+    if table is None:
+        return sections[name]
+    here = f"{where[:-1]}.{name}]"
+    if not isinstance(table, dict):
+        problems.add(here, f"expected a table, got {_describe(table)}")
+        return sections[name]
+    cls = OVERRIDES[name]
+    merged = {**values.get(name, {}), **_check_fields(cls, table, here, problems, partial=True)}
+    missing = [k.name for k in section_keys(cls) if k.required and k.name not in merged]
+    for key in missing:
+        problems.add(f"{here} {key}", "required key is missing (here or in the top-level table)")
+    return None if missing else _build(cls, merged)
 
 
 def _env(table: Any, where: str, problems: _Problems) -> dict[str, str]:

@@ -237,3 +237,43 @@ def test_cli_reports_bad_inventory_with_exit_2_and_no_traceback(tmp_path: Path) 
     assert proc.returncode == 2
     assert "[rollout] batch" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_host_overrides_master_and_health_keys(tmp_path: Path) -> None:
+    inv = inventory.load(
+        write(
+            tmp_path,
+            GOOD
+            + """
+[hosts.big]
+address = "10.0.0.9"
+[hosts.big.master]
+workers = 8
+stop_signal = "SIGQUIT"
+[hosts.big.health]
+passes = 5
+""",
+        )
+    )
+    big, web1 = inv.hosts["big"], inv.hosts["web1"]
+    assert big.master is not None and web1.master is not None
+    assert (big.master.workers, big.master.stop_signal.name) == (8, "SIGQUIT")
+    assert web1.master.workers == "auto"
+    assert big.master.listen == "10.0.0.9:3000"  # the rest from [master], expanded for it
+    assert big.health is not None and big.health.passes == 5 and big.health.timeout == 30.0
+    cfg = big.master_config()
+    assert cfg is not None and "workers = 8\n" in options.to_toml(cfg)
+
+
+def test_host_overrides_are_checked_where_they_are_written(tmp_path: Path) -> None:
+    text = GOOD + '[hosts.big]\naddress = "10.0.0.9"\n[hosts.big.master]\nworkrs = 8\nworkers = 0\n'
+    with pytest.raises(InventoryError) as e:
+        inventory.load(write(tmp_path, text))
+    message = str(e.value)
+    assert "[hosts.big.master] workrs: unknown key (did you mean 'workers'?)" in message
+    assert "[hosts.big.master] workers: expected a positive integer" in message
+    alone = GOOD.replace("[master]", "[unused]", 1).split("[unused]")[0]
+    alone += '[hosts.solo]\naddress = "10.0.0.8"\n[hosts.solo.master]\nworkers = 2\n'
+    with pytest.raises(InventoryError) as e:
+        inventory.load(write(tmp_path, alone))
+    assert "[hosts.solo.master] command: required key is missing" in str(e.value)
