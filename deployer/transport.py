@@ -291,7 +291,12 @@ class LocalHost(Transport):
     def put(self, source: Source, remote_path: str, mode: int = 0o644) -> None:
         """Write atomically: a reader sees the old file or the new one, never half."""
         target = Path(remote_path)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        except OSError as e:  # like SSHHost.put: a DeployerError naming host and path
+            raise TransportError(
+                f"{self.name}: could not put {remote_path}: {e.strerror} ({target.parent})"
+            ) from None
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(_source_bytes(source))

@@ -32,7 +32,8 @@ def test_ssh_put_into_missing_directory_names_host_and_path(
 
 def test_local_put_into_missing_directory_names_the_directory(tmp_path: Path) -> None:
     missing = tmp_path / "no" / "such" / "dir"
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(TransportError) as e:
         LocalHost("local").put(b"x", str(missing / "file"))
-    assert str(missing) in str(e.value)
+    assert str(e.value).startswith(f"local: could not put {missing / 'file'}: ")
+    assert str(missing) in str(e.value) and "No such file" in str(e.value)
     assert not (tmp_path / "no").exists()

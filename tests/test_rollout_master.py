@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +43,8 @@ def test_rollout_under_load_fails_no_request(project: Project, port: int) -> Non
         load.wait_requests(20)
     try:
         proc = project.deployer("rollout", check=True)
-        time.sleep(0.5)
+        for load in running:  # every host goes on serving after the switch
+            load.wait_requests(load.result.ok + 20)
     finally:
         results = [load.stop() for load in running]
     for h in project.hosts:
@@ -112,7 +112,7 @@ def test_setup_upgrades_a_running_master_in_place_when_the_agent_changes(
     with Load(port, threads=3, duration=120, address=host.address) as load:
         load.wait_requests(20)
         out = project.deployer("setup", check=True).stdout
-        time.sleep(0.5)
+        load.wait_requests(load.result.ok + 20)  # and it goes on serving after
         result = load.stop()
     assert f"{host.name}" in out and "master upgraded in place" in out, out
     # only the host whose agent changed was upgraded
