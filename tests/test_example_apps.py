@@ -10,7 +10,6 @@ import resource
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -89,7 +88,8 @@ def test_python_app_out_of_fds_pauses_accepting_and_recovers(tmp_path: Path) -> 
         # More open connections than the app has fds: it runs out (EMFILE) while
         # accepting, and the kernel's queue keeps the rest.
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]
-        time.sleep(1)
+        fds = Path(f"/proc/{app.pid}/fd")
+        wait_for(lambda: len(list(fds.iterdir())) >= 24, 10, "the app at its fd limit")
         for c in clients:
             c.close()
         wait_for(lambda: serves(port), 15, "serving again once the clients are gone")
