@@ -3,11 +3,13 @@ and the `deployer` command run as a real process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,3 +143,24 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def small_disk(project: Project, host: SSHTestHost) -> Iterator[Path]:
+    """A 1 MB tmpfs beside the host's roots, owned by its login user, made the
+    project's deploy_to parent for the test (mounting needs root)."""
+    import pwd
+
+    disk = host.root.parent / "small-disk"
+    disk.mkdir()
+    user = pwd.getpwnam(host.user)
+    options = f"size=1m,mode=0755,uid={user.pw_uid},gid={user.pw_gid}"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)], check=True)
+    try:
+        text = project.inventory.read_text().replace(
+            f'deploy_to = "{host.root.parent}/', f'deploy_to = "{disk}/'
+        )
+        project.inventory.write_text(text)
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from master_helpers import free_port
-from rollout_helpers import APP, Project, make_project, master_extra, stop_masters
+from rollout_helpers import APP, Project, make_project, master_extra, small_disk, stop_masters
 from sshd import SSHDFleet, SSHTestHost
 
 from deployer import day2
@@ -454,19 +454,7 @@ def test_doctor_before_setup_and_on_a_full_disk(
     assert checks["clock"][0] == "ok"
     assert not (host.root / "releases").exists()  # read-only: nothing made
 
-    disk = host.root.parent / "small-disk"
-    disk.mkdir()
-    user = pwd.getpwnam(host.user)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size=1m,mode=0755,uid={user.pw_uid},gid={user.pw_gid}",
-         "tmpfs", str(disk)],
-        check=True,
-    )  # fmt: skip
-    try:
-        text = p.inventory.read_text().replace(
-            f'deploy_to = "{host.root.parent}/', f'deploy_to = "{disk}/'
-        )
-        p.inventory.write_text(text)
+    with small_disk(p, host) as disk:
         p.deployer("setup", check=True)
         proc = p.deployer("doctor")
         assert proc.returncode == 1, proc.stdout
@@ -476,8 +464,6 @@ def test_doctor_before_setup_and_on_a_full_disk(
         assert detail.endswith(f"under {disk}/{host.name}: less than 100 MB"), detail
         layout = _checks(proc.stdout, host.name)["layout"]
         assert layout[0] == "ok" and "agent up to date" in layout[1]
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_doctor_names_a_host_whose_sshd_is_down(

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 from master_helpers import Load, free_port
-from rollout_helpers import APP, Project, commit, make_project, master_extra, stop_masters
+from rollout_helpers import (
+    APP,
+    Project,
+    commit,
+    make_project,
+    master_extra,
+    small_disk,
+    stop_masters,
+)
 from sshd import SSHTestHost
 
 
@@ -425,29 +433,12 @@ def subprocess_master_status(project: Project, host: SSHTestHost) -> dict:
 def test_a_full_disk_is_said_as_such_with_the_space_there_is(
     tmp_path: Path, ssh_hosts: list[SSHTestHost]
 ) -> None:
-    import pwd
-    import subprocess
-
     host = ssh_hosts[0]
-    disk = host.root.parent / "small-disk"
-    disk.mkdir()
-    user = pwd.getpwnam(host.user)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size=1m,mode=0755,uid={user.pw_uid},gid={user.pw_gid}",
-         "tmpfs", str(disk)],
-        check=True,
-    )  # fmt: skip
-    try:
-        p = make_project(tmp_path, [host], {"big.bin": os.urandom(600_000).hex()})
-        text = p.inventory.read_text().replace(
-            f'deploy_to = "{host.root.parent}/', f'deploy_to = "{disk}/'
-        )
-        p.inventory.write_text(text)
+    p = make_project(tmp_path, [host], {"big.bin": os.urandom(600_000).hex()})
+    with small_disk(p, host) as disk:
         p.deployer("setup", check=True)
         proc = p.deployer("rollout")
         assert proc.returncode == 1
         assert f"no space left on device under {disk}/{host.name}: " in proc.stdout, proc.stdout
         assert "MB free of 1.0 MB" in proc.stdout
         assert not [x for x in (disk / host.name / "releases").iterdir()]  # nothing left
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
