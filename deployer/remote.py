@@ -182,7 +182,13 @@ class RemoteHost:
         database URL goes on stdin, so its password is never on a command line."""
         argv = self._zipapp("migrate", *args, "--database", "-")
         stdin = (database + "\n").encode()
-        result = self.transport.run(argv, stdin=stdin, cwd=cwd, on_stdout=on_line)
+        try:
+            result = self.transport.run(
+                argv, stdin=stdin, cwd=cwd, on_stdout=on_line, timeout=calls.MIGRATE_DEADLINE
+            )
+        except CommandTimeout:
+            self.unreachable = f"migrations ran past {calls.MIGRATE_DEADLINE:g}s"
+            raise StepFailed(self.name, "migrations", self.unreachable) from None
         if check and not result.ok:
             why = result.stderr_tail(15) or result.stdout[-2000:]
             raise StepFailed(self.name, f"migrations {' '.join(args[:3])}", why)

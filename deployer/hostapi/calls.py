@@ -16,6 +16,7 @@ from deployer.hostapi.layout import Layout
 
 LOCK_ACTIONS = ("acquire", "release", "heartbeat", "show")
 PREPARE_DEADLINE = 3600.0  # sync, extract and the app's build
+MIGRATE_DEADLINE = 4 * 3600.0  # a phase of migrations, backfills included
 LOCK_DEADLINE = 15.0  # also bounds cleanup: releasing the locks of a host that froze
 
 
