@@ -19,6 +19,7 @@ from typing import Any
 from deployer import migrating
 from deployer.deploy_hooks import DeployHooks, performer
 from deployer.errors import BadInput, DeployerError, StepFailed
+from deployer.fleet import supervise
 from deployer.hostapi.answers import HostState
 from deployer.hostapi.exits import EXIT_FAILED, EXIT_OK
 from deployer.hostapi.layout import release_name, utc_stamp
@@ -143,6 +144,7 @@ def reload(fleet: FleetSession, remote: RemoteHost) -> None:
     if not remote.state().master.running:
         say("master not running: starting it", remote.name)
         remote.start_master(on_line=lambda s: say(f"master: {s}", remote.name))
+        supervise(remote, say)  # where systemd runs, its unit takes the master over
         return
     remote.reload_master(on_line=lambda s: say(f"reload: {s}", remote.name))
 

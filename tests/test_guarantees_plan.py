@@ -97,6 +97,18 @@ class FakeHost:
         self.world.log.append(("start master", self.name))
         self.master_running = True
 
+    @property
+    def master(self) -> Any:
+        return self.config.master_config()
+
+    cpus = 2
+
+    def call(self, call: Any) -> Any:
+        """Only the unit call goes through here (the rollout's first start)."""
+        assert call.op == "unit", call
+        self.world.log.append(("unit", self.name))
+        return answers.UnitResult("auto", boot="no systemd on this host")
+
     def reload_master(self, on_line: Callable) -> None:
         self.world.log.append(("reload master", self.name))
 
