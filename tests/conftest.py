@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 # tests/ is on sys.path (rootdir conftest, no __init__.py): import as `sshd`
-from master_helpers import Masters
+from master_helpers import Masters, Releases
 from sshd import SSHD, SSHDFleet, SSHTestHost
 
 
@@ -113,3 +113,12 @@ def masters(tmp_path: Path) -> Iterator[Masters]:
         yield fleet
     finally:
         fleet.cleanup()
+
+
+@pytest.fixture
+def releases(tmp_path: Path) -> Releases:
+    """<tmp>/app/releases/r1 with the example app, and `current` pointing at it."""
+    r = Releases(tmp_path / "app")
+    r.make("r1")
+    r.switch("r1")
+    return r

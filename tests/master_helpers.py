@@ -227,3 +227,8 @@ class Masters:
         for pid in self.worker_pids:  # belt and braces: PDEATHSIG should have done it
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+def releases_of(master: Master) -> set[str]:
+    """The release directory names the master's workers run."""
+    return {os.path.basename(w["release"]) for w in master.status()["workers"]}

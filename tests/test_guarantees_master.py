@@ -26,20 +26,9 @@ from master_helpers import (
     Releases,
     free_port,
     pid_alive,
+    releases_of,
     wait_for,
 )
-
-
-@pytest.fixture
-def releases(tmp_path: Path) -> Releases:
-    r = Releases(tmp_path / "app")
-    r.make("r1")
-    r.switch("r1")
-    return r
-
-
-def releases_of(master: Master) -> set[str]:
-    return {os.path.basename(w["release"]) for w in master.status()["workers"]}
 
 
 def worker_pids(master: Master) -> set[int]:

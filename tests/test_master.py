@@ -29,20 +29,9 @@ from master_helpers import (
     Releases,
     control,
     pid_alive,
+    releases_of,
     wait_for,
 )
-
-
-@pytest.fixture
-def releases(tmp_path: Path) -> Releases:
-    r = Releases(tmp_path / "app")
-    r.make("r1")
-    r.switch("r1")
-    return r
-
-
-def releases_of(master: Master) -> set[str]:
-    return {os.path.basename(w["release"]) for w in master.status()["workers"]}
 
 
 def assert_no_failures(load: Load) -> None:
