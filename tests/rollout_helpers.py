@@ -164,3 +164,18 @@ def small_disk(project: Project, host: SSHTestHost) -> Iterator[Path]:
         yield disk
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@contextlib.contextmanager
+def serving(
+    tmp_path: Path, hosts: list[SSHTestHost], files: dict[str, str], extra: str
+) -> Iterator[Project]:
+    """A project set up and rolled out once (its masters serving); the masters are
+    stopped by pid when the test ends."""
+    p = make_project(tmp_path, hosts, files, extra=extra)
+    try:
+        p.deployer("setup", check=True)
+        p.deployer("rollout", check=True)
+        yield p
+    finally:
+        stop_masters(hosts)

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import pytest
 from master_helpers import free_port
-from rollout_helpers import APP, Project, make_project, master_extra, small_disk, stop_masters
+from rollout_helpers import (
+    APP,
+    Project,
+    make_project,
+    master_extra,
+    serving,
+    small_disk,
+)
 from sshd import SSHDFleet, SSHTestHost
 
 from deployer import day2
@@ -246,13 +253,8 @@ def running(tmp_path: Path, ssh_hosts: list[SSHTestHost]) -> Iterator[Project]:
     """Three hosts serving the example app under their masters, with [env] and a secret."""
     port = free_port()
     extra = master_extra(port) + '[env]\nGREETING = "hello from {host}"\n'
-    p = make_project(tmp_path, ssh_hosts, {"app.py": APP}, extra=extra)
-    try:
-        p.deployer("setup", check=True)
-        p.deployer("rollout", check=True)
+    with serving(tmp_path, ssh_hosts, {"app.py": APP}, extra) as p:
         yield p
-    finally:
-        stop_masters(ssh_hosts)
 
 
 def test_app_logs_follow_goes_on_through_a_rotation(running: Project) -> None:

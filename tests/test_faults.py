@@ -19,8 +19,8 @@ from rollout_helpers import (
     commit,
     make_project,
     master_extra,
+    serving,
     small_disk,
-    stop_masters,
 )
 from sshd import SSHTestHost
 
@@ -33,13 +33,8 @@ def port() -> int:
 @pytest.fixture
 def project(tmp_path: Path, ssh_hosts: list[SSHTestHost], port: int) -> Iterator[Project]:
     extra = master_extra(port).replace("watch = 1\n", "watch = 8\n")
-    p = make_project(tmp_path, ssh_hosts, {"app.py": APP}, extra=extra)
-    try:
-        p.deployer("setup", check=True)
-        p.deployer("rollout", check=True)
+    with serving(tmp_path, ssh_hosts, {"app.py": APP}, extra) as p:
         yield p
-    finally:
-        stop_masters(ssh_hosts)
 
 
 def test_a_release_crashing_after_ready_fails_in_the_watch_and_is_rolled_back(

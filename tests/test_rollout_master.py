@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 from master_helpers import Load, free_port
-from rollout_helpers import APP, Project, commit, git, make_project, master_extra, stop_masters
+from rollout_helpers import (
+    APP,
+    Project,
+    commit,
+    git,
+    master_extra,
+    serving,
+)
 from sshd import SSHTestHost
 
 from deployer.agent.bundle import ID_FILE
@@ -22,13 +29,8 @@ def port() -> int:
 
 @pytest.fixture
 def project(tmp_path: Path, ssh_hosts: list[SSHTestHost], port: int) -> Iterator[Project]:
-    p = make_project(tmp_path, ssh_hosts, {"app.py": APP}, extra=master_extra(port))
-    try:
-        p.deployer("setup", check=True)
-        p.deployer("rollout", check=True)
+    with serving(tmp_path, ssh_hosts, {"app.py": APP}, master_extra(port)) as p:
         yield p
-    finally:
-        stop_masters(ssh_hosts)
 
 
 def loads(project: Project, port: int) -> list[Load]:
