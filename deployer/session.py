@@ -68,9 +68,7 @@ class FleetSession:
                 try:
                     results[name] = fut.result()
                 except DeployerError as e:
-                    # The host is named once, by the report line itself.
-                    failures[name] = str(e).removeprefix(f"{name}: ")
-                    self.exit_codes[name] = e.exit_code
+                    failures[name] = self.failed(name, e)
                     self.reporter.say(f"FAILED: {failures[name]}", name)
         except KeyboardInterrupt:
             # Ctrl-C or SIGTERM: the caller puts things back now, not once every
@@ -94,7 +92,7 @@ class FleetSession:
             try:
                 value, error = fn(remote), None
             except DeployerError as e:
-                value, error = None, str(e).removeprefix(f"{remote.name}: ")
+                value, error = None, self.failed(remote.name, e)
             with done:
                 if error is None:
                     results[remote.name] = value
@@ -112,6 +110,12 @@ class FleetSession:
                 if n not in results and n not in failures:
                     failures[n] = f"no answer within {seconds:g}s (host unreachable?)"
             return dict(results), dict(failures)
+
+    def failed(self, name: str, error: DeployerError) -> str:
+        """Record a host's failure (its exit code counts for the command's); why, for a
+        line that names the host once itself."""
+        self.exit_codes[name] = error.exit_code
+        return str(error).removeprefix(f"{name}: ")
 
     @property
     def exit_code(self) -> int:
