@@ -242,14 +242,16 @@ class Reloads:
             self.abort_reload(job, f"{worker.label} of the new release {how}", worker)
 
     def abort_reload(self, job: ReloadJob, error: str, failed: Worker | None) -> None:
-        """Kill the new release's candidates and convert converted slots back."""
+        """Drain the new release's other candidates and convert converted slots back.
+        Drain, not kill: a candidate that is up already serves connections from the
+        shared queue (SIGKILL reset them); shutdown_timeout still bounds it."""
         job.error = error
         job.reverting = True
         for slot in self.slots.values():
             w = slot.replacement
             if w is not None and w is not failed:
                 slot.replacement = None
-                self.retire(w, sig=signal.SIGKILL)
+                self.retire(w)
                 job.draining.add(w.pid)
         assert job.target is not None
         job.queue = [s.id for s in self.slots.values() if s.worker and s.worker.spec == job.target]
