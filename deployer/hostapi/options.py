@@ -90,9 +90,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "listen",
         checks.listen,
-        "HOST:PORT or unix:/path, bound once by the master and shared as fd 3",
+        "HOST:PORT or unix:/path, bound once by the master and shared as fd 3; without it"
+        " the master binds nothing (queue consumers: no fd 3, no LISTEN_*)",
         "HOST:PORT",
-        required=True,
         expand=True,
         example="{address}:3000",
     ),

@@ -53,6 +53,7 @@ from deployer.master.worker import (
     Spec,
     Worker,
     describe_exit,
+    fd_count,
     ready_fd_number,
     start_process,
     worker_env,
@@ -82,7 +83,7 @@ class Arbiter(Reloads, ControlHandlers):
         self,
         config: MasterConfig,
         log: MasterLog,
-        listener: socket.socket,
+        listener: socket.socket | None,
         control: ControlServer | None = None,
         announce: Callable[[bool, str], None] | None = None,
         notify: NotifySocket | None | bool = True,
@@ -90,6 +91,7 @@ class Arbiter(Reloads, ControlHandlers):
     ) -> None:
         self.cfg = config
         self.log = log
+        # None: no listening socket (queue consumers): workers get no fd 3, no LISTEN_*
         self.listener = listener
         self.control = control
         # start mode: called once, (True, summary) when every worker is first
@@ -128,7 +130,7 @@ class Arbiter(Reloads, ControlHandlers):
         self.last_reload: dict[str, Any] | None = None
         # Every worker's listen() on fd 3 sets the shared queue's backlog (Node: 511,
         # asyncio: 100, gunicorn: 2048): we put ours back when a worker is ready.
-        self.backlog = listener_mod.backlog(listener)
+        self.backlog = None if listener is None else listener_mod.backlog(listener)
         self.backlog_noted = False
         self.upgrades = 0  # successful in-place upgrades (re-execs) of this master
         self.upgrade_requester: Connection | None = None  # set on the resumed master
@@ -140,9 +142,10 @@ class Arbiter(Reloads, ControlHandlers):
         self.watch_fds()
         if resumed is None:
             self.guard.start(self.groups())
+            where = self.listen_address()
             self.log.master(
-                f"listening on {listener_mod.describe(self.listener)}, {self.target} workers,"
-                f" ready {self.cfg.ready}, release {self.pinned.release}"
+                (f"listening on {where}" if where else "no listening socket")
+                + f", {self.target} workers, ready {self.cfg.ready}, release {self.pinned.release}"
             )
         else:
             self.adopted(resumed)
@@ -371,7 +374,7 @@ class Arbiter(Reloads, ControlHandlers):
         """A worker's listen() shrank the accept queue all workers share: a burst of
         reconnects during a reload would overflow it (clients then wait for SYN
         retransmits, 1 s and more). listen() again with our backlog."""
-        if self.backlog is None:
+        if self.backlog is None or self.listener is None:
             return
         theirs = listener_mod.backlog(self.listener)
         if theirs is not None and theirs != self.backlog:
@@ -385,6 +388,10 @@ class Arbiter(Reloads, ControlHandlers):
                 )
 
     # --- spawning ---
+
+    def listen_address(self) -> str | None:
+        """HOST:PORT or unix:PATH of the listening socket; None when there is none."""
+        return None if self.listener is None else listener_mod.describe(self.listener)
 
     def resolve_release(self) -> str | None:
         """Where `cwd` points now (a `current` symlink is followed once, here)."""
@@ -450,17 +457,19 @@ class Arbiter(Reloads, ControlHandlers):
         }
         if self.notify is not None:
             extra["NOTIFY_SOCKET"] = self.notify.address
+        listener_fd = None if self.listener is None else self.listener.fileno()
+        listen_fds = fd_count(listener_fd, self.cfg.listen_fds)  # 0: listen_fds is moot
         if ready_w is not None:
-            extra[READY_FD_ENV] = str(ready_fd_number(self.cfg.listen_fds))
+            extra[READY_FD_ENV] = str(ready_fd_number(listen_fds))
         return Launch(
             command=self.cfg.command,
             cwd=spec.release,
-            env=worker_env(dict(os.environ), extra, self.cfg.listen_fds),
-            listener_fd=self.listener.fileno(),
+            env=worker_env(dict(os.environ), extra, listen_fds),
+            listener_fd=listener_fd,
             stdout_fd=stdout,
             stderr_fd=stderr,
             ready_fd=ready_w,
-            listen_fds=self.cfg.listen_fds,
+            listen_fds=listen_fds,
         )
 
     def watch_stream(self, fd: int, worker: Worker, tail: deque[str] | None) -> None:
@@ -558,7 +567,10 @@ class Arbiter(Reloads, ControlHandlers):
             return
         if all(s.worker is not None and s.worker.state == "ready" for s in self.slots.values()):
             self.announced = True
-            summary = f"{len(self.slots)} workers ready on {listener_mod.describe(self.listener)}"
+            where = self.listen_address()
+            summary = f"{len(self.slots)} workers ready " + (
+                f"on {where}" if where else "(no listening socket)"
+            )
             self.log.master(summary)
             self.systemd.send(READY=1, STATUS=summary, MAINPID=os.getpid())
             if self.announce is not None:
@@ -600,7 +612,8 @@ class Arbiter(Reloads, ControlHandlers):
             conn.sock.close()
         if self.control is not None:
             self.control.close()
-        self.listener.close()
+        if self.listener is not None:
+            self.listener.close()
         self.guard.close()
         signal.set_wakeup_fd(-1)
 
@@ -612,7 +625,7 @@ class Arbiter(Reloads, ControlHandlers):
         return {
             "config": self.cfg.to_dict(),
             "fds": {
-                "listener": self.listener.fileno(),
+                "listener": None if self.listener is None else self.listener.fileno(),
                 "notify": None if self.notify is None else self.notify.fileno(),
                 "control": None if self.control is None else self.control.fileno(),
                 "guard": self.guard.fd,
@@ -661,11 +674,7 @@ class Arbiter(Reloads, ControlHandlers):
 
     @classmethod
     def without_fds(cls, cfg: MasterConfig) -> Arbiter:
-        arb = cls(
-            cfg, MasterLog(None), socket.socket(), None, notify=None, systemd=SystemdNotifier(None)
-        )
-        arb.listener.close()
-        return arb
+        return cls(cfg, MasterLog(None), None, None, notify=None, systemd=SystemdNotifier(None))
 
     @classmethod
     def on_inherited_fds(cls, cfg: MasterConfig, state: dict[str, Any]) -> Arbiter:
@@ -679,9 +688,11 @@ class Arbiter(Reloads, ControlHandlers):
         notify = None
         if fds["notify"] is not None:
             notify = NotifySocket(socket.socket(fileno=fds["notify"]))
-        listener = socket.socket(fileno=fds["listener"])
-        if cfg.nonblocking:  # a reconfigure may have turned it on; never off: workers
-            listener.setblocking(False)  # share the flag, and some set it themselves
+        listener = None  # a master without a listening socket has none to hand on
+        if fds["listener"] is not None:
+            listener = socket.socket(fileno=fds["listener"])
+            if cfg.nonblocking:  # a reconfigure may have turned it on; never off: workers
+                listener.setblocking(False)  # share the flag, and some set it themselves
         systemd = SystemdNotifier(state["systemd"])
         return cls(cfg, log, listener, control, notify=notify, systemd=systemd)
 

@@ -251,8 +251,9 @@ def cmd_status(args: argparse.Namespace, path: str) -> int:
 
 def render_status(s: dict[str, Any]) -> str:
     mb = (s.get("rss") or 0) / 1e6
+    where = f"on {s['listen']}" if s.get("listen") else "with no listening socket"
     lines = [
-        f"master pid {s['pid']} {s['state']} on {s['listen']}, rss {mb:.1f} MB",
+        f"master pid {s['pid']} {s['state']} {where}, rss {mb:.1f} MB",
         f"release {s['release']} (generation {s['generation']})",
         f"workers: {s['ready']} ready of {s['configured']}; reloads {s['reloads']} ok,"
         f" {s['failed_reloads']} failed; crashes {s['crashes']}",

@@ -1,5 +1,6 @@
-"""Serving: bind, open the control socket, write the pidfile, optionally
-detach (`start`), then run the arbiter until it stops.
+"""Serving: bind (nothing without `listen`: queue consumers), open the control
+socket, write the pidfile, optionally detach (`start`), then run the arbiter
+until it stops.
 
 Everything that can be bad input (busy port, a live master on the socket or
 pidfile) is checked before detaching, so `start` reports it with exit 2.
@@ -32,16 +33,20 @@ def serve(cfg: MasterConfig, detach: bool) -> int:
     if not detach and not activated and handover.wanted(cfg):
         return take_over(cfg)  # `run` where a master runs: the unit taking over a daemon
     sock = open_listener(cfg)
-    if cfg.nonblocking:
-        sock.setblocking(False)  # on the open file: every worker's copy is non-blocking
-    ctl = ControlServer(cfg.socket) if cfg.socket else None
+    try:
+        if cfg.nonblocking and sock is not None:
+            sock.setblocking(False)  # on the open file: every worker's copy is non-blocking
+        ctl = ControlServer(cfg.socket) if cfg.socket else None
+    except BaseException:
+        close_listener(sock)
+        raise
     try:
         check_pidfile(cfg.pidfile)
         if detach and not cfg.log:
             cfg = dataclasses.replace(cfg, log=default_daemon_log(cfg))  # cfg may be frozen
         log = open_log(cfg.log)
     except BaseException:
-        sock.close()
+        close_listener(sock)
         if ctl is not None:
             ctl.close()
         raise
@@ -52,7 +57,7 @@ def serve(cfg: MasterConfig, detach: bool) -> int:
         os.close(verdict_w)
         # The daemon owns these now; closing our copies (not unlinking) keeps
         # this process from holding the port if it lives on.
-        sock.close()
+        close_listener(sock)
         if ctl is not None:
             ctl.sock.close()
         return await_verdict(verdict_r, cfg.ready_timeout + START_GRACE)
@@ -67,11 +72,14 @@ def serve(cfg: MasterConfig, detach: bool) -> int:
 
 def take_over(cfg: MasterConfig) -> int:
     """`run` on the socket of a running master: take its listening socket, start our
-    workers, and once they are ready take its place (see handover.py)."""
+    workers, and once they are ready take its place (see handover.py). From a
+    master without a listening socket we get none: we bind our `listen`, if any."""
     h = handover.Handover(cfg, write_pid=lambda: write_pidfile(cfg.pidfile))
     sock = h.request()
     try:
-        if cfg.nonblocking:
+        if sock is None and cfg.listen:
+            sock = listener.bind(cfg.listen)  # a bad one: bad input, the old master goes on
+        if cfg.nonblocking and sock is not None:
             sock.setblocking(False)
         ctl = ControlServer(h.control_path)
         try:
@@ -80,15 +88,17 @@ def take_over(cfg: MasterConfig) -> int:
             ctl.close()
             raise
     except BaseException as e:
-        sock.close()
+        close_listener(sock)
         h.abort(str(e))
         raise
     log.master(
         f"taking over from master pid {h.old_pid} on {cfg.socket} (its release {h.old_release})"
     )
-    got = listener.describe(sock)
-    if cfg.listen and cfg.listen != got:
+    got = None if sock is None else listener.describe(sock)
+    if sock is not None and cfg.listen and cfg.listen != got:
         log.master(f"listen is {cfg.listen} here, the socket taken over {got}: a restart moves it")
+    elif sock is not None and not cfg.listen:
+        log.master(f"no listen here, the socket taken over {got}: a restart closes it")
     return run_arbiter(cfg, log, sock, ctl, announce=h.announce, handover=h)
 
 
@@ -104,15 +114,20 @@ def open_log(path: str | None) -> MasterLog:
         raise ConfigError(f"--log: cannot open {path}: {why}") from None
 
 
-def open_listener(cfg: MasterConfig) -> socket.socket:
+def open_listener(cfg: MasterConfig) -> socket.socket | None:
+    """The socket systemd passed, else `listen` bound; None without either: the
+    workers (queue consumers) get no socket."""
     inherited = listener.inherited()
     if inherited is not None:
         return inherited
-    if cfg.listen is None:
-        raise ConfigError(
-            "--listen: required (HOST:PORT or unix:PATH), unless systemd passes the socket"
-        )
+    if not cfg.listen:
+        return None
     return listener.bind(cfg.listen)
+
+
+def close_listener(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.close()
 
 
 def run_arbiter(cfg, log, sock, ctl, announce, handover=None) -> int:

@@ -24,7 +24,6 @@ import time
 from typing import Any
 
 from deployer.master import handover, reexec
-from deployer.master import listener as listener_mod
 from deployer.master.config import MasterConfig
 from deployer.master.control import Connection
 from deployer.master.worker import Worker, rss_bytes
@@ -257,8 +256,9 @@ class ControlHandlers:
         return {
             "pid": os.getpid(),
             "state": self.state_name(ready),
-            "listen": listener_mod.describe(self.listener),
-            "listen_fds": self.cfg.listen_fds,
+            # None (and no socket copies) for a master without a listening socket
+            "listen": self.listen_address(),
+            "listen_fds": 0 if self.listener is None else self.cfg.listen_fds,
             "release": self.pinned.release,
             "generation": self.pinned.generation,
             "configured": self.target,

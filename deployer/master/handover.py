@@ -7,8 +7,10 @@ socket that master.toml names.
     new master (`master run`)                  running master
     {"cmd": "handover"}                   ->   refuses while stopping, reloading
                                                or not every worker is ready
-                                          <-   {"event": "handover", pid, release}
-                                               with its listening socket (SCM_RIGHTS)
+                                          <-   {"event": "handover", pid, release,
+                                               listen} with its listening socket
+                                               (SCM_RIGHTS); listen null and no fd
+                                               from a master without one
     binds its control socket beside the old one (run/.h<pid>) and starts every
     worker on the same listening socket: one accept queue, both masters' workers
     serve it. Once every new worker is ready:
@@ -17,6 +19,9 @@ socket that master.toml names.
     {"cmd": "stop"}                       ->   graceful stop: its workers drain
                                           <-   {"event": "stopping"}
     READY=1 to systemd (NOTIFY_SOCKET).
+
+A master without a listening socket (queue consumers) hands over none; the
+new master then binds its own `listen` if it has one, else runs without.
 
 If a new worker exits or is not ready within ready_timeout, the new master
 kills its own workers and exits 1; the connection closes and the running master
@@ -59,8 +64,8 @@ class HandoverError(ControlError):
 
 
 def give(arbiter: Any, conn: Connection) -> None:
-    """`handover`: send our listening socket to the client, keep serving until it
-    says stop (or goes away: then nothing happened)."""
+    """`handover`: send our listening socket (if we have one) to the client, keep
+    serving until it says stop (or goes away: then nothing happened)."""
     refusal = None
     if arbiter.stopping:
         refusal = "the master is stopping"
@@ -72,25 +77,26 @@ def give(arbiter: Any, conn: Connection) -> None:
         conn.send({"ok": False, "error": f"handover refused: {refusal}"})
         return
     peer = peer_pid(conn.sock)
+    listener = arbiter.listener
     message = {
         "event": "handover",
         "pid": os.getpid(),
         "release": arbiter.pinned.release,
-        "listen": listener_mod.describe(arbiter.listener),
+        "listen": None if listener is None else listener_mod.describe(listener),
     }
     conn.flush_blocking(1.0)
     try:
         conn.sock.settimeout(2.0)
-        socket.send_fds(conn.sock, [encode(message)], [arbiter.listener.fileno()])
+        fds = [] if listener is None else [listener.fileno()]
+        socket.send_fds(conn.sock, [encode(message)], fds)
     except OSError as e:
         arbiter.log.master(f"handover to pid {peer}: cannot send the listening socket: {e}")
         conn.closed = True
         return
     finally:
         conn.sock.setblocking(False)
-    arbiter.log.master(
-        f"handover: the listening socket went to pid {peer}; serving until it says stop"
-    )
+    gave = "the listening socket went to" if listener is not None else "no listening socket for"
+    arbiter.log.master(f"handover: {gave} pid {peer}; serving until it says stop")
 
 
 def peer_pid(sock: socket.socket) -> int:
@@ -130,8 +136,9 @@ class Handover:
         directory (a rename), a name no longer than master.sock."""
         return os.path.join(os.path.dirname(self.path), f".h{os.getpid()}")
 
-    def request(self) -> socket.socket:
-        """The running master's listening socket (a copy of the same open socket)."""
+    def request(self) -> socket.socket | None:
+        """The running master's listening socket (a copy of the same open socket);
+        None from a master without one."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         fds: list[int] = []
         answer: dict[str, Any] = {}
@@ -153,7 +160,10 @@ class Handover:
             close_all(fds)
             sock.close()
             raise HandoverError(f"handover from the master on {self.path} failed: {e}") from None
-        if answer.get("event") != "handover" or len(fds) != 1:
+        # A master without a listening socket says `"listen": null` and sends no fd;
+        # every other one (and every earlier version) sends exactly one.
+        socketless = "listen" in answer and answer["listen"] is None
+        if answer.get("event") != "handover" or len(fds) != (0 if socketless else 1):
             close_all(fds)
             sock.close()
             error = str(answer.get("error") or "it closed the connection")
@@ -166,6 +176,8 @@ class Handover:
         self.conn = sock
         self.old_pid = answer.get("pid")
         self.old_release = answer.get("release")
+        if socketless:
+            return None
         listener = socket.socket(fileno=fds[0])
         os.set_inheritable(listener.fileno(), False)
         return listener

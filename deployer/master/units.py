@@ -17,7 +17,7 @@ import os
 import shlex
 import sys
 
-from deployer.master.config import MasterConfig
+from deployer.master.config import ConfigError, MasterConfig
 
 
 def master_argv(python: str | None = None) -> list[str]:
@@ -48,6 +48,10 @@ def unit_name(cfg: MasterConfig) -> str:
 
 
 def render(cfg: MasterConfig, socket_unit: bool = False) -> str:
+    """The service unit; without `listen` (queue consumers) it binds nothing, and
+    there is no socket for a .socket unit to own."""
+    if socket_unit and not cfg.listen:
+        raise ConfigError("--socket-unit: needs --listen (without it the master binds nothing)")
     name = unit_name(cfg)
     run = " ".join(shlex.quote(a) for a in server_argv(cfg, with_listen=not socket_unit))
     lines = [

@@ -2,7 +2,8 @@
 
 Every worker gets the listening socket as fd 3 with LISTEN_FDS=1 and
 LISTEN_PID=<its own pid> (the systemd socket-activation convention; with
-listen_fds N, N copies of the one socket as fds 3..N+2), runs in
+listen_fds N, N copies of the one socket as fds 3..N+2); a master without a
+listening socket (queue consumers) gives none: no fd 3, no LISTEN_*. It runs in
 its own process group (signals go to the group, so `npm start` wrappers leave
 nothing behind), and dies with the master (PR_SET_PDEATHSIG).
 
@@ -166,23 +167,30 @@ class Launch:
     command: list[str]
     cwd: str | None
     env: dict[str, str]
-    listener_fd: int
+    listener_fd: int | None  # None: a master without a listening socket
     stdout_fd: int
     stderr_fd: int
     ready_fd: int | None = None  # pipe mode: write end, placed at ready_fd_number()
-    listen_fds: int = 1
+    listen_fds: int = 1  # 0 without a listening socket
+
+
+def fd_count(listener_fd: int | None, listen_fds: int) -> int:
+    """How many copies of the listening socket a worker gets (none without one)."""
+    return 0 if listener_fd is None else listen_fds
 
 
 def ready_fd_number(listen_fds: int) -> int:
-    """Where the pipe-readiness fd goes: right after the listening fds."""
+    """Where the pipe-readiness fd goes: right after the listening fds (fd 3
+    when there are none)."""
     return LISTEN_FD + listen_fds
 
 
 def worker_env(base: dict[str, str], extra: dict[str, str], listen_fds: int = 1) -> dict[str, str]:
     env = {k: v for k, v in base.items() if k not in MASTER_ONLY_ENV}
     env.update(extra)
-    env["LISTEN_FDS"] = str(listen_fds)
-    env["LISTEN_FDNAMES"] = ":".join(["listen"] * listen_fds)
+    if listen_fds > 0:  # none: no socket, so no socket-activation variables at all
+        env["LISTEN_FDS"] = str(listen_fds)
+        env["LISTEN_FDNAMES"] = ":".join(["listen"] * listen_fds)
     return env
 
 
@@ -212,7 +220,9 @@ def _become_worker(launch: Launch, master: int, libc: ctypes.CDLL) -> None:  # p
         _install_fds(launch)
         if launch.cwd:
             os.chdir(launch.cwd)
-        env = dict(launch.env, LISTEN_PID=str(os.getpid()))
+        env = dict(launch.env)
+        if fd_count(launch.listener_fd, launch.listen_fds) > 0:
+            env["LISTEN_PID"] = str(os.getpid())
         os.execvpe(launch.command[0], launch.command, env)
     except BaseException as e:  # noqa: BLE001 - report anything, then exit
         with contextlib.suppress(OSError):
@@ -224,10 +234,12 @@ def _install_fds(launch: Launch) -> None:  # pragma: no cover - child only
     """Put each inherited fd at its fixed number. Copies go above every target
     first so a source that already sits on a target number is not clobbered."""
     wanted = {1: launch.stdout_fd, 2: launch.stderr_fd}
-    for i in range(launch.listen_fds):
-        wanted[LISTEN_FD + i] = launch.listener_fd
+    copies = fd_count(launch.listener_fd, launch.listen_fds)
+    if launch.listener_fd is not None:
+        for i in range(copies):
+            wanted[LISTEN_FD + i] = launch.listener_fd
     if launch.ready_fd is not None:
-        wanted[ready_fd_number(launch.listen_fds)] = launch.ready_fd
+        wanted[ready_fd_number(copies)] = launch.ready_fd
     floor = max(10, max(wanted) + 1)
     # One high copy per source: the listener's N targets share it.
     high = {src: fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, floor) for src in set(wanted.values())}
@@ -235,3 +247,6 @@ def _install_fds(launch: Launch) -> None:  # pragma: no cover - child only
     os.dup2(devnull, 0)
     for target, src in wanted.items():
         os.dup2(high[src], target)  # dup2 makes the target inheritable
+    if LISTEN_FD not in wanted:  # no socket: no fd 3 either, whatever the master inherited there
+        with contextlib.suppress(OSError):
+            os.close(LISTEN_FD)
