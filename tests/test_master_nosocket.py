@@ -34,6 +34,7 @@ from master_helpers import (
     releases_of,
     wait_for,
 )
+from test_master_upgrade import code_that_cannot_adopt, previous_code
 
 from deployer.hostapi import options
 from deployer.master import config as config_mod
@@ -458,6 +459,32 @@ def test_upgrade_in_place_keeps_the_master_pid_and_the_workers(
     assert m.cli("stop", "--timeout", "30").returncode == 0
     assert m.wait_exit(15) == 0
     assert_no_job_cut(read_jobs(jobs))
+
+
+@pytest.mark.timeout(90)
+def test_upgrade_to_code_before_this_mode_is_refused_and_a_failed_adoption_goes_back(
+    masters: Masters, consumer: Path, jobs: Path, tmp_path: Path
+) -> None:
+    """The previous code would wrap the missing listener fd as a new socket: the
+    state's version (2) makes its check refuse, and nothing changes. Code that
+    passes its check but cannot adopt execs back to this code, which reads it."""
+    m = start_consumers(masters, consumer, jobs)
+    pids = worker_pids(m)
+    previous = previous_code(tmp_path)
+    r = m.cli("upgrade", "--code", str(previous), "--timeout", "60")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "failed its check, nothing changed" in r.stderr and "state version 2" in r.stderr
+    code = code_that_cannot_adopt(tmp_path)
+    answers = m.request({"cmd": "upgrade", "code": str(code)}, timeout=30)
+    assert answers[-1]["ok"] is False and answers[-1]["pid"] == m.pid, answers
+    assert f"back on the previous code {REPO}," in answers[-1]["error"]
+    s = m.status()
+    assert s["pid"] == m.pid and s["upgrades"] == 0 and s["listen"] is None
+    assert worker_pids(m) == pids and s["ready"] == 2
+    before = {p: ends_of(jobs, p) for p in pids}
+    wait_for(lambda: all(ends_of(jobs, p) > c for p, c in before.items()), 10, "jobs go on")
+    boot = [x for x in read_jobs(jobs) if x.kind == "boot"]
+    assert {x.pid for x in boot} == set(pids)  # no worker was started anew
 
 
 @pytest.mark.timeout(60)

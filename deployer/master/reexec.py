@@ -21,6 +21,11 @@ import deployer
 from deployer.master.worker import CAUGHT_SIGNALS
 
 STATE_VERSION = 1
+# The state of a master without a listening socket: code before that mode would
+# adopt it wrongly (it would wrap a missing fd as a new, unbound socket and give
+# it to the workers as fd 3), so its preflight refuses it by the version.
+SOCKETLESS_STATE_VERSION = 2
+READABLE_VERSIONS = (STATE_VERSION, SOCKETLESS_STATE_VERSION)
 CHECK_TIMEOUT = 30.0
 
 
@@ -36,8 +41,9 @@ def code_root() -> str:
 
 def new_state(arbiter_state: dict[str, Any], code: str) -> dict[str, Any]:
     """The arbiter's state in the envelope the next master reads."""
+    socketless = arbiter_state["fds"]["listener"] is None
     return {
-        "version": STATE_VERSION,
+        "version": SOCKETLESS_STATE_VERSION if socketless else STATE_VERSION,
         **arbiter_state,
         "code": {"previous": code_root(), "next": code},
         "pythonpath": os.environ.get("PYTHONPATH"),

@@ -34,8 +34,9 @@ class AdoptError(Exception):
 def restore(state: dict[str, Any], dry_run: bool = False) -> Arbiter:
     """The arbiter the state describes; dry_run touches no fd (preflight)."""
     version = state.get("version")
-    if version != reexec.STATE_VERSION:
-        raise AdoptError(f"state version {version} (this code reads {reexec.STATE_VERSION})")
+    if version not in reexec.READABLE_VERSIONS:
+        readable = " and ".join(map(str, reexec.READABLE_VERSIONS))
+        raise AdoptError(f"state version {version} (this code reads {readable})")
     arb = Arbiter.from_state(state, dry_run=dry_run)
     if not dry_run:
         reexec.settle(state)
