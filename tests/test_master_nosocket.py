@@ -488,6 +488,31 @@ def test_upgrade_to_code_before_this_mode_is_refused_and_a_failed_adoption_goes_
 
 
 @pytest.mark.timeout(60)
+def test_upgrade_reconfigure_keeps_no_listen_and_refuses_to_add_one(
+    masters: Masters, consumer: Path, jobs: Path, tmp_path: Path
+) -> None:
+    m = start_consumers(masters, consumer, jobs)
+    toml = tmp_path / "master.toml"
+
+    def write(**extra: Any) -> None:
+        cfg = options.build(
+            {"command": (PYTHON, str(consumer)), "socket": str(m.socket), "log": str(m.log)},
+            extra,
+        )
+        toml.write_text(options.to_toml(cfg))
+
+    write(listen=f"127.0.0.1:{free_port()}")
+    r = m.cli("upgrade", "--reconfigure", "--config", str(toml))
+    assert r.returncode == 1 and "listen unset -> 127.0.0.1:" in r.stderr, r.stderr
+    assert "takes a restart of the master" in r.stderr
+    write(shutdown_timeout=7.0)
+    r = m.cli("upgrade", "--reconfigure", "--config", str(toml), "--timeout", "30")
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = m.status()
+    assert s["config"]["shutdown_timeout"] == 7.0 and s["listen"] is None and s["upgrades"] == 1
+
+
+@pytest.mark.timeout(60)
 def test_run_takes_over_a_master_without_a_socket(
     masters: Masters, consumer: Path, jobs: Path
 ) -> None:

@@ -213,7 +213,9 @@ class ControlHandlers:
         fixed = ("listen", "socket", "pidfile", "log", "cwd")
         moved = [k for k in fixed if getattr(new, k) != getattr(self.cfg, k)]
         if moved:
-            what = ", ".join(f"{k} {getattr(self.cfg, k)} -> {getattr(new, k)}" for k in moved)
+            what = ", ".join(
+                f"{k} {shown(getattr(self.cfg, k))} -> {shown(getattr(new, k))}" for k in moved
+            )
             return {}, f"{what}: takes a restart of the master, not an upgrade"
         return new.to_dict(), None
 
@@ -313,6 +315,11 @@ class ControlHandlers:
             "rss": w.rss_bytes(),
             "status": w.status_text or None,
         }
+
+
+def shown(value: Any) -> str:
+    """An option's value in a message: an unset one (no listen, say) as `unset`."""
+    return "unset" if value is None else str(value)
 
 
 def iso(t: float) -> str:
