@@ -122,7 +122,7 @@ def boot_info(lines: list[Line], pid: int) -> dict[str, Any]:
 
 
 def assert_no_job_cut(lines: list[Line], pids: set[int] | None = None) -> None:
-    """Every job started (by these workers) has its end line, after its start."""
+    """Every job started (by these workers) has its end line."""
     started = {(x.pid, x.rest) for x in lines if x.kind == "start"}
     ended = {(x.pid, x.rest) for x in lines if x.kind == "end"}
     if pids is not None:
@@ -185,7 +185,7 @@ def worker_pids(m: Master) -> list[int]:
 
 
 def wait_jobs(jobs: Path, pids: list[int] | set[int], n: int = 2, timeout: float = 10) -> None:
-    """Until each of these workers has finished n jobs (more than before)."""
+    """Until each of these workers has finished at least n jobs."""
 
     def done() -> bool:
         ends = [x.pid for x in read_jobs(jobs) if x.kind == "end"]
