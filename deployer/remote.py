@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployer.agent.bundle import Bundle, build
-from deployer.errors import EXIT_BAD_INPUT, EXIT_FAILED, StepFailed
+from deployer.errors import EXIT_BAD_INPUT, EXIT_FAILED, StepFailed, TransportError
 from deployer.hostapi import answers, calls
 from deployer.hostapi.calls import AgentCall
 from deployer.hostapi.layout import Layout
 from deployer.hostapi.options import MasterConfig, to_toml
 from deployer.inventory import HostConfig
-from deployer.transport import CommandTimeout, Result, Stdin, Transport
+from deployer.transport import CommandTimeout, Result, SessionEnded, Stdin, Transport
 
 LineCallback = Callable[[str], None]
 
@@ -58,14 +58,19 @@ class RemoteHost:
         saying why not."""
         if self.unreachable is not None:
             raise StepFailed(self.name, call.op, f"skipped: {self.unreachable}")
-        argv = call.argv(self.config.ssh.python, self.layout, build().sha256)
 
         def forward(line: str) -> None:
             if on_line is not None and not line.startswith(answers.RESULT_MARK):
                 on_line(line)
 
         try:
-            result = self.transport.run(argv, stdin=stdin, on_stdout=forward, timeout=call.deadline)
+            if call.in_session:
+                result = self._in_session(call, stdin, forward)
+            else:
+                argv = call.argv(self.config.ssh.python, self.layout, build().sha256)
+                result = self.transport.run(
+                    argv, stdin=stdin, on_stdout=forward, timeout=call.deadline
+                )
         except CommandTimeout:
             self.unreachable = f"the host stopped answering ({call.op}: none in {call.deadline:g}s)"
             raise StepFailed(self.name, call.op, self.unreachable) from None
@@ -79,6 +84,32 @@ class RemoteHost:
             code = EXIT_BAD_INPUT if result.exit_code == EXIT_BAD_INPUT else EXIT_FAILED
             raise StepFailed(self.name, call.op, self._no_answer(call, result), code)
         return answer
+
+    def _in_session(self, call: AgentCall, stdin: Stdin, forward: LineCallback) -> Result:
+        """The call as a request of the host's agent session (deployer/agent/session.py):
+        the agent's stream and result line, as a one-shot call's Result would hold them."""
+        session_argv = calls.session(self.config.ssh.python, self.layout, build().sha256)
+        try:
+            with self.transport.agent_session(session_argv) as session:
+                out = session.call(call.words(self.layout), stdin, forward, call.deadline)
+        except SessionEnded as e:
+            if e.lost:  # the connection dropped, or the agent was killed
+                raise StepFailed(
+                    self.name,
+                    call.op,
+                    f"connection lost while running it (it may or may not have completed): "
+                    f"{e.lost}",
+                ) from None
+            # the session's process exited before it answered: BOOTSTRAP's refusals
+            # (no agent, another agent, an old python), as a one-shot call meets them
+            words = tuple(call.words(self.layout))
+            return Result(self.name, words, e.exit_code, e.stdout, e.stderr)
+        except TransportError as e:
+            if self.transport.lost is not None:  # it dropped before: the one retry failed too
+                self.unreachable = f"the connection dropped and could not be reopened: {e}"
+                raise StepFailed(self.name, call.op, self.unreachable) from None
+            raise
+        return Result(self.name, tuple(call.words(self.layout)), 0, out, "")
 
     def _zipapp(self, *words: str) -> list[str]:
         pyz = str(self.layout.pyz)

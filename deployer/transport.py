@@ -18,6 +18,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import queue
 import random
 import shlex
 import signal
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from deployer.errors import CommandFailed, TransportError
+from deployer.hostapi import answers
 
 if TYPE_CHECKING:
     from deployer.inventory import HostConfig
@@ -111,6 +113,53 @@ class Transport(ABC):
 
     @abstractmethod
     def execute(self, cmd: Command) -> Result: ...
+
+    @abstractmethod
+    def open_stream(self, argv: list[str] | tuple[str, ...]) -> Stream:
+        """Start argv with stdin, stdout and stderr open (an agent session)."""
+
+    # Agent sessions: idle ones are reused; a caller that finds none idle (the lock
+    # heartbeat while a prepare runs) gets one of its own.
+    _idle: list[AgentSession]
+    _sessions_lock: threading.Lock
+    # why the last session's connection dropped: the next connection gets one attempt
+    lost: str | None = None
+
+    @contextlib.contextmanager
+    def agent_session(self, argv: list[str] | tuple[str, ...]) -> Iterator[AgentSession]:
+        """An agent session running argv, for one call or a pipelined few; it goes
+        back to the idle ones unless it broke (then it is closed)."""
+        if not hasattr(self, "_idle"):
+            self._idle, self._sessions_lock = [], threading.Lock()
+        session = None
+        with self._sessions_lock:
+            while self._idle and session is None:
+                session = self._idle.pop()
+                if not session.stream.alive():
+                    # it ended between calls (a dropped connection, a host that went
+                    # away): a new one, through a new connection if need be
+                    session.close()
+                    session = None
+        if session is None:
+            session = AgentSession(self.name, self.open_stream(argv))
+        try:
+            yield session
+        except BaseException:
+            session.close()
+            raise
+        if session.broken:
+            session.close()
+        else:
+            with self._sessions_lock:
+                self._idle.append(session)
+
+    def close_sessions(self) -> None:
+        if not hasattr(self, "_idle"):
+            return
+        with self._sessions_lock:
+            idle, self._idle = self._idle, []
+        for session in idle:
+            session.close()
 
     @abstractmethod
     def put(self, source: Source, remote_path: str, mode: int = 0o644) -> None: ...
@@ -244,6 +293,252 @@ class CommandTimeout(TransportError):
     pass
 
 
+# --- streams and agent sessions -------------------------------------------------------
+
+
+class SessionEnded(TransportError):
+    """An agent session ended before it answered: the process exited (`exit_code`:
+    BOOTSTRAP refused the agent, it is not installed...) or the connection dropped
+    (exit_code -1; `lost` says how)."""
+
+    def __init__(self, message: str, exit_code: int, stdout: str, stderr: str, lost: str = ""):
+        super().__init__(message)
+        self.exit_code, self.stdout, self.stderr, self.lost = exit_code, stdout, stderr, lost
+
+
+class Stream(ABC):
+    """A command running with its pipes open: requests written to its stdin, its
+    stdout read line by line within a deadline, its stderr kept (a bounded tail)."""
+
+    def __init__(self) -> None:
+        self.lines: queue.Queue[bytes | None] = queue.Queue()
+        self.err = _Output(None, STREAMED_TAIL)
+        self.eof = False
+
+    def _pump_lines(self, readline: Callable[[], bytes]) -> None:
+        try:
+            while line := readline():
+                self.lines.put(line)
+        except (OSError, EOFError, ValueError):
+            pass
+        finally:
+            self.lines.put(None)
+
+    def _pump_err(self, read: Callable[[], bytes]) -> None:
+        with contextlib.suppress(OSError, EOFError, ValueError):
+            while chunk := read():
+                self.err.feed(chunk)
+
+    def readline(self, timeout: float | None) -> bytes | None:
+        """The next line of stdout; None at its end; CommandTimeout past `timeout`."""
+        if self.eof:
+            return None
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise CommandTimeout(f"no answer within {timeout:g}s") from None
+        if line is None:
+            self.eof = True
+        return line
+
+    @abstractmethod
+    def write(self, data: bytes) -> None:
+        """Raises OSError if the command or its connection is gone."""
+
+    def alive(self) -> bool:
+        """Still running, as far as can be told without a round trip."""
+        return not self.eof and self.lines.empty()
+
+    @abstractmethod
+    def exit_code(self, wait: float) -> tuple[int, str]:
+        """(exit code, "") once stdout ended; (-1, why) if the connection dropped or
+        a signal ended the command (no exit status)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class _FailedStream(Stream):
+    """A command that could not start at all (no such executable, locally)."""
+
+    def __init__(self, code: int, stderr: str) -> None:
+        super().__init__()
+        self.code = code
+        self.err.feed(stderr.encode())
+        self.lines.put(None)
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def exit_code(self, wait: float) -> tuple[int, str]:
+        return self.code, ""
+
+    def close(self) -> None:
+        pass
+
+
+class _LocalStream(Stream):
+    def __init__(self, proc: subprocess.Popen) -> None:
+        super().__init__()
+        self.proc = proc
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = proc.stdout, proc.stderr
+        threading.Thread(target=self._pump_lines, args=(out.readline,), daemon=True).start()
+        threading.Thread(
+            target=self._pump_err, args=(lambda: err.read1(CHUNK),), daemon=True
+        ).start()
+
+    def alive(self) -> bool:
+        return super().alive() and self.proc.poll() is None
+
+    def write(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def exit_code(self, wait: float) -> tuple[int, str]:
+        try:
+            code = self.proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            return -1, "it closed its output but did not exit"
+        if code < 0:
+            return -1, f"killed by signal {-code}"
+        return code, ""
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            self.proc.wait(timeout=2.0)  # EOF on its requests: it exits by itself
+        except subprocess.TimeoutExpired:
+            _kill_group(self.proc)
+
+
+class _SSHStream(Stream):
+    def __init__(self, host: SSHHost, chan: Any) -> None:
+        super().__init__()
+        self.host, self.chan = host, chan
+        out = chan.makefile("rb")
+        threading.Thread(target=self._pump_lines, args=(out.readline,), daemon=True).start()
+        read_err = lambda: chan.recv_stderr(CHUNK)  # noqa: E731
+        threading.Thread(target=self._pump_err, args=(read_err,), daemon=True).start()
+
+    def alive(self) -> bool:
+        chan = self.chan
+        transport = chan.get_transport()
+        return (
+            super().alive()
+            and not chan.closed
+            and not chan.eof_received
+            and not chan.exit_status_ready()
+            and transport is not None
+            and transport.is_active()
+        )
+
+    def write(self, data: bytes) -> None:
+        import paramiko
+
+        try:
+            self.chan.sendall(data)
+        except (paramiko.SSHException, EOFError) as e:
+            raise OSError(_reason(e)) from None
+
+    def exit_code(self, wait: float) -> tuple[int, str]:
+        end = time.monotonic() + wait
+        while not self.chan.exit_status_ready() and time.monotonic() < end:
+            if not self.chan.get_transport().is_active():
+                break
+            time.sleep(0.01)
+        if self.chan.exit_status_ready():
+            code = self.chan.recv_exit_status()
+            if code != -1:
+                return code, ""
+        transport = self.chan.get_transport()
+        if transport is not None and transport.is_active():
+            # sshd sends exit-signal, not exit-status, for a command a signal ended
+            return -1, "the agent was killed on the host by a signal (no exit status)"
+        self.host.lost = "the connection dropped"
+        self.host.close()  # the next call reconnects (once)
+        return -1, "the connection dropped (no exit status received)"
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.chan.shutdown_write()  # EOF on its requests: it exits by itself
+        with contextlib.suppress(Exception):
+            self.chan.close()
+
+
+class AgentSession:
+    """The controller's end of one host's `agent session` (deployer/agent/session.py;
+    framing: deployer.hostapi.answers): calls answered in order, one request frame
+    out and the lines up to its end frame back."""
+
+    def __init__(self, host: str, stream: Stream) -> None:
+        self.host = host
+        self.stream = stream
+        self.next_id = 0
+        self.broken = False  # its framing can no longer be trusted: not reused
+
+    def send(self, words: list[str], stdin: Stdin = None) -> int:
+        """Write one request; its id, for receive(). Requests may be pipelined."""
+        payload = b"".join(_chunks(stdin))
+        self.next_id += 1
+        frame = answers.request_frame(self.next_id, words, payload)
+        try:
+            if len(frame) <= CHUNK:
+                self.stream.write(frame)
+            else:  # a pack: written from a thread, so the deadline holds if the host froze
+                _feed_stdin(frame, self.stream.write, lambda: None)
+        except OSError:
+            pass  # the session is gone: receive() says how
+        return self.next_id
+
+    def receive(self, request_id: int, on_line: LineCallback | None, timeout: float | None) -> str:
+        """The output of request `request_id` up to its end frame (op stream and
+        result line). SessionEnded if the session ended first, CommandTimeout if
+        nothing ended it within `timeout` (the session is then broken)."""
+        out = _Output(on_line, STREAMED_TAIL if on_line is not None else None)
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = None if end is None else max(0.0, end - time.monotonic())
+            try:
+                raw = self.stream.readline(wait)
+            except CommandTimeout:
+                self.broken = True
+                raise
+            if raw is None:
+                self.broken = True
+                code, lost = self.stream.exit_code(2.0)
+                text = out.text()
+                raise SessionEnded(
+                    f"{self.host}: the agent session ended (exit {code}) {lost}".rstrip(),
+                    code,
+                    text,
+                    self.stream.err.text(),
+                    lost,
+                )
+            line = raw.decode("utf-8", "replace")
+            closed = answers.end_id(line.rstrip("\n"))
+            if closed == request_id:
+                return out.text()
+            if closed is not None:  # an earlier request's answer nobody waited for
+                out = _Output(on_line, out.keep)
+                continue
+            out.feed(raw)
+
+    def call(
+        self,
+        words: list[str],
+        stdin: Stdin = None,
+        on_line: LineCallback | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        return self.receive(self.send(words, stdin), on_line, timeout)
+
+    def close(self) -> None:
+        self.stream.close()
+
+
 # --- local ----------------------------------------------------------------------------
 
 
@@ -288,6 +583,19 @@ class LocalHost(Transport):
             t.join()
         return Result(self.name, argv, code, out.text(), err.text())
 
+    def open_stream(self, argv: list[str] | tuple[str, ...]) -> Stream:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+            return _FailedStream(127, f"{e}\n")
+        return _LocalStream(proc)
+
     def put(self, source: Source, remote_path: str, mode: int = 0o644) -> None:
         """Write atomically: a reader sees the old file or the new one, never half."""
         target = Path(remote_path)
@@ -307,7 +615,7 @@ class LocalHost(Transport):
             raise
 
     def close(self) -> None:
-        pass
+        self.close_sessions()
 
 
 def _drain(stream: IO[bytes], sink: _Output) -> None:
@@ -403,17 +711,19 @@ class SSHHost(Transport):
             if self._conn is not None and self._conn.is_connected:
                 return self._conn
             self._close_quietly()
-            self._conn = self._open_with_retry()
+            self._conn = self._open_with_retry(retry=self.lost is None)
+            self.lost = None
             return self._conn
 
-    def _open_with_retry(self) -> Any:
+    def _open_with_retry(self, retry: bool = True) -> Any:
+        """`retry` False (the last connection dropped mid-session): one attempt."""
         import paramiko
 
         ssh = self.config.ssh
         where = f"{self.config.address}:{ssh.port}"
         attempts = 0
         started = time.monotonic()
-        delays = Backoff(ssh.retry_deadline).delays()
+        delays = Backoff(ssh.retry_deadline if retry else 0.0).delays()
         while True:
             attempts += 1
             conn = self._new_connection()
@@ -453,6 +763,7 @@ class SSHHost(Transport):
             self._conn = None
 
     def close(self) -> None:
+        self.close_sessions()
         # A thread stuck opening the connection to a frozen host holds the lock: that
         # connection is abandoned, not waited for (closing must be bounded too).
         if self._lock.acquire(timeout=2.0):
@@ -498,6 +809,21 @@ class SSHHost(Transport):
                 f"{self.name}: connection lost while running `{label}` (no exit status received)"
             )
         return Result(self.name, cmd.argv, code, out, err)
+
+    def open_stream(self, argv: list[str] | tuple[str, ...]) -> Stream:
+        import paramiko
+
+        line = command_line(argv)
+        transport = self.connection().transport
+        try:
+            chan = transport.open_session(timeout=self.config.ssh.connect_timeout)
+            chan.exec_command(line)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            self.close()
+            raise TransportError(
+                f"{self.name}: could not start `{label(argv)}`: {_reason(e)}"
+            ) from None
+        return _SSHStream(self, chan)
 
     def _collect(self, chan: Any, cmd: Command, line: str) -> tuple[int, str, str]:
         import select

@@ -22,8 +22,23 @@ from deployer.hostapi.layout import Layout
 from deployer.hostapi.trust import UntrustedPath
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deployer-agent", description="deployer host agent")
+class _BadRequest(Exception):
+    pass
+
+
+class _RequestParser(argparse.ArgumentParser):
+    """A session's parser: a bad request is answered, it does not end the process."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _BadRequest(message)
+
+    def exit(self, status: int = 0, message: str | None = None):  # type: ignore[override]
+        raise _BadRequest(message or "no operation run (help?)")
+
+
+def _parser(session: bool = False) -> argparse.ArgumentParser:
+    cls = _RequestParser if session else argparse.ArgumentParser
+    p = cls(prog="deployer-agent", description="deployer host agent")
     sub = p.add_subparsers(dest="op", required=True)
     sub.add_parser("version")
 
@@ -149,8 +164,8 @@ def run_op(args: argparse.Namespace) -> tuple:
     raise ops.AgentError(f"unknown operation {args.op!r}")
 
 
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+def _answer(args: argparse.Namespace) -> int:
+    """Run the op; print its result line; the exit code it stands for."""
     error, code = None, EXIT_FAILED
     try:
         answer = run_op(args)
@@ -165,3 +180,30 @@ def main(argv: list[str]) -> int:
         error = f"agent internal error: {type(e).__name__}: {e}"
     print(answers.result_line(None if error else answer, error, code), flush=True)
     return EXIT_OK if error is None else code
+
+
+_session_parser: argparse.ArgumentParser | None = None
+
+
+def _request(argv: list[str]) -> int:
+    """One request of a session (deployer/agent/session.py): parsed and dispatched
+    like a command line; what cannot run in a session is refused with an answer."""
+    try:
+        global _session_parser
+        if _session_parser is None:
+            _session_parser = _parser(session=True)
+        args = _session_parser.parse_args(argv)
+        if args.op == "exec" or getattr(args, "follow", False) or getattr(args, "install", False):
+            raise _BadRequest(f"{' '.join(argv[:1])}: runs as its own command, not in a session")
+    except _BadRequest as e:
+        print(answers.result_line(error=f"bad request: {e}", code=EXIT_BAD_INPUT), flush=True)
+        return EXIT_BAD_INPUT
+    return _answer(args)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["session"]:
+        from deployer.agent.session import serve
+
+        return serve(_request)
+    return _answer(_parser().parse_args(argv))

@@ -345,3 +345,48 @@ class Probe(NamedTuple):
     master: dict[str, Any] = {}  # running, pid
     systemd: dict[str, Any] = {}  # running, systemctl
     listen: dict[str, Any] = {}  # state: free | ours | taken | unchecked | error
+
+
+# --- the agent session: many calls over one process (agent session) ----------------------
+#
+# Request (controller -> agent, on the session's stdin): one JSON line
+#     {"id": 7, "argv": ["state", "--root", "/srv/app"], "stdin": 1234}
+# then exactly `stdin` raw bytes (the call's stdin: a pack, a secret value; 0: none).
+# Answer (agent -> controller, on stdout): what the op streams (plain lines), its
+# result line (RESULT_MARK ...), then the end frame `END_MARK 7`: the call is over.
+# Requests are answered in order, one at a time; pipelining is allowed.
+
+END_MARK = "@@deployer-end"
+MAX_REQUEST_LINE = 1 << 20
+
+
+def request_frame(request_id: int, argv: list[str], stdin: bytes = b"") -> bytes:
+    head = json.dumps({"id": request_id, "argv": list(argv), "stdin": len(stdin)})
+    return head.encode() + b"\n" + stdin
+
+
+def parse_request(line: bytes) -> tuple[int, list[str], int]:
+    """(id, argv, stdin length) of a request line; ValueError for a garbled one."""
+    body = json.loads(line)
+    if not isinstance(body, dict):
+        raise ValueError("request is not a JSON object")
+    rid, argv, size = body.get("id"), body.get("argv"), body.get("stdin", 0)
+    if not isinstance(rid, int) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"bad request header {line[:200]!r}")
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise ValueError(f"bad request argv {line[:200]!r}")
+    return rid, argv, size
+
+
+def end_frame(request_id: int) -> str:
+    return f"{END_MARK} {request_id}"
+
+
+def end_id(line: str) -> int | None:
+    """The request id an end frame closes; None for any other line."""
+    if not line.startswith(END_MARK + " "):
+        return None
+    try:
+        return int(line[len(END_MARK) + 1 :].strip())
+    except ValueError:
+        return None

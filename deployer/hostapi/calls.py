@@ -72,10 +72,34 @@ class AgentCall(NamedTuple):
     # answering (a frozen sshd) fails its step instead of hanging the command.
     deadline: float = 60.0
 
-    def argv(self, python: str, layout: Layout, digest: str) -> list[str]:
+    def words(self, layout: Layout) -> list[str]:
+        """What follows `agent`: the op and its arguments, as the agent's parser reads
+        them (on a command line, or in a session request)."""
         root = ("--root", str(layout.root)) if self.root else ()
+        return [self.op, *root, *self.args]
+
+    def argv(self, python: str, layout: Layout, digest: str) -> list[str]:
         pyz = "-" if self.pyz_on_stdin else str(layout.pyz)
-        return zipapp(python, pyz, digest, "agent", self.op, *root, *self.args)
+        return zipapp(python, pyz, digest, "agent", *self.words(layout))
+
+    @property
+    def in_session(self) -> bool:
+        """Whether the call can be a request of the host's agent session: not one
+        that installs the zipapp it runs from, replaces the agent (exec), or reads
+        its stdin until the controller goes away (logs --follow)."""
+        return not self.pyz_on_stdin and self.op not in ONE_SHOT_OPS and "--follow" not in self.args
+
+
+# ops that never go through an agent session (see AgentCall.in_session)
+ONE_SHOT_OPS = ("exec", "session")
+SESSION_OP = "session"
+
+
+def session(python: str, layout: Layout, digest: str) -> list[str]:
+    """The agent in session mode (deployer/agent/session.py): the BOOTSTRAP hash
+    check and interpreter start once, then requests on stdin, answers on stdout
+    (framing: deployer.hostapi.answers.request_frame / end_frame)."""
+    return zipapp(python, str(layout.pyz), digest, "agent", SESSION_OP)
 
 
 def version() -> AgentCall:

@@ -1,0 +1,334 @@
+"""The agent session (issue 17): one agent process per host per command, requests
+and answers framed by the host contract (deployer.hostapi.answers).
+
+Framing without any process; the host's session loop as a subprocess on real
+pipes; the controller's AgentSession over a LocalHost; and a rollout whose one
+host's SSH session is cut (its sshd session process killed, by pid) in the
+middle of a call.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deployer.agent.session import serve
+from deployer.hostapi import answers, calls
+from deployer.hostapi.layout import Layout
+from deployer.transport import CommandTimeout, LocalHost, SessionEnded
+
+REPO = Path(__file__).resolve().parent.parent
+# the zipapp's entry point, run from the source tree (what BOOTSTRAP imports on a host)
+AGENT = [
+    sys.executable,
+    "-c",
+    f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+    "from deployer.hostmain import main; sys.exit(main())",
+    "agent",
+]
+
+# --- framing --------------------------------------------------------------------------
+
+
+def test_a_request_frame_is_a_json_line_then_its_raw_stdin() -> None:
+    frame = answers.request_frame(7, ["prepare", "--root", "/srv"], b"PACK\n\x00bytes")
+    head, rest = frame.split(b"\n", 1)
+    assert json.loads(head) == {"id": 7, "argv": ["prepare", "--root", "/srv"], "stdin": 11}
+    assert rest == b"PACK\n\x00bytes"
+    assert answers.parse_request(head + b"\n") == (7, ["prepare", "--root", "/srv"], 11)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"[1, 2]\n", b'{"id": "x", "argv": []}\n', b'{"id": 1, "argv": [1]}\n',
+     b'{"id": 1, "argv": [], "stdin": -1}\n', b"not json\n"],
+)  # fmt: skip
+def test_a_garbled_request_is_refused(line: bytes) -> None:
+    with pytest.raises(ValueError):
+        answers.parse_request(line)
+
+
+def test_the_end_frame_names_its_request_and_nothing_else_is_one() -> None:
+    assert answers.end_id(answers.end_frame(12)) == 12
+    for other in ("build: @@deployer-end 3", "@@deployer-end", "@@deployer-end x", "", "|x"):
+        assert answers.end_id(other) is None
+
+
+def test_every_call_but_the_streaming_ones_goes_through_a_session() -> None:
+    layout = Layout.at("/srv/shop")
+    owner = answers.LockOwner("id1")
+    for call in (calls.state(), calls.version(), calls.lock("acquire", owner), calls.prune(3),
+                 calls.prepare("a" * 40, "r", receive=True), calls.secrets("set", "K"),
+                 calls.record({"a": 1}), calls.logs(10)):  # fmt: skip
+        assert call.in_session, call.op
+        assert call.argv("python3", layout, "0" * 64)[5:] == ["agent", *call.words(layout)]
+    for call in (calls.setup(install=True), calls.exec_command(["ls"]), calls.logs(10, None, True)):
+        assert not call.in_session, call.op
+    assert calls.session("python3", layout, "0" * 64)[3:] == [
+        str(layout.pyz),
+        "0" * 64,
+        "agent",
+        "session",
+    ]
+
+
+# --- the host's session loop ------------------------------------------------------------
+
+
+def answers_of(out: str) -> list[tuple[int, str, list[str]]]:
+    """(request id, result line, streamed lines) per end frame, in order."""
+    got, lines = [], []
+    for line in out.splitlines():
+        rid = answers.end_id(line)
+        if rid is None:
+            lines.append(line)
+            continue
+        results = [x for x in lines if x.startswith(answers.RESULT_MARK)]
+        got.append((rid, results[-1], [x for x in lines if x not in results]))
+        lines = []
+    assert lines == [], f"output after the last end frame: {lines}"
+    return got
+
+
+def session_proc(**kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*AGENT, "session"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
+
+
+def test_the_session_answers_pipelined_requests_in_order_and_exits_0_at_eof(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "app"
+    layout = Layout.at(str(root))
+    proc = session_proc()
+    frames = [
+        answers.request_frame(1, ["version"]),
+        answers.request_frame(2, calls.setup().words(layout)),
+        answers.request_frame(3, calls.secrets("set", "API_KEY").words(layout), b"s3cret\n"),
+        answers.request_frame(4, calls.secrets("list").words(layout)),
+        answers.request_frame(5, ["nonsense", "--x"]),
+        answers.request_frame(6, calls.exec_command(["true"]).words(layout)),
+        answers.request_frame(7, calls.state().words(layout)),
+    ]
+    out, err = proc.communicate(b"".join(frames), timeout=60)
+    assert proc.returncode == 0, err
+    got = answers_of(out.decode())
+    assert [rid for rid, _, _ in got] == [1, 2, 3, 4, 5, 6, 7]
+    assert answers.parse_result(got[0][1], answers.Version).bundle
+    assert answers.parse_result(got[2][1], answers.Secrets).changed
+    # the secret came as the request's stdin, and the next request saw none
+    assert answers.parse_result(got[3][1], answers.Secrets).keys == ["API_KEY"]
+    assert json.loads(layout.secrets.read_text()) == {"API_KEY": "s3cret"}
+    for rid in (5, 6):  # a bad request, and exec: refused with an answer, the session goes on
+        with pytest.raises(answers.AgentFailed) as e:
+            answers.parse_result(got[rid - 1][1], answers.Version)
+        assert e.value.code == 2 and "bad request" in str(e.value)
+    state = answers.parse_result(got[6][1], answers.HostState)
+    assert state.exists and state.bundle
+
+
+def test_the_ops_children_cannot_read_the_next_requests(tmp_path: Path) -> None:
+    """fd 0 of the session is /dev/null for what the ops start (a build, git)."""
+    stream = io.BytesIO(
+        answers.request_frame(1, ["probe-stdin"]) + answers.request_frame(2, ["probe-stdin"])
+    )
+    seen = []
+
+    def handle(argv: list[str]) -> None:
+        child = subprocess.run(["cat"], capture_output=True, timeout=10)  # inherits fd 0
+        seen.append((argv, child.stdout, sys.stdin.read()))
+        print(answers.result_line(answers.Recorded()), flush=True)
+
+    saved = os.dup(0)
+    try:
+        with open(os.devnull, "rb") as null:
+            os.dup2(null.fileno(), 0)
+        assert serve(handle, stream) == 0
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+    assert seen == [(["probe-stdin"], b"", ""), (["probe-stdin"], b"", "")]
+
+
+def test_a_garbled_request_ends_the_session_with_exit_2_and_says_why() -> None:
+    proc = session_proc()
+    out, err = proc.communicate(answers.request_frame(1, ["version"]) + b"{oops\n", timeout=60)
+    assert proc.returncode == 2
+    assert [rid for rid, _, _ in answers_of(out.decode())] == [1]
+    assert b"deployer: bad session request" in err
+
+
+def test_a_request_cut_in_its_stdin_ends_the_session_quietly() -> None:
+    proc = session_proc()
+    head = answers.request_frame(1, ["secrets", "list", "--root", "/nonexistent"], b"12345")
+    out, err = proc.communicate(head[:-2], timeout=60)
+    assert (proc.returncode, out, err) == (0, b"", b"")
+
+
+# --- the controller's end, over a local process -------------------------------------------
+
+
+def test_local_agent_session_calls_streams_and_reuses_one_process(tmp_path: Path) -> None:
+    host = LocalHost("l1")
+    layout = Layout.at(str(tmp_path / "app"))
+    try:
+        with host.agent_session(AGENT + ["session"]) as s:
+            out = s.call(calls.setup().words(layout), timeout=30)
+            assert answers.parse_result(out, answers.SetupResult).root == str(layout.root)
+            first = s.stream
+            # pipelined: two requests out, then both answers
+            a = s.send(calls.state().words(layout))
+            b = s.send(["version"])
+            assert answers.parse_result(s.receive(a, None, 30), answers.HostState).exists
+            assert answers.parse_result(s.receive(b, None, 30), answers.Version).bundle
+        with host.agent_session(AGENT + ["session"]) as s:
+            assert s.stream is first  # the idle session, not a new process
+            streamed: list[str] = []
+            s.call(calls.secrets("list").words(layout), None, streamed.append, 30)
+            assert all(not line.startswith("@@") or line.startswith(answers.RESULT_MARK)
+                       for line in streamed)  # fmt: skip
+    finally:
+        host.close()
+    assert first.proc.wait(5) == 0  # closing the host closed its session: EOF, exit 0
+
+
+def test_a_session_whose_agent_cannot_start_reports_its_exit_and_stderr() -> None:
+    host = LocalHost("l1")
+    argv = [sys.executable, "-c", "import sys; sys.stderr.write('deployer: no agent\\n'); "
+            "sys.exit(127)"]  # fmt: skip
+    with pytest.raises(SessionEnded) as e, host.agent_session(argv) as s:
+        s.call(["version"], timeout=30)
+    assert (e.value.exit_code, e.value.lost, e.value.stderr) == (127, "", "deployer: no agent\n")
+
+
+def test_a_killed_session_fails_its_pending_call_and_a_frozen_one_its_deadline() -> None:
+    host = LocalHost("l1")
+    sleeper = [sys.executable, "-c", "import sys, time; sys.stdin.readline(); time.sleep(60)"]
+    with pytest.raises(CommandTimeout), host.agent_session(sleeper) as s:
+        s.call(["version"], timeout=0.5)
+    with pytest.raises(SessionEnded) as e, host.agent_session(sleeper) as s:
+        rid = s.send(["version"])
+        time.sleep(0.3)
+        os.kill(s.stream.proc.pid, signal.SIGKILL)
+        s.receive(rid, None, 30)
+    assert e.value.lost and "signal 9" in e.value.lost
+    host.close()
+
+
+# --- a session cut mid-rollout, on real sshd hosts -------------------------------------------
+
+
+def sshd_sessions(sshd_fleet, host) -> list[int]:
+    """The per-connection sshd processes of a host (its listener's descendants)."""
+    from sshd import _sshd_descendants
+
+    listener = sshd_fleet.pid(host)
+    assert listener is not None
+    return _sshd_descendants(listener)
+
+
+def test_a_session_cut_in_the_middle_of_a_switch_fails_that_host_and_rolls_back(
+    tmp_path: Path, ssh_hosts, sshd_fleet
+) -> None:
+    """host3's health probe (batch 3) is in flight when its SSH connection is cut (its
+    sshd session processes killed by pid, the listener left up): its step fails with a
+    clear error, the switched hosts go back (host3 too, over a new connection), every
+    lock is released, the exit code is 1, no traceback."""
+    from rollout_helpers import commit, make_project
+    from test_rollout import HealthServer, failure_of, with_health
+
+    project = make_project(tmp_path, ssh_hosts, {"app.txt": "version 1\n"})
+    project.deployer("setup", check=True)
+    project.deployer("rollout", check=True)
+    before = {h.name: project.current(h) for h in project.hosts}
+    commit(project.repo, {"app.txt": "version 2\n"}, "v2")
+    cut: list[int] = []
+    victim = project.hosts[2]
+
+    def cut_host3(hit: int) -> None:
+        if hit == 3:  # batches of one: host1, host2, then host3's probe, in flight now
+            cut.extend(sshd_sessions(sshd_fleet, victim))
+            for pid in cut:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)  # the probe answers only once the connection is gone
+
+    health = HealthServer(on_request=cut_host3)
+    try:
+        with_health(project, health.url)
+        proc = project.deployer("rollout")
+    finally:
+        health.close()
+    assert cut, proc.stdout
+    assert proc.returncode == 1, proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    why = failure_of(proc.stdout, victim.name)
+    assert why.startswith("health failed: connection lost while running it"), why
+    assert "FAILED at switch" in proc.stdout and "rolling back" in proc.stdout
+    assert {h.name: project.current(h) for h in project.hosts} == before
+    assert not (project.state / "demo.lock").exists()
+    assert [h.name for h in project.hosts if (h.root / "run" / "deploy.lock").exists()] == []
+    history = json.loads(project.deployer("history", "--json", check=True).stdout)
+    assert history[0]["result"] == "failed"
+
+
+def test_a_host_gone_in_the_middle_of_prepare_fails_fast_afterwards(
+    tmp_path: Path, ssh_hosts, sshd_fleet
+) -> None:
+    """host3's sshd goes away entirely (listener and sessions) while its build runs:
+    its prepare fails naming the lost connection, its later steps (unlock) fail at
+    once after one attempt to reconnect, the others' locks are released."""
+    from rollout_helpers import commit, make_project
+
+    project = make_project(
+        tmp_path,
+        ssh_hosts,
+        {"app.txt": "version 1\n"},
+        app_extra='build = "touch ../../building; sleep 2"',
+    )
+    project.deployer("setup", check=True)
+    project.deployer("rollout", check=True)
+    for h in project.hosts:
+        (h.root / "building").unlink()
+    commit(project.repo, {"app.txt": "version 2\n"}, "v2")
+    victim = project.hosts[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deployer", "-i", str(project.inventory), "rollout"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=project.repo,
+        env={**os.environ, "DEPLOYER_STATE_DIR": str(project.state)},
+    )
+    try:
+        end = time.monotonic() + 60
+        while not (victim.root / "building").exists() and time.monotonic() < end:
+            time.sleep(0.02)
+        started = time.monotonic()
+        sshd_fleet.stop(victim)  # listener and sessions: the host is gone
+        out, err = proc.communicate(timeout=120)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sshd_fleet.ensure_running([victim])
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out + err
+    assert "FAILED at prepare" in out
+    assert "prepare failed: connection lost while running it" in out
+    assert took < 30, out  # no retry_deadline-long reconnect loops for a lost host
+    assert not (project.state / "demo.lock").exists()
+    held = [h.name for h in project.hosts if (h.root / "run" / "deploy.lock").exists()]
+    assert held == [victim.name], out
