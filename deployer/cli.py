@@ -35,13 +35,39 @@ destination_option = click.option(
     help="Stage: merge <inventory stem>.NAME.toml (inventory.NAME.toml) over the inventory; "
     "its own lock, history and logs.",
 )
-hosts_option = click.option(
+_hosts_flag = click.option(
     "--hosts",
     "-H",
     "patterns",
     metavar="GLOB",
     help="Comma-separated host names or globs; '!pattern' excludes (default: all).",
 )
+
+
+def _keep_roles(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    ctx.meta["deployer.roles"] = value
+
+
+_roles_flag = click.option(
+    "--roles",
+    "-R",
+    metavar="ROLE",
+    expose_value=False,  # read by selected(): every command that takes --hosts takes it
+    callback=_keep_roles,
+    help="Comma-separated roles (globs too): the hosts that have one, and only those "
+    "roles' masters (default: every role).",
+)
+
+
+def hosts_option(f: Any) -> Any:
+    """--hosts and --roles: which hosts, and which of their roles' masters."""
+    return _hosts_flag(_roles_flag(f))
+
+
+def selected(ctx: click.Context, inv: Any, patterns: str | None) -> list[Any]:
+    """The hosts --hosts and --roles select, each with just the roles selected."""
+    return inv.select(patterns, ctx.meta.get("deployer.roles"))
+
 
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 
@@ -79,12 +105,16 @@ def load_inventory(ctx: click.Context):  # -> Inventory (import kept lazy)
 @click.pass_context
 def hosts(ctx: click.Context, patterns: str | None, as_json: bool) -> None:
     """List the selected hosts with their address, port, user and transport."""
-    rows = [h.describe() for h in load_inventory(ctx).select(patterns)]
+    rows = [h.describe() for h in selected(ctx, load_inventory(ctx), patterns)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     columns = ["name", "address", "port", "user", "transport"]
-    cells = [columns] + [["-" if r[c] is None else str(r[c]) for c in columns] for r in rows]
+    columns += ["roles"] if any(r["roles"] for r in rows) else []
+    cells = [columns] + [
+        ["-" if not r[c] else ",".join(r[c]) if c == "roles" else str(r[c]) for c in columns]
+        for r in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     for row in cells:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
@@ -98,7 +128,7 @@ def open_fleet(
     from deployer.session import FleetSession
 
     inv = load_inventory(ctx)
-    hosts = inv.select(patterns)
+    hosts = selected(ctx, inv, patterns)
     state = state_dir(inv.path, inv.destination)
     return FleetSession(inv, hosts, state, reporter, lock_wait=lock_wait)
 
@@ -282,14 +312,20 @@ def status_line(r: dict) -> str:
     if "current" not in r:
         return f"{r['host']}: {verdict}"
     rev = (r["revision"] or "-")[:12]
-    m = r["master"]
+    roles = "; ".join(role_summary(role) for role in r["roles"])
+    return f"{r['host']}: {verdict}: {r['current'] or 'no release'} ({rev}), {roles}"
+
+
+def role_summary(role: dict) -> str:
+    """`web: master pid 12 4/4 ready, health ok` (no name for the implicit role)."""
+    m = role["master"]
     master = (
         f"master pid {m['pid']} {m['ready']}/{m['configured']} ready"
         if m
-        else ("master running" if r["master_running"] else "no master")
+        else ("master running" if role["master_running"] else "no master")
     )
-    health = f", health {r['health']}" if r["health"] else ""
-    return f"{r['host']}: {verdict}: {r['current'] or 'no release'} ({rev}), {master}{health}"
+    health = f", health {role['health']}" if role["health"] else ""
+    return f"{role['role'] + ': ' if role['role'] else ''}{master}{health}"
 
 
 @cli.command()
@@ -595,7 +631,7 @@ def config(
 
     if not diff:
         inv = load_inventory(ctx)
-        confs = [day2.resolved(h, inv) for h in inv.select(patterns)]
+        confs = [day2.resolved(h, inv) for h in selected(ctx, inv, patterns)]
         if as_json:
             click.echo(json.dumps(confs, indent=2))
             return

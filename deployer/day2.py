@@ -27,7 +27,7 @@ from deployer.errors import BadInput, DeployerError
 from deployer.hostapi import answers, calls
 from deployer.hostapi.checks import mask_url
 from deployer.hostapi.options import MasterConfig, to_toml, toml_value
-from deployer.inventory import HostConfig, Inventory
+from deployer.inventory import HostConfig, Inventory, RoleConfig
 from deployer.remote import RemoteHost
 from deployer.report import printable
 from deployer.session import FleetSession
@@ -123,32 +123,39 @@ def logs(
     err: TextIO,
     until_idle: float | None = None,
 ) -> int:
-    """`deployer app logs`: 0, or 1 if a host's log could not be read."""
-    names = session.names
+    """`deployer app logs`: 0, or 1 if a host's log could not be read. One stream per
+    master: `web1` for a host's only master, `web1/worker` for a role's."""
+    streams = {
+        (n if role.name is None else f"{n}/{role.name}"): (remote, role.name)
+        for n, remote in session.remotes.items()
+        for role in (remote.config.masters or remote.config.roles[:1])
+    }
+    names = list(streams)
     show = Prefixer(names, out)
     merge = _Merge(names)
     events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
     stop = threading.Event()
-    call = calls.logs(lines, since, follow)
 
-    def stream(remote: RemoteHost) -> None:
+    def stream(name: str, remote: RemoteHost, role: str | None) -> None:
         def on_line(text: str) -> None:
             if text.startswith(calls.LOG_LINE):
-                events.put(("line", remote.name, text[len(calls.LOG_LINE) :]))
+                events.put(("line", name, text[len(calls.LOG_LINE) :]))
             elif text == calls.LOG_LIVE:
-                events.put(("live", remote.name, None))
+                events.put(("live", name, None))
 
+        call = calls.logs(lines, since, follow, role=role)
         try:
             stdin = _until(stop) if follow else None
             answer: answers.LogsResult = remote.call(call, stdin=stdin, on_line=on_line)
-            events.put(("end", remote.name, answer))
+            events.put(("end", name, answer))
         except DeployerError as e:
-            events.put(("fail", remote.name, _short(e, remote.name)))
+            events.put(("fail", name, _short(e, remote.name)))
         except Exception as e:  # a bug: said per host, never a hung command
-            events.put(("fail", remote.name, f"{type(e).__name__}: {e}"))
+            events.put(("fail", name, f"{type(e).__name__}: {e}"))
 
-    for name in names:
-        threading.Thread(target=stream, args=(session.remotes[name],), daemon=True).start()
+    for name, (remote, role) in streams.items():
+        threading.Thread(target=stream, args=(name, remote, role), daemon=True).start()
+    call = calls.logs(lines, since, follow)  # its deadline
 
     failed: dict[str, str] = {}
     ended: set[str] = set()
@@ -256,7 +263,10 @@ def _live(
 
 
 def _exec_argv(remote: RemoteHost, argv: Sequence[str]) -> list[str]:
-    return calls.exec_command(argv).argv(remote.config.ssh.python, remote.layout, build().sha256)
+    """With roles, the environment is the first (selected) role's master's."""
+    role = next((r.name for r in remote.config.masters), None)
+    call = calls.exec_command(argv, role)
+    return call.argv(remote.config.ssh.python, remote.layout, build().sha256)
 
 
 def _why_not_run(remote: RemoteHost, result: Result) -> str | None:
@@ -440,10 +450,26 @@ def _master_values(cfg: MasterConfig) -> dict[str, Any]:
     return out
 
 
+def _role_conf(host: HostConfig, role: RoleConfig) -> dict[str, Any]:
+    master = host.master_config(role.name)
+    return {
+        "role": role.name,
+        "master": None if master is None else _master_values(master),
+        "master_toml": None
+        if master is None
+        else str(host.layout.for_role(role.name).master_config),
+        "health": None if role.health is None else dataclasses.asdict(role.health),
+        "env": dict(role.env),
+        # "master.workers": "[hosts.big.master]": the table each value comes from
+        "origins": dict(role.origins),
+    }
+
+
 def resolved(host: HostConfig, inv: Inventory) -> dict[str, Any]:
-    """One host's configuration as deployer uses it: [hosts.NAME] over the top level,
-    {host} and {address} expanded, [master] as master.toml has it; passwords in URLs
-    masked."""
+    """One host's configuration as deployer uses it: its tables merged (host's role
+    table > host > role > top level), {host} and {address} expanded, each master as
+    its master.toml has it, where each value comes from; passwords in URLs masked."""
+    roles = [_role_conf(host, r) for r in host.roles]
     master = host.master_config()
     out = {
         "host": host.name,
@@ -458,6 +484,7 @@ def resolved(host: HostConfig, inv: Inventory) -> dict[str, Any]:
         "health": None if host.health is None else dataclasses.asdict(host.health),
         "env": dict(host.env),
         "migrations": None if inv.migrations is None else dataclasses.asdict(inv.migrations),
+        "roles": roles,
     }
     return _masked(out)
 
@@ -467,21 +494,51 @@ def render(conf: dict[str, Any]) -> list[str]:
     where = conf["transport"] if conf["ssh"] is None else f"ssh {conf['ssh']['user'] or ''}"
     port = "" if conf["ssh"] is None else f" port {conf['ssh']['port']}"
     lines = [f"# {conf['host']}: {conf['address']} ({where.rstrip()}{port})"]
-    for section in ("app", "master", "health", "env", "migrations"):
-        table = conf[section]
-        if table is None:
-            continue
-        note = f"  # {conf['master_toml']}" if section == "master" else ""
-        lines.append(f"[{section}]{note}")
-        for key, value in table.items():
-            if value is not None:
-                name = key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_value(key)
-                lines.append(f"{name} = {toml_value(value)}")
+    _table(lines, "app", conf["app"])
+    for role in conf["roles"]:
+        prefix = "" if role["role"] is None else f"roles.{role['role']}."
+        for section in ("master", "health", "env"):
+            note = f"  # {role['master_toml']}" if section == "master" else ""
+            _table(lines, prefix + section, role[section], note, role["origins"], section)
+    _table(lines, "migrations", conf["migrations"])
     return lines
 
 
-def _run_probe(remote: RemoteHost, listen: str | None, timeout: float) -> answers.Probe:
-    argv = calls.probe(remote.config.ssh.python, remote.layout, build().sha256, listen)
+# master.toml keys the layout sets, not the inventory
+_LAYOUT_KEYS = ("cwd", "socket", "pidfile", "log", "env", "env_file")
+
+
+def _table(
+    lines: list[str],
+    name: str,
+    table: dict[str, Any] | None,
+    note: str = "",
+    origins: dict[str, str] | None = None,
+    section: str = "",
+) -> None:
+    """A [name] table; with `origins`, each key says which inventory table set it
+    (`# default` if none did)."""
+    if table is None:
+        return
+    lines.append(f"[{name}]{note}")
+    for key, value in table.items():
+        if value is None or (section == "master" and key == "env"):
+            continue  # the env is its own table below
+        shown = key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_value(key)
+        where = ""
+        if origins is not None:
+            source = origins.get(f"{section}.{key}")
+            layout = section == "master" and key in _LAYOUT_KEYS
+            where = f"  # {source or ('layout' if layout else 'default')}"
+        lines.append(f"{shown} = {toml_value(value)}{where}")
+
+
+def _run_probe(
+    remote: RemoteHost, listen: str | None, timeout: float, role: str | None = None
+) -> answers.Probe:
+    """The probe, reading `role`'s master files (None: master.toml, run/master.pid)."""
+    layout = remote.layout.for_role(role)
+    argv = calls.probe(remote.config.ssh.python, layout, build().sha256, listen)
     result = remote.transport.run(argv, timeout=timeout)
     try:
         answer = answers.parse_result(result.stdout, answers.Probe)
@@ -546,8 +603,15 @@ def drift(session: FleetSession, timeout: float) -> list[dict[str, Any]]:
     the inventory now: master.toml (its options, its env) and the agent."""
 
     def one(remote: RemoteHost) -> dict[str, Any]:
-        probe = _run_probe(remote, None, timeout)
-        return compare(remote, probe)
+        roles = [r.name for r in remote.config.masters] or [None]
+        rows = [compare(remote, _run_probe(remote, None, timeout, role), role) for role in roles]
+        first = rows[0]
+        for other in rows[1:]:  # the agent's notes are the host's: said once
+            first["notes"] += [n for n in other["notes"] if n not in first["notes"]]
+            first["changes"] += other["changes"]
+            first["diff"] += other["diff"]
+            first["differs"] = first["differs"] or other["differs"]
+        return first
 
     results, failures = session.each_within(session.names, one, timeout + 5)
     return [
@@ -558,7 +622,9 @@ def drift(session: FleetSession, timeout: float) -> list[dict[str, Any]]:
     ]
 
 
-def compare(remote: RemoteHost, probe: answers.Probe) -> dict[str, Any]:
+def compare(remote: RemoteHost, probe: answers.Probe, role: str | None = None) -> dict[str, Any]:
+    """What on the host differs from what setup would write: the agent, and `role`'s
+    master toml (a role's changes are prefixed with its name)."""
     notes: list[str] = []
     changes: list[str] = []
     diff: list[str] = []
@@ -569,7 +635,7 @@ def compare(remote: RemoteHost, probe: answers.Probe) -> dict[str, Any]:
         notes.append("no host agent installed (`deployer setup`)")
     elif agent != "same":
         notes.append(f"the host agent could not be checked: {probe.agent.get('error')}")
-    master = remote.master
+    master = remote.master_for(role)
     toml = probe.master_toml
     if master is None:
         notes.append("no [master] in the inventory: master.toml is not deployer's to compare")
@@ -584,6 +650,8 @@ def compare(remote: RemoteHost, probe: answers.Probe) -> dict[str, Any]:
             changes = config_changes(toml["text"], expected, path)
             if not changes:
                 changes = ["the text differs (comments, order or layout), not the options"]
+            if role is not None:
+                changes = [f"{role}: {c}" for c in changes]
             diff = [
                 mask_url(line)
                 for line in difflib.unified_diff(
@@ -660,11 +728,12 @@ def examine(remote: RemoteHost, timeout: float) -> list[Check]:
             checks.append(Check("ssh", "FAIL", _short(e, remote.name)))
             return checks + [Check(c, "skip", "not checked: no connection") for c in REST]
         checks.append(Check("ssh", "ok", f"{where}: connected, host key verified"))
-    master = remote.master
+    roles = [r.name for r in cfg.masters] or [None]
+    master = remote.master_for(roles[0])
     listen = None if master is None else master.listen
     before = time.time()
     try:
-        probe = _run_probe(remote, listen, 30.0)
+        probe = _run_probe(remote, listen, 30.0, roles[0])
     except DeployerError as e:
         checks.append(Check("python", "FAIL", _short(e, remote.name)))
         return checks + [Check(c, "skip", "not checked: no python") for c in REST[1:]]
@@ -672,8 +741,13 @@ def examine(remote: RemoteHost, timeout: float) -> list[Check]:
     checks.append(_python(probe, cfg.ssh.python))
     checks.append(_disk(probe.disk, cfg.app.deploy_to))
     checks.append(_layout(probe, cfg.app.deploy_to, remote.layout.dirs()))
-    checks.append(_systemd(probe.systemd, master))
-    checks.append(_listen(probe.listen, listen))
+    checks.append(_systemd(probe.systemd, [m for r in cfg.masters if (m := r.master)]))
+    checks.append(_listen(probe.listen, listen, roles[0]))
+    for role in roles[1:]:  # each role's master binds its own listen, or none
+        other = remote.master_for(role)
+        spec = None if other is None else other.listen
+        found = _run_probe(remote, spec, 30.0, role).listen if spec else {}
+        checks.append(_listen(found, spec, role))
     checks.append(_clock(probe.time, before, after))
     return checks
 
@@ -735,29 +809,29 @@ def _layout(probe: answers.Probe, deploy_to: str, remote_dirs: Sequence[Any]) ->
     return Check("layout", "ok", f"{deploy_to} is {user}'s alone and writable; {agent}")
 
 
-def _systemd(sd: dict[str, Any], master: MasterConfig | None) -> Check:
+def _systemd(sd: dict[str, Any], masters: Sequence[MasterConfig]) -> Check:
     if "error" in sd:
         return Check("systemd", "info", f"could not tell: {sd['error']}")
     if sd.get("running"):
         return Check("systemd", "info", "running: `deployer setup` installs a unit for the master")
     text = "not running here: nothing brings the master back after a reboot"
-    if master is not None and master.supervisor == "systemd":
+    if any(m.supervisor == "systemd" for m in masters):
         return Check("systemd", "FAIL", f'{text}, and [master] supervisor = "systemd" needs it')
     return Check("systemd", "info", text)
 
 
-def _listen(found: dict[str, Any], listen: str | None) -> Check:
+def _listen(found: dict[str, Any], listen: str | None, role: str | None = None) -> Check:
+    name = "listen" if role is None else f"listen {role}"
     if not listen:
-        return Check("listen", "info", "no [master] listen in the inventory")
+        what = "[master]" if role is None else f"role {role}'s master"
+        return Check(name, "info", f"no {what} listen in the inventory (binds no socket)")
     state = found.get("state")
     if state == "free":
-        return Check("listen", "ok", f"{listen} is free")
+        return Check(name, "ok", f"{listen} is free")
     if state == "ours":
-        return Check(
-            "listen", "ok", f"{listen} is served by this app's master (pid {found['pid']})"
-        )
+        return Check(name, "ok", f"{listen} is served by this app's master (pid {found['pid']})")
     why = found.get("why") or found.get("error") or state
-    return Check("listen", "FAIL", f"{listen}: {why}")
+    return Check(name, "FAIL", f"{listen}: {why}")
 
 
 def _clock(host_time: float, before: float, after: float) -> Check:

@@ -223,6 +223,7 @@ class DeployHooks:
     hosts: Sequence[str]
     revision: str | None = None
     release: str | None = None
+    roles: Sequence[str] = ()  # the roles acted on (none: an inventory without [roles])
     log: str | None = None
     performer: str = field(default_factory=lambda: performer())
 
@@ -238,7 +239,7 @@ class DeployHooks:
             "DEPLOYER_REVISION": self.revision or "",
             "DEPLOYER_RELEASE": self.release or "",
             "DEPLOYER_HOSTS": ",".join(self.hosts),
-            "DEPLOYER_ROLES": "",  # no roles yet
+            "DEPLOYER_ROLES": ",".join(self.roles),
             "DEPLOYER_PERFORMER": self.performer,
             "DEPLOYER_RESULT": result or "",
             "DEPLOYER_DURATION": "" if duration is None else f"{duration:.2f}",

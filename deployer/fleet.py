@@ -7,6 +7,7 @@ from typing import Any
 
 from deployer.agent.bundle import build
 from deployer.hostapi import answers, calls
+from deployer.inventory import RoleConfig
 from deployer.lock import describe
 from deployer.remote import RemoteHost
 from deployer.session import FleetSession
@@ -24,34 +25,49 @@ def setup(fleet: FleetSession) -> dict[str, str]:
             say(f"created {d}", remote.name)
         agent = "installed" if done.installed else "up to date"
         say(f"agent {bundle.id} {agent} at {remote.layout.pyz}", remote.name)
-        if remote.config.master is None:
-            return
-        if done.config_changed:
-            say(f"wrote {remote.layout.master_config}", remote.name)
-        for change in done.config_changes:
-            say(f"  {change}", remote.name)
-        state = remote.state()
-        if state.master.running:
-            apply_to_running_master(remote, done, say)
-        elif state.current:
-            remote.start_master(on_line=lambda s: say(f"master: {s}", remote.name))
-            say("master started", remote.name)
-        else:
-            say("no release yet: the first rollout starts the master", remote.name)
-        supervise(remote, say)
+        installed = done.installed  # every running master re-execs on the new agent
+        for role in remote.config.masters:
+            if role.name is not None:  # a role's master-<role>.toml: its own call
+                done = remote.configure(role.name)
+            setup_master(remote, role.name, done._replace(installed=installed), say)
 
     _, failures = fleet.each(fleet.names, one)
     return failures
 
 
-def supervise(remote: RemoteHost, say: Callable[[str, str], None]) -> None:
-    """The app's systemd unit on the host ([master] supervisor), so that a reboot
-    brings the master back; says what changed, or in one line why it will not."""
-    master = remote.master
+def setup_master(
+    remote: RemoteHost,
+    role: str | None,
+    done: answers.SetupResult,
+    say: Callable[[str, str], None],
+) -> None:
+    """One role's master after setup wrote its options: upgraded (the agent was just
+    installed: `done.installed`) or started, and supervised."""
+    layout = remote.layout.for_role(role)
+    who = "master" if role is None else f"{role} master"
+    if done.config_changed:
+        say(f"wrote {layout.master_config}", remote.name)
+    for change in done.config_changes:
+        say(f"  {change}", remote.name)
+    state = remote.state(role)
+    if state.master.running:
+        apply_to_running_master(remote, done, say, role)
+    elif state.current:
+        remote.start_master(on_line=lambda s: say(f"{who}: {s}", remote.name), role=role)
+        say(f"{who} started", remote.name)
+    else:
+        say(f"no release yet: the first rollout starts the {who}", remote.name)
+    supervise(remote, say, role)
+
+
+def supervise(remote: RemoteHost, say: Callable[[str, str], None], role: str | None = None) -> None:
+    """The systemd unit of the app's (role's) master on the host ([master] supervisor),
+    so that a reboot brings the master back; says what changed, or why it will not."""
+    master = remote.master_for(role)
     assert master is not None
     boot = master.worker_count(remote.cpus or 16) * (master.ready_timeout + master.ready_soak)
     deadline = boot + master.shutdown_timeout + 90  # where systemd runs, it starts the unit
-    call = calls.unit(remote.config.app.name, master.supervisor, deadline)
+    call = calls.unit(remote.config.app.name, master.supervisor, deadline, role)
     u: answers.UnitResult = remote.call(call)
     if u.unit is None or u.path is None:  # no systemd here, or supervisor = "none"
         gone = f"unit {u.unit} removed; " if u.removed else ""
@@ -79,10 +95,15 @@ def secrets(
         done = remote.secrets(action, key, value)
         verb = {"set": "set", "unset": "removed"}[action]
         say(f"{key} {verb}" if done.changed else f"{key} unchanged", remote.name)
-        wanted = reload and done.changed and remote.config.master is not None
-        if wanted and remote.state().master.running:
-            remote.reload_master(on_line=lambda s: say(f"reload: {s}", remote.name))
-            say("workers reloaded with it", remote.name)
+        if not (reload and done.changed):
+            return
+        for role in remote.config.masters:
+            if remote.state(role.name).master.running:
+                line = f"reload {role.name}" if role.name else "reload"
+                remote.reload_master(
+                    on_line=lambda s, line=line: say(f"{line}: {s}", remote.name), role=role.name
+                )
+                say(f"{role.label} workers reloaded with it", remote.name)
 
     _, failures = fleet.each(fleet.names, one)
     return failures
@@ -99,7 +120,10 @@ RESTART_KEYS = ("listen", "socket", "pidfile", "log", "cwd")
 
 
 def apply_to_running_master(
-    remote: RemoteHost, done: answers.SetupResult, say: Callable[[str, str], None]
+    remote: RemoteHost,
+    done: answers.SetupResult,
+    say: Callable[[str, str], None],
+    role: str | None = None,
 ) -> None:
     """A new agent and changed options reach the running master with no request lost:
     the new code and options by a re-exec in place, workers by scaling."""
@@ -107,39 +131,43 @@ def apply_to_running_master(
     restart = sorted(changed & set(RESTART_KEYS))
     live = changed - set(RESTART_KEYS) - {"workers", "supervisor"}  # supervisor: setup's own
 
+    who = "master" if role is None else f"{role} master"
+
     def line(s: str) -> None:
-        say(f"master: {s}", remote.name)
+        say(f"{who}: {s}", remote.name)
 
     if done.installed:
-        remote.upgrade_master(on_line=line)
-        say("master upgraded in place: the new agent", remote.name)
+        remote.upgrade_master(on_line=line, role=role)
+        say(f"{who} upgraded in place: the new agent", remote.name)
     if live:  # by the new code: an older master ignores new options in an upgrade
-        remote.upgrade_master(on_line=line, reconfigure=True)
-        say(f"master upgraded in place: new {', '.join(sorted(live))}", remote.name)
+        remote.upgrade_master(on_line=line, reconfigure=True, role=role)
+        say(f"{who} upgraded in place: new {', '.join(sorted(live))}", remote.name)
     if "workers" in changed:
-        master = remote.master
+        master = remote.master_for(role)
         assert master is not None
-        remote.scale_master(master.worker_count(remote.cpus))
-        say(f"master scaled to {master.worker_count(remote.cpus)} workers", remote.name)
+        remote.scale_master(master.worker_count(remote.cpus), role=role)
+        say(f"{who} scaled to {master.worker_count(remote.cpus)} workers", remote.name)
     if restart:
         say(
-            f"master still runs with its old {', '.join(restart)}: that takes a restart "
+            f"{who} still runs with its old {', '.join(restart)}: that takes a restart "
             "(`deployer master stop`, then `deployer setup`; it drops connections)",
             remote.name,
         )
     if not (done.installed or changed):
-        say("master running, nothing to change", remote.name)
+        say(f"{who} running, nothing to change", remote.name)
 
 
 STATUS_WINDOW = 300.0  # seconds: worker crashes this recent make a host not ok
 
 
 def status(fleet: FleetSession, timeout: float) -> list[dict[str, Any]]:
-    """Per host: release, master, health, lock, and what is wrong with it; each host
-    answers within `timeout` or is reported unreachable."""
+    """Per host: release, each role's master and health, lock, and what is wrong with
+    it; each host answers within `timeout` or is reported unreachable."""
 
     def one(remote: RemoteHost) -> dict[str, Any]:
-        return row(remote, remote.status(timeout, STATUS_WINDOW))
+        roles = remote.config.roles
+        each = timeout / max(1, len(roles))  # the roles are asked one after the other
+        return row(remote, [(r, remote.status(each, STATUS_WINDOW, r.name)) for r in roles])
 
     results, failures = fleet.each_within(fleet.names, one, timeout + 2)
     return [
@@ -148,12 +176,57 @@ def status(fleet: FleetSession, timeout: float) -> list[dict[str, Any]]:
     ]
 
 
-def row(remote: RemoteHost, s: answers.HostStatus) -> dict[str, Any]:
-    st, m = s.state, s.master
+def row(
+    remote: RemoteHost, answers_: list[tuple[RoleConfig, answers.HostStatus]]
+) -> dict[str, Any]:
+    """A host's status row: the host's own (release, lock) from the first answer,
+    then each role's; a role's problems are prefixed with its name."""
+    s = answers_[0][1]
+    st = s.state
     problems = []
     if st.current is None:
         problems.append("no release")
-    if remote.config.master is not None:
+    roles = []
+    for role, answer in answers_:
+        mine = role_problems(role, answer)
+        prefix = "" if role.name is None else f"{role.name}: "
+        problems += [prefix + p for p in mine]
+        roles.append(
+            {
+                "role": role.name,
+                "master": None if answer.master is None else answer.master._asdict(),
+                "master_running": answer.state.master.running,
+                "health": answer.health,
+                "boot": None if answer.boot is None else answer.boot._asdict(),
+                "problems": mine,
+            }
+        )
+    if s.lock is not None:
+        problems.append(describe(s.lock, "deploy lock"))
+    first = roles[0]
+    return {
+        "host": remote.name,
+        "ok": not problems,
+        "problems": problems,
+        "current": st.current,
+        "revision": st.current_revision,
+        "previous": st.previous,
+        "releases": len(st.releases),
+        # the first role's, as before roles: a single-role host's one master
+        "master": first["master"],
+        "master_running": first["master_running"],
+        "health": first["health"],
+        "lock": None if s.lock is None else s.lock._asdict(),
+        "boot": first["boot"],
+        "roles": roles,
+    }
+
+
+def role_problems(role: RoleConfig, s: answers.HostStatus) -> list[str]:
+    """What is wrong with one role's master and health on a host."""
+    st, m = s.state, s.master
+    problems = []
+    if role.master is not None:
         if not st.master.running:
             problems.append("master not running")
         elif m is None:
@@ -161,7 +234,7 @@ def row(remote: RemoteHost, s: answers.HostStatus) -> dict[str, Any]:
         else:
             if m.ready < m.configured:
                 problems.append(f"{m.ready} of {m.configured} workers ready ({m.state})")
-            if m.release != st.current:
+            if st.current is not None and m.release != st.current:
                 problems.append(f"workers run {m.release}, current is {st.current}")
             if m.recent_crashes:
                 minutes = STATUS_WINDOW / 60
@@ -173,23 +246,8 @@ def row(remote: RemoteHost, s: answers.HostStatus) -> dict[str, Any]:
                 problems.append(f"{m.crash_loops} worker slot(s) in a crash loop")
     if s.health not in (None, "ok"):
         problems.append(f"health failing: {s.health}")
-    if s.lock is not None:
-        problems.append(describe(s.lock, "deploy lock"))
     boot = s.boot
-    supervised = remote.master is not None and remote.master.supervisor != "none"
+    supervised = role.master is not None and role.master.supervisor != "none"
     if supervised and boot is not None and not boot.comes_back:
         problems.append(boot.why)  # the master would not come back after a reboot
-    return {
-        "host": remote.name,
-        "ok": not problems,
-        "problems": problems,
-        "current": st.current,
-        "revision": st.current_revision,
-        "previous": st.previous,
-        "releases": len(st.releases),
-        "master": None if m is None else m._asdict(),
-        "master_running": st.master.running,
-        "health": s.health,
-        "lock": None if s.lock is None else s.lock._asdict(),
-        "boot": None if s.boot is None else s.boot._asdict(),
-    }
+    return problems

@@ -34,7 +34,7 @@ from deployer.hostapi.checks import (
 )
 from deployer.hostapi.checks import describe as _describe
 from deployer.hostapi.checks import fail as _fail
-from deployer.hostapi.layout import Layout
+from deployer.hostapi.layout import ROLE_NAME, Layout
 from deployer.hostapi.options import MasterConfig
 
 DEFAULT_PATH = "inventory.toml"
@@ -215,6 +215,24 @@ class SSHConfig:
 
 
 @dataclass(frozen=True)
+class RoleConfig:
+    """One process type on one host: its master, health check and environment, with
+    the layers merged (host's role table > host > role > top level)."""
+
+    name: str | None  # None: the single implicit role of an inventory without [roles]
+    master: MasterConfig | None
+    health: HealthConfig | None
+    env: dict[str, str] = field(default_factory=dict)
+    # "master.workers" -> the table that set it ("[hosts.big.master]"); unset: default
+    origins: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """How messages name it: the role, or "master" for the implicit one."""
+        return self.name or "master"
+
+
+@dataclass(frozen=True)
 class HostConfig:
     """One target host, with [ssh] merged in and {host}/{address} expanded."""
 
@@ -223,9 +241,7 @@ class HostConfig:
     transport: str
     ssh: SSHConfig
     app: AppConfig
-    master: MasterConfig | None
-    health: HealthConfig | None
-    env: dict[str, str] = field(default_factory=dict)  # [env] with the host's own over it
+    roles: tuple[RoleConfig, ...] = ()
 
     @property
     def port(self) -> int:
@@ -236,20 +252,64 @@ class HostConfig:
         """The host's paths under deploy_to (the host agent uses the same class)."""
         return Layout.at(self.app.deploy_to)
 
-    def master_config(self) -> MasterConfig | None:
-        """What master.toml says on this host: [master], with the layout's paths."""
-        if self.master is None:
+    @property
+    def role_names(self) -> list[str]:
+        return [r.name for r in self.roles if r.name is not None]
+
+    def role(self, name: str | None) -> RoleConfig:
+        for r in self.roles:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def _implicit(self) -> RoleConfig | None:
+        return self.roles[0] if len(self.roles) == 1 and self.roles[0].name is None else None
+
+    # The implicit role's sections (an inventory without [roles]); None with roles.
+    @property
+    def master(self) -> MasterConfig | None:
+        r = self._implicit()
+        return None if r is None else r.master
+
+    @property
+    def health(self) -> HealthConfig | None:
+        r = self._implicit()
+        return None if r is None else r.health
+
+    @property
+    def env(self) -> dict[str, str]:
+        r = self._implicit()
+        return {} if r is None else r.env
+
+    @property
+    def masters(self) -> list[RoleConfig]:
+        """The roles that run a master here."""
+        return [r for r in self.roles if r.master is not None]
+
+    def master_config(self, role: str | None = None) -> MasterConfig | None:
+        """What master.toml (master-<role>.toml) says on this host: the role's
+        master, with the layout's paths."""
+        try:
+            r = self.role(role)
+        except KeyError:
             return None
-        layout = self.layout
+        if r.master is None:
+            return None
+        layout = self.layout.for_role(role)
         return dataclasses.replace(
-            self.master,
+            r.master,
             cwd=str(layout.current),
             socket=str(layout.socket),
             pidfile=str(layout.pidfile),
             log=str(layout.master_log),
-            env=dict(self.env),
+            env=dict(r.env),
             env_file=str(layout.secrets),
         )
+
+    def only_roles(self, names: Iterable[str]) -> HostConfig:
+        """This host with just the roles named (`--roles`)."""
+        wanted = set(names)
+        return dataclasses.replace(self, roles=tuple(r for r in self.roles if r.name in wanted))
 
     @property
     def user(self) -> str | None:
@@ -266,6 +326,7 @@ class HostConfig:
             "user": getpass.getuser() if local else self.user,
             "transport": self.transport,
             "deploy_to": self.app.deploy_to,
+            "roles": self.role_names,
         }
 
 
@@ -273,6 +334,8 @@ class HostConfig:
 HOST_KEYS = {"address": host_address, "transport": choice("ssh", "local")}
 # Sections a [hosts.NAME] table may override key by key.
 OVERRIDES: dict[str, type] = {"master": MasterConfig, "health": HealthConfig}
+# What a [roles.NAME] table (and a host's [hosts.NAME.roles.ROLE]) may hold.
+ROLE_KEYS = (*OVERRIDES, "env")
 # What the master itself sets for every worker: [env] may not.
 RESERVED_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
 SECTIONS: dict[str, type] = {
@@ -296,9 +359,21 @@ class Inventory:
     ssh: SSHConfig
     hosts: dict[str, HostConfig]
     destination: str | None = None  # -d NAME: <stem>.NAME.toml was merged over `path`
+    roles: tuple[str, ...] = ()  # the [roles.NAME] tables; () : the single implicit role
 
-    def select(self, patterns: str | None) -> list[HostConfig]:
-        return select_hosts(self.hosts, patterns)
+    def select(self, patterns: str | None, roles: str | None = None) -> list[HostConfig]:
+        """Hosts by `--hosts` globs, then by `--roles`: the hosts that have one of the
+        roles, each with just those roles (their masters are the ones acted on)."""
+        hosts = select_hosts(self.hosts, patterns)
+        if roles is None or not roles.strip():
+            return hosts
+        wanted = select_roles(self.roles, roles)
+        chosen = [h.only_roles(wanted) for h in hosts if set(h.role_names) & set(wanted)]
+        if not chosen:
+            raise HostSelectionError(
+                f"--roles: no selected host has the role(s) {', '.join(wanted)}"
+            )
+        return chosen
 
 
 # --- loading --------------------------------------------------------------------------
@@ -311,7 +386,9 @@ class _Problems:
         self.items: list[str] = []
 
     def add(self, where: str, message: str) -> None:
-        self.items.append(f"{where}: {message}")
+        item = f"{where}: {message}"
+        if item not in self.items:  # a role's problem, met again on each of its hosts
+            self.items.append(item)
 
 
 def _suggest(name: str, known: Iterable[str]) -> str:
@@ -502,8 +579,9 @@ def parse(data: dict[str, Any], path: str = "<inventory>") -> Inventory:
     problems = _Problems()
     sections: dict[str, Any] = {}
     good: dict[str, dict[str, Any]] = {}  # each section's good values, for host overrides
-    _unknown_keys(data, [*SECTIONS, "env", "hosts"], "top level", problems)
+    _unknown_keys(data, [*SECTIONS, "env", "hosts", "roles"], "top level", problems)
     sections["env"] = _env(data.get("env"), "[env]", problems)
+    roles = _parse_roles(data, problems)
 
     for name, cls in SECTIONS.items():
         table = _section(data, name, problems)
@@ -514,11 +592,13 @@ def parse(data: dict[str, Any], path: str = "<inventory>") -> Inventory:
                 problems.add("[app]", "required section is missing (name and deploy_to)")
             sections[name] = cls() if name in ("ssh", "rollout") else None
             continue
-        good[name] = _check_fields(cls, table, f"[{name}]", problems)
+        # With roles, [master] and [health] hold what the roles share: a role completes them.
+        partial = roles is not None and name in OVERRIDES
+        good[name] = _check_fields(cls, table, f"[{name}]", problems, partial=partial)
         sections[name] = _build(cls, good[name])
 
     ssh: SSHConfig = sections["ssh"] or SSHConfig()
-    hosts = _parse_hosts(data, sections, good, ssh, problems)
+    hosts = _parse_hosts(data, sections, good, roles, ssh, problems)
     _check_conflicts(hosts, problems)
     _check_health_urls(hosts, problems)
     if sections["migrations"] is not None:
@@ -540,7 +620,141 @@ def parse(data: dict[str, Any], path: str = "<inventory>") -> Inventory:
         rollout=sections["rollout"],
         ssh=ssh,
         hosts=hosts,
+        roles=tuple(roles or ()),
     )
+
+
+class _Layer(NamedTuple):
+    """One table of a role's master, health or env: where it is and its good values."""
+
+    where: str  # "[roles.web.master]"
+    values: dict[str, Any]
+    keys: frozenset[str]  # every key the table sets, good or bad (bad ones are reported)
+
+
+def _layer(table: Any, cls: type | None, where: str, problems: _Problems) -> _Layer | None:
+    """A [..master]/[..health] (cls) or [..env] (None) table, checked; None if absent."""
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        problems.add(where, f"expected a table, got {_describe(table)}")
+        return None
+    values = (
+        _env(table, where, problems)
+        if cls is None
+        else (_check_fields(cls, table, where, problems, partial=True))
+    )
+    return _Layer(where, values, frozenset(table))
+
+
+def _parse_roles(data: dict, problems: _Problems) -> dict[str, dict[str, _Layer]] | None:
+    """[roles.NAME.master|health|env]: each role's own tables; None without [roles]."""
+    table = _section(data, "roles", problems)
+    if table is None:
+        return None
+    roles: dict[str, dict[str, _Layer]] = {}
+    if not table:
+        problems.add("[roles]", "empty: define [roles.NAME] tables, or drop [roles]")
+    for name, spec in table.items():
+        where = f"[roles.{name}]"
+        if not ROLE_NAME.fullmatch(name):
+            problems.add(
+                where,
+                "role names are lowercase letters, digits, '_' and '-', "
+                "starting with a letter (at most 32)",
+            )
+            continue
+        if not isinstance(spec, dict):
+            problems.add(where, f"expected a table, got {_describe(spec)}")
+            continue
+        roles[name] = _role_layers(spec, f"roles.{name}", problems)
+    return roles
+
+
+def _role_layers(spec: dict, prefix: str, problems: _Problems) -> dict[str, _Layer]:
+    _unknown_keys(spec, ROLE_KEYS, f"[{prefix}]", problems)
+    layers = {}
+    for section in ROLE_KEYS:
+        layer = _layer(spec.get(section), OVERRIDES.get(section), f"[{prefix}.{section}]", problems)
+        if layer is not None:
+            layers[section] = layer
+    return layers
+
+
+def _host_roles(
+    spec: dict, where: str, defined: dict[str, dict[str, _Layer]] | None, problems: _Problems
+) -> dict[str, dict[str, _Layer]] | None:
+    """A host's roles: `roles = ["web", "worker"]`, or a table of them whose entries may
+    override the role's tables (`[hosts.big.roles.web.master]`); None: no [roles]."""
+    value = spec.get("roles")
+    if defined is None:
+        if value is not None:
+            problems.add(f"{where} roles", "there is no [roles] table: define [roles.NAME] first")
+        return None
+    known = ", ".join(defined) or "(none)"
+    if value is None:
+        problems.add(f"{where} roles", f"required when [roles] is defined; roles: {known}")
+        return {}
+    if isinstance(value, list):
+        names = {}
+        for v in value:
+            if not isinstance(v, str):
+                problems.add(f"{where} roles", f"expected role names, got {_describe(v)}")
+                continue
+            names[v] = {}
+    elif isinstance(value, dict):
+        names = {
+            n: _role_layers(t, f"{where[1:-1]}.roles.{n}", problems) if isinstance(t, dict) else {}
+            for n, t in value.items()
+        }
+        for n, t in value.items():
+            if not isinstance(t, dict):
+                problems.add(f"{where[:-1]}.roles.{n}]", f"expected a table, got {_describe(t)}")
+    else:
+        problems.add(
+            f"{where} roles", f"expected a list of role names or a table, got {_describe(value)}"
+        )
+        return {}
+    if not names:
+        problems.add(f"{where} roles", f"names no role; roles: {known}")
+    for n in names:
+        if n not in defined:
+            problems.add(
+                f"{where} roles", f"no role named {n!r}{_suggest(n, defined)}; roles: {known}"
+            )
+    return {n: layers for n, layers in names.items() if n in defined}
+
+
+def _layered(
+    section: str,
+    layers: list[_Layer | None],
+    top_reported: bool,
+    problems: _Problems,
+) -> tuple[Any, dict[str, str]]:
+    """A role's [master] or [health] on a host: its tables merged, lowest first; None
+    if none of them exists. The values' origins, for `deployer config`."""
+    present = [layer for layer in layers if layer is not None]
+    if not present:
+        return None, {}
+    cls = OVERRIDES[section]
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    keys: set[str] = set()
+    for layer in present:
+        merged.update(layer.values)
+        keys |= layer.keys
+        origins.update({f"{section}.{k}": layer.where for k in layer.values})
+    missing = [k.name for k in section_keys(cls) if k.required and k.name not in keys]
+    top = present[-1] is layers[0]
+    if missing and not (top and top_reported):
+        for key in missing:
+            problems.add(
+                f"{present[-1].where} {key}",
+                "required key is missing (here or in the tables it overrides)",
+            )
+    if missing or len(merged) < len(keys & {k.name for k in section_keys(cls)}):
+        return None, origins  # a bad value, already reported
+    return _build(cls, merged), origins
 
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -550,6 +764,7 @@ def _parse_hosts(
     data: dict,
     sections: dict[str, Any],
     values: dict[str, dict[str, Any]],
+    roles: dict[str, dict[str, _Layer]] | None,
     ssh: SSHConfig,
     problems: _Problems,
 ) -> dict[str, HostConfig]:
@@ -569,8 +784,8 @@ def _parse_hosts(
         if not isinstance(spec, dict):
             problems.add(where, f"expected a table, got {_describe(spec)}")
             continue
-        _unknown_keys(spec, [*HOST_KEYS, *ssh_fields, *OVERRIDES, "env"], where, problems)
-        host_env = _env(spec.get("env"), f"{where} env", problems)
+        _unknown_keys(spec, [*HOST_KEYS, *ssh_fields, *ROLE_KEYS, "roles"], where, problems)
+        host_roles = _host_roles(spec, where, roles, problems)
         own = {k: v for k, v in spec.items() if k in HOST_KEYS}
         overrides = {k: v for k, v in spec.items() if k in ssh_fields}
         good = {}
@@ -607,47 +822,64 @@ def _parse_hosts(
         if sections.get("app") is None:
             continue  # already reported; nothing to expand
         address = good["address"]
-        env = {**sections["env"], **host_env}
+        own_layers = _role_layers(
+            {k: spec[k] for k in ROLE_KEYS if k in spec}, where[1:-1], problems
+        )
+        top = {
+            section: _Layer(f"[{section}]", values[section], frozenset(data[section]))
+            for section in OVERRIDES
+            if section in values
+        }
+        top["env"] = _Layer("[env]", sections["env"], frozenset(sections["env"]))
+        if host_roles is None:
+            plan: dict[str | None, list[dict[str, _Layer]]] = {None: [top, own_layers]}
+        else:
+            assert roles is not None
+            plan = {r: [top, roles[r], own_layers, extra] for r, extra in host_roles.items()}
         hosts[name] = HostConfig(
             name=name,
             address=address,
             transport=transport,
             ssh=host_ssh,
             app=_expand(sections["app"], name, address),
-            master=_expand(
-                _override(spec, "master", sections, values, where, problems), name, address
+            roles=tuple(
+                _role(role, tables, name, address, host_roles is None, problems)
+                for role, tables in plan.items()
             ),
-            health=_expand(
-                _override(spec, "health", sections, values, where, problems), name, address
-            ),
-            env={k: _placeholders(v, name, address) for k, v in env.items()},
         )
     return hosts
 
 
-def _override(
-    spec: dict,
-    name: str,
-    sections: dict[str, Any],
-    values: dict[str, dict[str, Any]],
-    where: str,
+def _role(
+    name: str | None,
+    tables: list[dict[str, _Layer]],
+    host: str,
+    address: str,
+    implicit: bool,
     problems: _Problems,
-) -> Any:
-    """A section as one host has it: the top-level table with the host's own
-    [hosts.NAME.<section>] keys over it (a host may also have one the others lack)."""
-    table = spec.get(name)
-    if table is None:
-        return sections[name]
-    here = f"{where[:-1]}.{name}]"
-    if not isinstance(table, dict):
-        problems.add(here, f"expected a table, got {_describe(table)}")
-        return sections[name]
-    cls = OVERRIDES[name]
-    merged = {**values.get(name, {}), **_check_fields(cls, table, here, problems, partial=True)}
-    missing = [k.name for k in section_keys(cls) if k.required and k.name not in merged]
-    for key in missing:
-        problems.add(f"{here} {key}", "required key is missing (here or in the top-level table)")
-    return None if missing else _build(cls, merged)
+) -> RoleConfig:
+    """One role on one host from its tables, lowest first: top level, [roles.NAME],
+    [hosts.HOST], [hosts.HOST.roles.NAME]."""
+    origins: dict[str, str] = {}
+    built: dict[str, Any] = {}
+    for section in OVERRIDES:
+        # the implicit role's top-level tables were checked whole (required keys included)
+        value, where = _layered(section, [t.get(section) for t in tables], implicit, problems)
+        built[section] = _expand(value, host, address)
+        origins.update(where)
+    env: dict[str, str] = {}
+    for t in tables:
+        layer = t.get("env")
+        if layer is not None:
+            env.update(layer.values)
+            origins.update({f"env.{k}": layer.where for k in layer.values})
+    return RoleConfig(
+        name=name,
+        master=built["master"],
+        health=built["health"],
+        env={k: _placeholders(v, host, address) for k, v in env.items()},
+        origins=origins,
+    )
 
 
 def _env(table: Any, where: str, problems: _Problems) -> dict[str, str]:
@@ -671,21 +903,27 @@ def _same_machine_key(h: HostConfig) -> str:
 
 
 def _check_conflicts(hosts: dict[str, HostConfig], problems: _Problems) -> None:
-    """Two hosts on one machine that would take the same port or directory."""
-    seen: dict[tuple, str] = {}
+    """Two hosts on one machine (or two roles of a host) that would take the same port
+    or directory."""
+    seen: dict[tuple, tuple[str, str]] = {}
 
-    def claim(kind: str, ident: tuple, name: str, what: str) -> None:
-        other = seen.setdefault((kind, *ident), name)
-        if other != name:
-            problems.add(
-                f"[hosts.{name}]", f"{what} is also used by [hosts.{other}] on the same machine"
-            )
+    def claim(kind: str, ident: tuple, name: str, who: str, what: str) -> None:
+        other, other_who = seen.setdefault((kind, *ident), (name, who))
+        if (other, other_who) == (name, who):
+            return
+        where = f"[hosts.{other}]" + (f" ({other_who})" if other_who else "")
+        here = "on this host" if other == name else "on the same machine"
+        problems.add(f"[hosts.{name}]", f"{what} is also used by {where} {here}")
 
     for name, h in hosts.items():
         machine = _same_machine_key(h)
-        if h.master is not None:
-            claim("listen", (machine, h.master.listen), name, f"[master] listen {h.master.listen}")
-        claim("deploy_to", (machine, h.app.deploy_to), name, f"[app] deploy_to {h.app.deploy_to}")
+        for r in h.masters:
+            listen = r.master.listen if r.master else None
+            if listen is not None:
+                what = "[master]" if r.name is None else f"role {r.name}'s"
+                claim("listen", (machine, listen), name, r.name or "", f"{what} listen {listen}")
+        deploy_to = h.app.deploy_to
+        claim("deploy_to", (machine, deploy_to), name, "", f"[app] deploy_to {deploy_to}")
 
 
 def _names_this_host(url_host_part: str, h: HostConfig) -> bool:
@@ -701,16 +939,20 @@ def _check_health_urls(hosts: dict[str, HostConfig], problems: _Problems) -> Non
     """The probe runs on the host itself: a URL naming another machine would report
     that machine's health as this host's, and pass a broken release."""
     for name, h in hosts.items():
-        if h.health is None:
-            continue
-        target = url_host(h.health.url)
-        if target is not None and not _names_this_host(target, h):
-            problems.add(
-                f"[hosts.{name}] [health] url",
-                f"{h.health.url!r} names host {target!r}, not this one: the probe runs on "
-                f"{name} itself, so it would report {target}'s health as {name}'s; use "
-                "{address}, {host}, localhost or 127.0.0.1",
-            )
+        for r in h.roles:
+            if r.health is not None:
+                _check_health_url(name, h, r.health.url, problems)
+
+
+def _check_health_url(name: str, h: HostConfig, url: str, problems: _Problems) -> None:
+    target = url_host(url)
+    if target is not None and not _names_this_host(target, h):
+        problems.add(
+            f"[hosts.{name}] [health] url",
+            f"{url!r} names host {target!r}, not this one: the probe runs on "
+            f"{name} itself, so it would report {target}'s health as {name}'s; use "
+            "{address}, {host}, localhost or 127.0.0.1",
+        )
 
 
 # --- selection ------------------------------------------------------------------------
@@ -739,6 +981,22 @@ def select_hosts(hosts: dict[str, HostConfig], patterns: str | None) -> list[Hos
     if not chosen:
         raise HostSelectionError(f"--hosts: {patterns!r} selects no host; known hosts: {known}")
     return [hosts[n] for n in chosen]
+
+
+def select_roles(defined: Iterable[str], patterns: str) -> list[str]:
+    """`--roles web,worker` (globs too): every pattern must name a role."""
+    known = list(defined)
+    if not known:
+        raise HostSelectionError("--roles: the inventory defines no [roles]")
+    chosen: list[str] = []
+    for p in (p.strip() for p in patterns.split(",") if p.strip()):
+        matched = fnmatch.filter(known, p)
+        if not matched:
+            raise HostSelectionError(
+                f"--roles: {p!r} matches no role{_suggest(p, known)}; roles: {', '.join(known)}"
+            )
+        chosen += [m for m in matched if m not in chosen]
+    return chosen
 
 
 def expand_path(p: str, base: str | os.PathLike[str] | None = None) -> Path:

@@ -10,13 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from deployer.agent.bundle import Bundle, build
+from deployer.agent.bundle import Bundle, facts
 from deployer.errors import EXIT_BAD_INPUT, EXIT_FAILED, StepFailed, TransportError
 from deployer.hostapi import answers, calls
 from deployer.hostapi.calls import AgentCall
 from deployer.hostapi.layout import Layout
 from deployer.hostapi.options import MasterConfig, to_toml
-from deployer.inventory import HostConfig
+from deployer.inventory import HostConfig, RoleConfig
 from deployer.transport import CommandTimeout, Result, SessionEnded, Stdin, Transport
 
 LineCallback = Callable[[str], None]
@@ -43,8 +43,15 @@ class RemoteHost:
 
     @property
     def master(self) -> MasterConfig | None:
-        """The host's master.toml as this controller writes it."""
+        """The implicit role's master.toml as this controller writes it (no [roles])."""
         return self.config.master_config()
+
+    def master_for(self, role: str | None) -> MasterConfig | None:
+        """`role`'s master-<role>.toml (None: master.toml) as this controller writes it."""
+        return self.config.master_config(role)
+
+    def role(self, role: str | None) -> RoleConfig:
+        return self.config.role(role)
 
     # --- agent steps ------------------------------------------------------------------
 
@@ -67,7 +74,7 @@ class RemoteHost:
             if call.in_session:
                 result = self._in_session(call, stdin, forward)
             else:
-                argv = call.argv(self.config.ssh.python, self.layout, build().sha256)
+                argv = call.argv(self.config.ssh.python, self.layout, facts().sha256)
                 result = self.transport.run(
                     argv, stdin=stdin, on_stdout=forward, timeout=call.deadline
                 )
@@ -88,7 +95,7 @@ class RemoteHost:
     def _in_session(self, call: AgentCall, stdin: Stdin, forward: LineCallback) -> Result:
         """The call as a request of the host's agent session (deployer/agent/session.py):
         the agent's stream and result line, as a one-shot call's Result would hold them."""
-        session_argv = calls.session(self.config.ssh.python, self.layout, build().sha256)
+        session_argv = calls.session(self.config.ssh.python, self.layout, facts().sha256)
         try:
             with self.transport.agent_session(session_argv) as session:
                 out = session.call(call.words(self.layout), stdin, forward, call.deadline)
@@ -113,7 +120,7 @@ class RemoteHost:
 
     def _zipapp(self, *words: str) -> list[str]:
         pyz = str(self.layout.pyz)
-        return calls.zipapp(self.config.ssh.python, pyz, build().sha256, *words)
+        return calls.zipapp(self.config.ssh.python, pyz, facts().sha256, *words)
 
     def _no_answer(self, call: AgentCall, result: Result) -> str:
         tail = result.stderr_tail(10) or result.stdout[-2000:]
@@ -127,16 +134,24 @@ class RemoteHost:
     def install(self, bundle: Bundle) -> answers.SetupResult:
         """Check or create the layout, then install the agent zipapp and master.toml:
         one call, the zipapp on its stdin (no SFTP, nothing written before the
-        host has checked that deploy_to is the deploy user's alone)."""
+        host has checked that deploy_to is the deploy user's alone). With roles,
+        each role's master-<role>.toml is written by `configure` after it."""
         master = self.master
         toml = None if master is None else to_toml(master)
         return self.call(calls.setup(install=True, master_toml=toml), stdin=bundle.data)
 
+    def configure(self, role: str) -> answers.SetupResult:
+        """Write a role's master-<role>.toml (if it changed)."""
+        master = self.master_for(role)
+        toml = None if master is None else to_toml(master)
+        return self.call(calls.setup(master_toml=toml, role=role))
+
     def version(self) -> answers.Version:
         return self.call(calls.version())
 
-    def state(self) -> answers.HostState:
-        state: answers.HostState = self.call(calls.state())
+    def state(self, role: str | None = None) -> answers.HostState:
+        """The host's releases, and `role`'s master (None: the implicit one)."""
+        state: answers.HostState = self.call(calls.state(role))
         self.cpus = state.cpus
         return state
 
@@ -159,27 +174,26 @@ class RemoteHost:
     def prune(self) -> answers.PruneResult:
         return self.call(calls.prune(self.config.app.keep_releases))
 
-    def health(self) -> answers.HealthResult | None:
-        h = self.config.health
+    def health(self, role: str | None = None) -> answers.HealthResult | None:
+        h = self.role(role).health
         if h is None:
             return None
         return self.call(calls.health(h.url, h.expect_status, h.timeout, h.passes, h.interval))
 
-    def status(self, timeout: float, window: float) -> answers.HostStatus:
-        master, health = self.master, self.config.health
+    def status(self, timeout: float, window: float, role: str | None = None) -> answers.HostStatus:
+        master, health = self.master_for(role), self.role(role).health
         socket = None if master is None else master.socket
         url, expect = (None, 200) if health is None else (health.url, health.expect_status)
-        return self.call(calls.status(socket, url, expect, timeout, window))
+        return self.call(calls.status(socket, url, expect, timeout, window, role))
 
     def watch(self, seconds: float) -> answers.WatchResult | None:
-        """Watch the master (crashes, workers not ready) and health for `seconds`;
-        None if the host has neither."""
-        master, health = self.master, self.config.health
-        if master is None and health is None:
+        """Watch every role's master (crashes, workers not ready) and health check on
+        the host for `seconds`, in one call; None if it has none of them."""
+        sockets = [str(m.socket) for r in self.config.roles if (m := self.master_for(r.name))]
+        urls = [(r.health.url, r.health.expect_status) for r in self.config.roles if r.health]
+        if not sockets and not urls:
             return None
-        url = None if health is None else health.url
-        expect = 200 if health is None else health.expect_status
-        return self.call(calls.watch(seconds, master and master.socket, url, expect))
+        return self.call(calls.watch(seconds, sockets, urls))
 
     def secrets(self, action: str, key: str | None = None, value: str | None = None):
         """`value` (for set) goes on the agent's stdin, never its command line."""
@@ -227,10 +241,11 @@ class RemoteHost:
 
     # --- the resident master ------------------------------------------------------------
 
-    def _master_config(self) -> MasterConfig:
-        cfg = self.master
+    def _master_config(self, role: str | None) -> MasterConfig:
+        cfg = self.master_for(role)
         if cfg is None:
-            raise StepFailed(self.name, "master", "the inventory has no [master] section")
+            where = "[master] section" if role is None else f"[master] for role {role}"
+            raise StepFailed(self.name, "master", f"the inventory has no {where}")
         return cfg
 
     def _master(
@@ -243,32 +258,36 @@ class RemoteHost:
             raise StepFailed(self.name, f"master {words[1]}", f"exit {result.exit_code}: {why}")
         return result
 
-    def _master_timeout(self) -> float:
+    def _master_timeout(self, role: str | None) -> float:
         """How long starting or reloading every worker may take, at the worst."""
-        m = self._master_config()
+        m = self._master_config(role)
         workers = m.worker_count(self.cpus or 16)  # 16: state() not asked yet
         return workers * (m.ready_timeout + m.ready_soak) + m.shutdown_timeout + 30
 
-    def start_master(self, on_line: LineCallback | None = None) -> Result:
-        words = calls.master_start(self.layout)
-        return self._master(words, on_line, self._master_timeout())
+    def start_master(self, on_line: LineCallback | None = None, role: str | None = None) -> Result:
+        words = calls.master_start(self.layout.for_role(role))
+        return self._master(words, on_line, self._master_timeout(role))
 
-    def reload_master(self, on_line: LineCallback | None = None) -> Result:
-        timeout = self._master_timeout()
-        words = calls.master_reload(str(self._master_config().socket), timeout)
+    def reload_master(self, on_line: LineCallback | None = None, role: str | None = None) -> Result:
+        timeout = self._master_timeout(role)
+        words = calls.master_reload(str(self._master_config(role).socket), timeout)
         return self._master(words, on_line, timeout + 10)
 
     def upgrade_master(
-        self, on_line: LineCallback | None = None, reconfigure: bool = False
+        self,
+        on_line: LineCallback | None = None,
+        reconfigure: bool = False,
+        role: str | None = None,
     ) -> Result:
         """Re-exec the running master on the agent just installed (same pid, socket and
         workers), on the zipapp in the layout; `reconfigure`: with master.toml's options."""
-        socket = str(self._master_config().socket)
-        return self._master(calls.master_upgrade(socket, self.layout, reconfigure), on_line, 120)
+        socket = str(self._master_config(role).socket)
+        words = calls.master_upgrade(socket, self.layout.for_role(role), reconfigure)
+        return self._master(words, on_line, 120)
 
-    def scale_master(self, workers: int) -> Result:
-        socket = str(self._master_config().socket)
-        return self._master(calls.master_scale(socket, workers), None, self._master_timeout())
+    def scale_master(self, workers: int, role: str | None = None) -> Result:
+        socket = str(self._master_config(role).socket)
+        return self._master(calls.master_scale(socket, workers), None, self._master_timeout(role))
 
-    def stop_master(self) -> Result:
-        return self._master(calls.master_stop(str(self._master_config().socket)), None, 120)
+    def stop_master(self, role: str | None = None) -> Result:
+        return self._master(calls.master_stop(str(self._master_config(role).socket)), None, 120)

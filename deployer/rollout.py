@@ -116,37 +116,45 @@ class Outcome:
 
 
 def switch_host(fleet: FleetSession, remote: RemoteHost, release: str, watch: float = 0) -> None:
-    """Flip `current`, reload the master, check health, watch: one host's switch."""
+    """Flip `current` once, then for each role on the host reload its master and
+    check its health, one role after the other; then watch them all: one host's switch."""
     say = fleet.reporter.say
     t0 = time.monotonic()
     remote.switch(release)
     fleet.switched_to[remote.name] = release
     say(f"switch: current -> {release}", remote.name)
     t1 = time.monotonic()
-    reload(fleet, remote)
-    t2 = time.monotonic()
-    result = remote.health()
-    t3 = time.monotonic()
-    probes = f", {result.probes} probe(s)" if result else " (no [health] configured)"
-    say(
-        f"healthy{probes}; switch {t1 - t0:.2f}s, reload {t2 - t1:.2f}s, health {t3 - t2:.2f}s",
-        remote.name,
-    )
+    for role in remote.config.roles:
+        t2 = time.monotonic()
+        reload(fleet, remote, role.name)
+        t3 = time.monotonic()
+        result = remote.health(role.name)
+        t4 = time.monotonic()
+        who = "" if role.name is None else f"{role.name}: "
+        probes = f", {result.probes} probe(s)" if result else " (no [health] configured)"
+        say(
+            f"{who}healthy{probes}; switch {t1 - t0:.2f}s, reload {t3 - t2:.2f}s, "
+            f"health {t4 - t3:.2f}s",
+            remote.name,
+        )
     watched = remote.watch(watch) if watch > 0 else None
     if watched is not None:
         say(f"held up for {watched.seconds:g}s: no crash, every worker ready", remote.name)
 
 
-def reload(fleet: FleetSession, remote: RemoteHost) -> None:
-    if remote.config.master is None:
+def reload(fleet: FleetSession, remote: RemoteHost, role: str | None = None) -> None:
+    """`role`'s master picks up `current`: reloaded, or started if it does not run."""
+    if remote.master_for(role) is None:
         return
     say = fleet.reporter.say
-    if not remote.state().master.running:
-        say("master not running: starting it", remote.name)
-        remote.start_master(on_line=lambda s: say(f"master: {s}", remote.name))
-        supervise(remote, say)  # where systemd runs, its unit takes the master over
+    who = "master" if role is None else f"{role} master"
+    if not remote.state(role).master.running:
+        say(f"{who} not running: starting it", remote.name)
+        remote.start_master(on_line=lambda s: say(f"{who}: {s}", remote.name), role=role)
+        supervise(remote, say, role)  # where systemd runs, its unit takes the master over
         return
-    remote.reload_master(on_line=lambda s: say(f"reload: {s}", remote.name))
+    tag = "reload" if role is None else f"reload {role}"
+    remote.reload_master(on_line=lambda s: say(f"{tag}: {s}", remote.name), role=role)
 
 
 def revert(
@@ -175,9 +183,9 @@ def check_agents(
     fleet: FleetSession, names: Sequence[str]
 ) -> tuple[dict[str, HostState], dict[str, str]]:
     """State of each host, refusing an agent of another version than ours."""
-    from deployer.agent.bundle import build
+    from deployer.agent.bundle import facts
 
-    ours = build().id
+    ours = facts().id
 
     def check(remote: RemoteHost) -> HostState:
         state = remote.state()  # carries the agent's bundle id: one call for both
@@ -248,6 +256,7 @@ def run_rollout(
     )
     hooks.revision, hooks.log = plan.revision, log
     hooks.release = next(iter(plan.targets.values()), None)
+    hooks.roles = fleet.role_names
     hooks.pre_deploy()
     started = time.monotonic()
     with hooks.on_error(started):
@@ -496,6 +505,7 @@ def run_rollback(
     hooks = DeployHooks(
         inv.path, fleet.reporter.say, "rollback", inv.app.name, inv.destination, fleet.names
     )
+    hooks.roles = fleet.role_names
     started = time.monotonic()
     with hooks.on_error(started):
         plan, outcome = _rollback(fleet, to, dry_run, force, migrations)

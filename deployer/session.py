@@ -52,6 +52,12 @@ class FleetSession:
     def names(self) -> list[str]:
         return list(self.remotes)
 
+    @property
+    def role_names(self) -> list[str]:
+        """The roles of the selected hosts (--roles narrows them), in inventory order."""
+        found = {r: None for remote in self.remotes.values() for r in remote.config.role_names}
+        return list(found)
+
     def each(
         self, names: Sequence[str], fn: Callable[[RemoteHost], Any], limit: int | None = None
     ) -> tuple[dict[str, Any], dict[str, str]]:

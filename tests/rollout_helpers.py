@@ -121,8 +121,7 @@ def stop_masters(hosts: list[SSHTestHost]) -> None:
     """End the masters the rollouts started (by the pid in each host's pidfile)."""
     pids = []
     for h in hosts:
-        pidfile = h.root / "run" / "master.pid"
-        if pidfile.exists():
+        for pidfile in sorted((h.root / "run").glob("master*.pid")):  # a master per role
             pid = int(pidfile.read_text())
             try:
                 os.kill(pid, signal.SIGTERM)

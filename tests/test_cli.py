@@ -51,6 +51,7 @@ def test_hosts_table_and_json() -> None:
         "user": "admin",
         "transport": "ssh",
         "deploy_to": None,
+        "roles": [],  # no [roles]: the single implicit one
     }
 
 

@@ -355,7 +355,27 @@ def test_remote_host_builds_every_path_from_the_layout() -> None:
     )
     remote.cpus = 3
     # "auto" workers: the host's own CPU count (from its state), not a guess
-    assert remote._master_timeout() == 3 * (60.0 + 1.0) + 30.0 + 30
+    assert remote._master_timeout(None) == 3 * (60.0 + 1.0) + 30.0 + 30
+
+
+def test_a_roles_files_are_named_after_it() -> None:
+    layout = Layout.at("/srv/a", "worker")
+    assert (layout.socket, layout.pidfile, layout.master_config, layout.master_log) == (
+        Path("/srv/a/run/master-worker.sock"),
+        Path("/srv/a/run/master-worker.pid"),
+        Path("/srv/a/master-worker.toml"),
+        Path("/srv/a/log/master-worker.log"),
+    )
+    assert layout.current == Layout.at("/srv/a").current  # one release for every role
+    with pytest.raises(ValueError, match="not a role name"):
+        Layout.at("/srv/a", "../x")
+    assert calls.state("worker").words(Layout.at("/srv/a")) == [
+        "state", "--root", "/srv/a", "--role", "worker",
+    ]  # fmt: skip
+    assert calls.watch(5.0, ["/s/a.sock", "/s/b.sock"], [("http://h/health", 200)]).args == (
+        "--seconds", "5.0", "--socket", "/s/a.sock", "--socket", "/s/b.sock",
+        "--url", "http://h/health", "--expect", "200",
+    )  # fmt: skip
 
 
 def test_an_option_added_later_is_written_only_when_set() -> None:

@@ -50,7 +50,7 @@ class FakeHost:
         self.pruned = False
 
     # the RemoteHost calls the rollout makes
-    def state(self) -> answers.HostState:
+    def state(self, role: str | None = None) -> answers.HostState:
         previous = [r for r in self.releases if self.current and r < self.current]
         return answers.HostState(
             root=str(self.layout.root),
@@ -77,7 +77,7 @@ class FakeHost:
             raise StepFailed(self.name, "switch", "disk full")
         self.current = release
 
-    def health(self) -> answers.HealthResult:
+    def health(self, role: str | None = None) -> answers.HealthResult:
         self.world.log.append(("health", self.name, self.current))
         if self.world.interrupt == (self.name, self.current):
             # Ctrl-C (or SIGTERM, which the CLI turns into the same) while this host is
@@ -93,13 +93,16 @@ class FakeHost:
             raise StepFailed(self.name, "watch", "worker 1 crashed (exited with code 3)")
         return answers.WatchResult(seconds, 1, 1)
 
-    def start_master(self, on_line: Callable) -> None:
+    def start_master(self, on_line: Callable, role: str | None = None) -> None:
         self.world.log.append(("start master", self.name))
         self.master_running = True
 
     @property
     def master(self) -> Any:
         return self.config.master_config()
+
+    def master_for(self, role: str | None) -> Any:
+        return self.config.master_config(role)
 
     cpus = 2
 
@@ -109,7 +112,7 @@ class FakeHost:
         self.world.log.append(("unit", self.name))
         return answers.UnitResult("auto", boot="no systemd on this host")
 
-    def reload_master(self, on_line: Callable) -> None:
+    def reload_master(self, on_line: Callable, role: str | None = None) -> None:
         self.world.log.append(("reload master", self.name))
 
     def record(self, entry: dict[str, Any]) -> None:

@@ -52,7 +52,7 @@ def run_args(*options: str, command: list[str] | None = APP) -> list[str]:
         (run_args(command=["no-such-program-xyz"]), "command: 'no-such-program-xyz' not found"),
         (run_args("--cwd", "/nonexistent/dir"), "--cwd: /nonexistent/dir is not a directory"),
         (["run", "--listen", "nowhere", "--", *APP], "--listen: expected HOST:PORT"),
-        (["run", "--", *APP], "--listen: required"),
+        (["unit", "--socket-unit", "--", *APP], "--socket-unit: needs --listen"),
         (["run", "--bogus", "--", *APP], "unrecognized arguments: --bogus"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["status"], "--socket PATH is required"),

@@ -45,6 +45,7 @@ def _parser(session: bool = False) -> argparse.ArgumentParser:
     def with_root(name: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name)
         sp.add_argument("--root", required=True, help="the host's deploy_to")
+        sp.add_argument("--role", help="the role whose master's files the op uses")
         return sp
 
     sp = with_root("setup")
@@ -82,9 +83,9 @@ def _parser(session: bool = False) -> argparse.ArgumentParser:
     sp.add_argument("--expect", type=int, default=200)
     sp = with_root("watch")
     sp.add_argument("--seconds", type=float, required=True)
-    sp.add_argument("--socket", help="the master's control socket")
-    sp.add_argument("--url", help="health URL, probed every poll")
-    sp.add_argument("--expect", type=int, default=200)
+    sp.add_argument("--socket", action="append", default=[], help="a master's control socket")
+    sp.add_argument("--url", action="append", default=[], help="a health URL, probed every poll")
+    sp.add_argument("--expect", type=int, action="append", default=[], help="each --url's status")
     sp = with_root("secrets")
     sp.add_argument("action", choices=SECRET_ACTIONS)
     sp.add_argument("key", nargs="?")
@@ -129,7 +130,7 @@ def run_op(args: argparse.Namespace) -> tuple:
         return answers.Version(__version__, _bundle_id(), sys.version.split()[0])
     if args.op == "health":
         return ops.health(args.url, args.expect, args.timeout, args.passes, args.interval)
-    layout = Layout.at(args.root)
+    layout = Layout.at(args.root, args.role)
     if args.op == "setup":
         return ops.setup(layout, args.install, args.master_toml)
     ops.check_layout(layout)
@@ -149,7 +150,9 @@ def run_op(args: argparse.Namespace) -> tuple:
     if args.op == "status":
         return ops.status(layout, args.socket, args.url, args.expect, args.timeout, args.window)
     if args.op == "watch":
-        return ops.watch(args.seconds, args.socket, args.url, args.expect)
+        if len(args.expect) != len(args.url):
+            raise ops.AgentError("watch: give one --expect for each --url")
+        return ops.watch(args.seconds, args.socket, list(zip(args.url, args.expect)))
     if args.op == "secrets":
         return ops.secrets(layout, args.action, args.key)
     if args.op == "record":

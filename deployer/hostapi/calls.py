@@ -106,34 +106,49 @@ def version() -> AgentCall:
     return AgentCall("version", (), answers.Version, root=False)
 
 
-def setup(install: bool = False, master_toml: str | None = None) -> AgentCall:
+def _role(role: str | None) -> tuple[str, ...]:
+    """`--role R`: the op uses role R's master files (master-R.toml, run/master-R.*)."""
+    return () if role is None else ("--role", role)
+
+
+def setup(
+    install: bool = False, master_toml: str | None = None, role: str | None = None
+) -> AgentCall:
     """Create or check the layout. `install`: the zipapp, sent on stdin, is run
     from memory and writes itself into the layout once the layout is checked;
-    `master_toml`: the master's options file, written if it changed."""
+    `master_toml`: the master's options file (`role`'s), written if it changed."""
     args = ("--install",) if install else ()
     if master_toml is not None:
         args += ("--master-toml", master_toml)
+    args += _role(role)
     return AgentCall("setup", args, answers.SetupResult, pyz_on_stdin=install)
 
 
-def unit(app: str, supervisor: str, deadline: float = 300.0) -> AgentCall:
+def unit(app: str, supervisor: str, deadline: float = 300.0, role: str | None = None) -> AgentCall:
     """Install and enable the app's systemd unit (`supervisor` "auto" or "systemd"),
     or remove the one setup installed (`"none"`); where systemd runs, start it (it
     takes over a running master). `deadline`: a start waits for every worker."""
-    args = ("--app", app, "--supervisor", supervisor)
+    args = ("--app", app, "--supervisor", supervisor, *_role(role))
     return AgentCall("unit", args, answers.UnitResult, deadline=deadline)
 
 
-def state() -> AgentCall:
-    return AgentCall("state", (), answers.HostState)
+def state(role: str | None = None) -> AgentCall:
+    """The releases, and the master of `role` (None: the implicit one)."""
+    return AgentCall("state", _role(role), answers.HostState)
 
 
 def status(
-    socket: str | None, url: str | None, expect: int, timeout: float, window: float
+    socket: str | None,
+    url: str | None,
+    expect: int,
+    timeout: float,
+    window: float,
+    role: str | None = None,
 ) -> AgentCall:
     """State, the master's own account (crashes within `window` seconds), the lock and
-    one health probe, in one call; every wait on the host within `timeout`."""
-    args = ("--timeout", str(timeout), "--window", str(window))
+    one health probe, in one call; every wait on the host within `timeout`. `role`:
+    whose master (its pid file and unit)."""
+    args = ("--timeout", str(timeout), "--window", str(window), *_role(role))
     if socket:
         args += ("--socket", socket)
     if url:
@@ -174,14 +189,15 @@ def health(url: str, expect: int, timeout: float, passes: int, interval: float) 
 
 
 def watch(
-    seconds: float, socket: str | None, url: str | None = None, expect: int = 200
+    seconds: float, sockets: Sequence[str], urls: Sequence[tuple[str, int]] = ()
 ) -> AgentCall:
-    """Watch a switched host for `seconds`: a worker crash reported by its master
-    (`socket`), a worker not ready, or a failing health probe (`url`) fails it."""
-    args = ("--seconds", str(seconds))
-    if socket:
+    """Watch a switched host for `seconds`: a worker crash reported by one of its
+    masters (`sockets`, one per role), a worker not ready, or a failing health
+    probe (`urls`: each with the status it must answer) fails it."""
+    args: tuple[str, ...] = ("--seconds", str(seconds))
+    for socket in sockets:
         args += ("--socket", socket)
-    if url:
+    for url, expect in urls:
         args += ("--url", url, "--expect", str(expect))
     return AgentCall("watch", args, answers.WatchResult, deadline=seconds + 10)
 
@@ -254,13 +270,17 @@ FOLLOW_DEADLINE = 7 * 24 * 3600.0  # a follow ends when its stdin closes; this i
 
 
 def logs(
-    lines: int | None, since: str | None = None, follow: bool = False, poll: float = 0.25
+    lines: int | None,
+    since: str | None = None,
+    follow: bool = False,
+    poll: float = 0.25,
+    role: str | None = None,
 ) -> AgentCall:
     """log/master.log: the last `lines` lines (None: no limit) stamped at or after
     `since` (the log's own form, `2026-12-01T11:01:55.333Z`); `follow`: then new
     lines as they come, by name across a reopen (SIGUSR1 rotation), until the
     op's stdin closes (the controller's Ctrl-C, or its connection gone)."""
-    args: tuple[str, ...] = ()
+    args: tuple[str, ...] = _role(role)
     if lines is not None:
         args += ("--lines", str(lines))
     if since is not None:
@@ -271,7 +291,7 @@ def logs(
     return AgentCall("logs", args, answers.LogsResult, deadline=deadline)
 
 
-def exec_command(argv: Sequence[str]) -> AgentCall:
+def exec_command(argv: Sequence[str], role: str | None = None) -> AgentCall:
     """Run `argv` in current/ with the app's environment (master.toml's env, then
     the env_file secrets, both read on the host). The argv travels as one JSON word,
     so no shell ever re-splits it. On success the command replaces the agent (its
@@ -279,7 +299,8 @@ def exec_command(argv: Sequence[str]) -> AgentCall:
     answer the agent itself gives is a refusal (no release, a bad master.toml)."""
     if not argv:
         raise ValueError("exec: empty command")
-    return AgentCall("exec", ("--argv", json.dumps(list(argv))), answers.ExecResult)
+    args = ("--argv", json.dumps(list(argv)), *_role(role))
+    return AgentCall("exec", args, answers.ExecResult)
 
 
 def probe(python: str, layout: Layout, digest: str, listen: str | None) -> list[str]:
@@ -292,4 +313,5 @@ def probe(python: str, layout: Layout, digest: str, listen: str | None) -> list[
     source = (here / "probe.py").read_text()
     trust = (here / "trust.py").read_text()
     dirs = json.dumps([str(d) for d in layout.dirs()])
-    return [python, "-c", source, str(layout.root), digest, listen or "", dirs, trust]
+    role = () if layout.role is None else (layout.role,)  # that role's master files
+    return [python, "-c", source, str(layout.root), digest, listen or "", dirs, trust, *role]

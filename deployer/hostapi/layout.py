@@ -5,11 +5,12 @@
   shared/                             linked into every release
   current -> releases/...             switched atomically
   repo/                               bare git repo: object cache for delta transfer
-  run/master.sock, run/master.pid     resident master
+  run/master.sock, run/master.pid     resident master (run/master-<role>.sock ... per role)
   run/deploy.lock/                    the host's deploy lock (atomic mkdir)
   log/                                master and worker logs
   history.jsonl                       what was deployed here
-  master.toml                         the master's options (written by `deployer setup`)
+  master.toml                         the master's options (written by `deployer setup`;
+                                      master-<role>.toml for each role the host runs)
   .deployer/deployer.pyz              the host agent zipapp
   bin/deployer                        runs it, for operators: `bin/deployer master status`
 
@@ -25,6 +26,8 @@ import re
 from pathlib import Path
 
 RELEASE_NAME = re.compile(r"\d{14}-[0-9a-f]{7,40}")
+# A role (process type: web, worker...) names files and a systemd unit: kept short and plain.
+ROLE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _SHA = re.compile(r"[0-9a-f]{7,40}")
 
 
@@ -39,27 +42,59 @@ def release_name(sha: str, now: dt.datetime | None = None) -> str:
     return f"{utc_stamp(now)}-{sha[:7]}"
 
 
+def check_role(name: str) -> str:
+    if not ROLE_NAME.fullmatch(name):
+        raise ValueError(
+            f"not a role name: {name!r} (lowercase letters, digits, '_' and '-', "
+            "starting with a letter, at most 32)"
+        )
+    return name
+
+
 class Layout:
     """Paths under one deploy root. A plain class, not a dataclass: every agent call
-    imports this, and `dataclasses` (with `inspect`) costs ~5 ms a start."""
+    imports this, and `dataclasses` (with `inspect`) costs ~5 ms a start.
 
-    __slots__ = ("root",)
+    `role`: the paths of that role's master (socket, pid, master.toml, log); None is
+    the single implicit role of an inventory without [roles], with the plain names."""
 
-    def __init__(self, root: Path) -> None:
+    __slots__ = ("root", "role")
+
+    def __init__(self, root: Path, role: str | None = None) -> None:
         self.root = root
+        self.role = None if role is None else check_role(role)
 
     def __repr__(self) -> str:
-        return f"Layout(root={self.root!r})"
+        return f"Layout(root={self.root!r}, role={self.role!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Layout) and other.root == self.root
+        return isinstance(other, Layout) and (other.root, other.role) == (self.root, self.role)
 
     def __hash__(self) -> int:
-        return hash(self.root)
+        return hash((self.root, self.role))
 
     @classmethod
-    def at(cls, root: str | os.PathLike[str]) -> Layout:
-        return cls(Path(root))
+    def at(cls, root: str | os.PathLike[str], role: str | None = None) -> Layout:
+        return cls(Path(root), role)
+
+    def for_role(self, role: str | None) -> Layout:
+        """The same root, with the paths of `role`'s master."""
+        return Layout(self.root, role)
+
+    def _master_file(self, directory: Path, suffix: str) -> Path:
+        stem = "master" if self.role is None else f"master-{self.role}"
+        return directory / f"{stem}{suffix}"
+
+    def master_roles(self) -> list[str | None]:
+        """The roles whose master.toml is on this host (None: the implicit one)."""
+        found: list[str | None] = []
+        for path in sorted(self.root.glob("master*.toml")):
+            stem = path.name[: -len(".toml")]
+            if stem == "master":
+                found.append(None)
+            elif stem.startswith("master-") and ROLE_NAME.fullmatch(stem[7:]):
+                found.append(stem[7:])
+        return found
 
     @property
     def releases(self) -> Path:
@@ -95,11 +130,11 @@ class Layout:
 
     @property
     def socket(self) -> Path:
-        return self.run / "master.sock"
+        return self._master_file(self.run, ".sock")
 
     @property
     def pidfile(self) -> Path:
-        return self.run / "master.pid"
+        return self._master_file(self.run, ".pid")
 
     @property
     def tools(self) -> Path:
@@ -120,7 +155,7 @@ class Layout:
 
     @property
     def master_config(self) -> Path:
-        return self.root / "master.toml"
+        return self._master_file(self.root, ".toml")
 
     @property
     def secrets(self) -> Path:
@@ -129,7 +164,7 @@ class Layout:
 
     @property
     def master_log(self) -> Path:
-        return self.log / "master.log"
+        return self._master_file(self.log, ".log")
 
     def release(self, name: str) -> Path:
         if not RELEASE_NAME.fullmatch(name):

@@ -1,5 +1,5 @@
 """A read-only look at a host, before or after `deployer setup`: run as
-`python3 -c <this file> ROOT DIGEST LISTEN DIRS TRUST` (hostapi.calls.probe).
+`python3 -c <this file> ROOT DIGEST LISTEN DIRS TRUST [ROLE]` (hostapi.calls.probe).
 
 It needs no agent on the host and writes nothing: `deployer doctor` runs it
 before setup ever ran, `deployer config --diff` to read master.toml whatever the
@@ -11,7 +11,8 @@ still come. The answer is one result line (hostapi.answers.Probe).
 ROOT: deploy_to. DIGEST: the sha256 of the controller's zipapp. LISTEN: the
 master's listen ("HOST:PORT", "unix:/path" or ""). DIRS: a JSON list of the
 layout's directories. TRUST: the source of hostapi/trust.py (the agent's checks
-of the layout).
+of the layout). ROLE: the role whose master's files are read (master-ROLE.toml,
+run/master-ROLE.pid); none or "": master.toml, run/master.pid.
 """
 
 import hashlib
@@ -89,8 +90,11 @@ def agent(root, digest):
     return {"state": "same" if h.hexdigest() == digest else "differs", "path": path}
 
 
+STEM = "master"  # master-ROLE with a ROLE argument
+
+
 def master_toml(root):
-    path = os.path.join(root, "master.toml")
+    path = os.path.join(root, STEM + ".toml")
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_TOML + 1)
@@ -103,7 +107,7 @@ def master_toml(root):
 
 def master_pid(root):
     try:
-        with open(os.path.join(root, "run", "master.pid")) as f:
+        with open(os.path.join(root, "run", STEM + ".pid")) as f:
             pid = int(f.read().strip())
         os.kill(pid, 0)
     except (OSError, ValueError):
@@ -197,7 +201,10 @@ def listen(root, spec):
 
 
 def main(argv):
+    global STEM
     root, digest, spec, dirs, trust_source = argv[:5]
+    if len(argv) > 5 and argv[5]:
+        STEM = "master-" + argv[5]
     facts = {
         "ok": True,
         "python": ".".join(str(n) for n in sys.version_info[:3]),

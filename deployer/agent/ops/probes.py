@@ -140,17 +140,18 @@ def _master_status(socket: str) -> dict[str, Any]:
 WATCH_POLL = 0.5
 
 
-def watch(seconds: float, socket: str | None, url: str | None, expect: int) -> answers.WatchResult:
+def watch(seconds: float, sockets: list[str], urls: list[tuple[str, int]]) -> answers.WatchResult:
     """Fail at the first sign that the release does not hold up after its switch:
-    a worker crash the master reports (a crash loop that starts after ready), a
-    worker not ready, a health probe that does not answer `expect`."""
+    a worker crash a master reports (a crash loop that starts after ready), a
+    worker not ready, a health probe that does not answer its expected status.
+    Every master (`sockets`: one per role) and health URL of the host at once."""
     started, begun = time.time(), time.monotonic()
     polls = probes = 0
     while True:
-        if socket:
+        for socket in sockets:
             _check_master(socket, started)
             polls += 1
-        if url:
+        for url, expect in urls:
             try:
                 with deadline(5.0):  # a probe that hangs is a failing probe
                     status, last = _probe(url, 5.0)

@@ -75,7 +75,7 @@ def _systemd_booted() -> bool:
 
 
 def _unit_record(layout: Layout) -> Path:
-    return layout.tools / "unit.json"
+    return layout.tools / ("unit.json" if layout.role is None else f"unit-{layout.role}.json")
 
 
 def unit(layout: Layout, app: str, supervisor: str) -> answers.UnitResult:
@@ -86,7 +86,10 @@ def unit(layout: Layout, app: str, supervisor: str) -> answers.UnitResult:
     from deployer.master import units
 
     sd = _Systemd()
-    name = units.app_unit_name(app, str(layout.root))
+    # a role's master has a unit of its own: deployer-<app>-<role>-<hash>.service
+    name = units.app_unit_name(
+        app if layout.role is None else f"{app}-{layout.role}", str(layout.root)
+    )
     path = sd.unit_dir / name
     wants = sd.unit_dir / f"{sd.target}.wants" / name
     if supervisor == "none":
