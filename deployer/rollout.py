@@ -296,6 +296,7 @@ def _rollout(
         "controller": owner.controller,
         "started": owner.since,
         "hosts": plan.hosts,
+        "roles": fleet.role_names,
     }
     outcome = Outcome(ok=False)
     with FleetLocks(fleet, owner):
@@ -557,6 +558,7 @@ def _rollback(
             "controller": owner.controller,
             "started": owner.since,
             "hosts": names,
+            "roles": fleet.role_names,
         }
         outcome = Outcome(ok=False, releases=dict(before))
         fleet.history.append({**entry, "result": "running"})

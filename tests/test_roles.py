@@ -160,8 +160,15 @@ def test_roles_selects_hosts_and_masters(shop: Project, ssh_hosts: list[SSHTestH
     p.deployer("setup", check=True)
     p.deployer("rollout", check=True)
     before = roles_status(p)
+    hooks = p.inventory.parent / ".deployer" / "hooks"
+    hooks.mkdir(parents=True)
+    told = p.inventory.parent / "told"
+    (hooks / "post-deploy").write_text(f'#!/bin/sh\necho "$DEPLOYER_ROLES" > {told}\n')
+    (hooks / "post-deploy").chmod(0o755)
     commit(p.repo, {"VERSION": "2\n"}, "v2")
     out = p.deployer("rollout", "--roles", "worker", check=True).stdout
+    assert told.read_text() == "worker\n"  # the hooks are told the roles acted on
+    assert p.deployer("history", "--json", check=True).stdout.count('"worker"') >= 1
     assert host2.name not in re.findall(r"^(\S+?):", out, re.M), out  # web-only host untouched
     assert "reload web" not in out and "reload worker:" in out
     v2 = p.current(host3)
