@@ -118,6 +118,14 @@ class RemoteHost:
             raise
         return Result(self.name, tuple(call.words(self.layout)), 0, out, "")
 
+    def _open_session(self) -> None:
+        """Connect and start the host's agent session ahead of its first call (the
+        fleet opens every host's at once); what goes wrong, that call reports."""
+        if self.unreachable is None:
+            self.transport.open_ahead(
+                calls.session(self.config.ssh.python, self.layout, facts().sha256)
+            )
+
     def _zipapp(self, *words: str) -> list[str]:
         pyz = str(self.layout.pyz)
         return calls.zipapp(self.config.ssh.python, pyz, facts().sha256, *words)

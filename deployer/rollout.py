@@ -201,6 +201,23 @@ def check_agents(
     return fleet.each(names, check)
 
 
+def _sorts_last(release: str, sha: str, states: dict[str, HostState]) -> str:
+    """`release`, or the same commit stamped one second after the newest release of
+    these hosts when that one has the same stamp (or a later one): `previous` and
+    rollback go by name order, and a rollout can now finish within a second."""
+    import datetime as dt
+
+    stamps = [r[:14] for s in states.values() for r in s.release_names if r != release]
+    newest = max(stamps, default="")
+    if not sha or newest < release[:14]:
+        return release
+    try:
+        after = dt.datetime.strptime(newest, "%Y%m%d%H%M%S") + dt.timedelta(seconds=1)
+    except ValueError:  # not a release name of ours
+        return release
+    return release_name(sha, after.replace(tzinfo=dt.UTC))
+
+
 def reject_missing_release(states: dict[str, HostState], targets: dict[str, str]) -> None:
     missing = [
         f"{n} (has: {', '.join(states[n].release_names) or 'none'})"
@@ -299,12 +316,17 @@ def _rollout(
         "roles": fleet.role_names,
     }
     outcome = Outcome(ok=False)
+    fleet.open_all()
     with FleetLocks(fleet, owner):
         fleet.history.append({**entry, "result": "running"})  # a SIGKILL leaves this
         say(f"rollout {plan.revision} as {release} to {', '.join(plan.hosts)}")
         states, failed = check_agents(fleet, plan.hosts)
         before = {n: s.current for n, s in states.items()}
         outcome.releases = dict(before)
+        later = _sorts_last(release, plan.revision or "", states)
+        if later != release:
+            say(f"release {release} would not sort after one made in the same second: {later}")
+            release = entry["release"] = later
 
         revision = source.resolve(plan.revision)  # once: GitPython is not thread-safe
 
@@ -530,6 +552,7 @@ def _rollback(
     names = list(fleet.remotes)
     owner = Owner(fleet.inventory.app.name, to or "previous", "rollback")
     owner = replace(owner, id=f"{utc_stamp()}-rollback-{owner.id[:4]}")
+    fleet.open_all()
     with FleetLocks(fleet, owner):
         states, failed = check_agents(fleet, names)
         if failed:

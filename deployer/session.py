@@ -21,6 +21,8 @@ from deployer.remote import RemoteHost
 from deployer.report import Reporter, reporter_for
 from deployer.transport import HostPool
 
+OPEN_AT_ONCE = 32  # connections (and agent sessions) opened in parallel at the start
+
 
 class FleetSession:
     def __init__(
@@ -57,6 +59,24 @@ class FleetSession:
         """The roles of the selected hosts (--roles narrows them), in inventory order."""
         found = {r: None for remote in self.remotes.values() for r in remote.config.role_names}
         return list(found)
+
+    def open_all(self, names: Sequence[str] | None = None) -> None:
+        """Connect to every host and start its agent session now, OPEN_AT_ONCE at a time,
+        in the background: every phase then finds them open. Daemon threads: a host
+        that hangs in its handshake never keeps the command from ending."""
+        from deployer.agent.bundle import facts
+
+        facts()  # once, before the threads all want it
+        todo = list(self.remotes.values() if names is None else map(self.remotes.get, names))
+        gate = threading.Semaphore(OPEN_AT_ONCE)
+
+        def run(remote: RemoteHost) -> None:
+            with gate:
+                remote._open_session()
+
+        for remote in todo:
+            if remote is not None:
+                threading.Thread(target=run, args=(remote,), daemon=True).start()
 
     def each(
         self, names: Sequence[str], fn: Callable[[RemoteHost], Any], limit: int | None = None

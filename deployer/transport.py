@@ -91,6 +91,9 @@ class Command:
         return label(self.argv)
 
 
+_SESSIONS_INIT = threading.Lock()
+
+
 class Transport(ABC):
     """What every transport offers: run a command, put a file, close."""
 
@@ -119,44 +122,81 @@ class Transport(ABC):
         """Start argv with stdin, stdout and stderr open (an agent session)."""
 
     # Agent sessions: idle ones are reused; a caller that finds none idle (the lock
-    # heartbeat while a prepare runs) gets one of its own.
+    # heartbeat while a prepare runs) gets one of its own, unless one is being
+    # opened (open_ahead): it waits for that one.
     _idle: list[AgentSession]
-    _sessions_lock: threading.Lock
+    _sessions: threading.Condition
+    _opening: int
     # why the last session's connection dropped: the next connection gets one attempt
     lost: str | None = None
+
+    def _session_state(self) -> threading.Condition:
+        if not hasattr(self, "_sessions"):
+            with _SESSIONS_INIT:
+                if not hasattr(self, "_sessions"):
+                    self._idle, self._opening = [], 0
+                    self._sessions = threading.Condition()
+        return self._sessions
+
+    def _checkout(self, argv: list[str] | tuple[str, ...]) -> AgentSession:
+        cond = self._session_state()
+        with cond:
+            while True:
+                while self._idle:
+                    session = self._idle.pop()
+                    if session.stream.alive():
+                        return session
+                    # it ended between calls (a dropped connection, a host that went
+                    # away): a new one, through a new connection if need be
+                    session.close()
+                if not self._opening:
+                    break
+                cond.wait()
+            self._opening += 1
+        try:
+            return AgentSession(self.name, self.open_stream(argv))
+        finally:
+            with cond:
+                self._opening -= 1
+                cond.notify_all()
+
+    def _checkin(self, session: AgentSession) -> None:
+        if session.broken:
+            session.close()
+            return
+        with self._session_state():
+            self._idle.append(session)
+            self._sessions.notify_all()
 
     @contextlib.contextmanager
     def agent_session(self, argv: list[str] | tuple[str, ...]) -> Iterator[AgentSession]:
         """An agent session running argv, for one call or a pipelined few; it goes
         back to the idle ones unless it broke (then it is closed)."""
-        if not hasattr(self, "_idle"):
-            self._idle, self._sessions_lock = [], threading.Lock()
-        session = None
-        with self._sessions_lock:
-            while self._idle and session is None:
-                session = self._idle.pop()
-                if not session.stream.alive():
-                    # it ended between calls (a dropped connection, a host that went
-                    # away): a new one, through a new connection if need be
-                    session.close()
-                    session = None
-        if session is None:
-            session = AgentSession(self.name, self.open_stream(argv))
+        session = self._checkout(argv)
         try:
             yield session
         except BaseException:
             session.close()
             raise
-        if session.broken:
-            session.close()
-        else:
-            with self._sessions_lock:
-                self._idle.append(session)
+        self._checkin(session)
+
+    def open_ahead(self, argv: list[str] | tuple[str, ...]) -> None:
+        """Open an agent session now (connection included), idle for the first call;
+        a failure is left for that call to meet and report."""
+        cond = self._session_state()
+        with cond:
+            if self._idle or self._opening:
+                return
+        try:
+            session = self._checkout(argv)
+        except Exception:  # noqa: BLE001 -- the first real call reports it
+            return
+        self._checkin(session)
 
     def close_sessions(self) -> None:
         if not hasattr(self, "_idle"):
             return
-        with self._sessions_lock:
+        with self._sessions:
             idle, self._idle = self._idle, []
         for session in idle:
             session.close()
