@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deployer.errors import DeployerError, LockHeld, StepFailed
+from deployer.hostapi import calls
 from deployer.hostapi.answers import LockOwner
+from deployer.hostapi.calls import AgentCall
 
 if TYPE_CHECKING:
     from deployer.session import FleetSession
@@ -162,9 +164,12 @@ class FleetLocks:
     """The controller lock and a lock on every host of a fleet session, with a
     heartbeat; released on every exit of the `with` block."""
 
-    def __init__(self, fleet: FleetSession, owner: Owner) -> None:
+    def __init__(self, fleet: FleetSession, owner: Owner, then: AgentCall | None = None) -> None:
+        """`then`: an agent call sent to each host right behind its lock, in the same
+        round trip (a rollout's state); the host's next call with it reads its answer."""
         self.fleet = fleet
         self.owner = owner
+        self.then = then
         self.wire = owner.wire()
         self.controller = ControllerLock(fleet.state_dir, owner.app)
         self.held: list[str] = []
@@ -174,6 +179,7 @@ class FleetLocks:
 
     def __enter__(self) -> FleetLocks:
         replaced = self.controller.acquire(self.owner, wait=self.fleet.lock_wait)
+        self.fleet.locks = self
         if replaced is not None:
             self._took_over(replaced, f"deploy lock {self.controller.path}")
         try:
@@ -186,9 +192,14 @@ class FleetLocks:
         return self
 
     def _acquire_hosts(self) -> None:
-        results, failures = self.fleet.each(
-            self.fleet.names, lambda r: r.lock("acquire", self.wire, take_stale=STALE_AFTER_S)
-        )
+        acquire = calls.lock("acquire", self.wire, take_stale=STALE_AFTER_S)
+        if self.then is None:
+            results, failures = self.fleet.each(self.fleet.names, lambda r: r.call(acquire))
+        else:
+            then = self.then
+            results, failures = self.fleet.each(
+                self.fleet.names, lambda r: r._call_then(acquire, then)
+            )
         # held by a process this controller knows is gone: take those over by its id
         dead = {
             n: a.holder.id
@@ -241,8 +252,14 @@ class FleetLocks:
                 with contextlib.suppress(DeployerError):
                     self.fleet.remotes[name].lock("heartbeat", self.wire)
 
+    def release_call(self) -> AgentCall:
+        """The call that releases a host's lock (record sends it ahead: one round trip)."""
+        return calls.lock("release", self.wire)
+
     def _release(self) -> None:
         self._stop.set()
+        if self.fleet.locks is self:
+            self.fleet.locks = None
         if self.held:
             _, left = self.fleet.each(self.held, lambda r: r.lock("release", self.wire))
             for name in left:

@@ -63,6 +63,16 @@ class RemoteHost:
     ) -> Any:
         """Run one agent call within its deadline; its typed answer, or StepFailed
         saying why not."""
+        return self._run(call, stdin, on_line)
+
+    def _run(
+        self,
+        call: AgentCall,
+        stdin: Stdin = None,
+        on_line: LineCallback | None = None,
+        then: AgentCall | None = None,
+    ) -> Any:
+        """call(); `then`: a call sent right behind it (see _call_then)."""
         if self.unreachable is not None:
             raise StepFailed(self.name, call.op, f"skipped: {self.unreachable}")
 
@@ -72,7 +82,7 @@ class RemoteHost:
 
         try:
             if call.in_session:
-                result = self._in_session(call, stdin, forward)
+                result = self._in_session(call, stdin, forward, then)
             else:
                 argv = call.argv(self.config.ssh.python, self.layout, facts().sha256)
                 result = self.transport.run(
@@ -92,13 +102,24 @@ class RemoteHost:
             raise StepFailed(self.name, call.op, self._no_answer(call, result), code)
         return answer
 
-    def _in_session(self, call: AgentCall, stdin: Stdin, forward: LineCallback) -> Result:
+    def _call_then(self, call: AgentCall, then: AgentCall) -> Any:
+        """`call`, with `then` sent right behind it in the same round trip: the next
+        call of this host with `then`'s words reads its answer (issue 17: lock and
+        state, record and unlock). A one-shot `then` is not sent: just `call`."""
+        return self._run(call, then=then if then.in_session else None)
+
+    def _in_session(
+        self, call: AgentCall, stdin: Stdin, forward: LineCallback, then: AgentCall | None = None
+    ) -> Result:
         """The call as a request of the host's agent session (deployer/agent/session.py):
         the agent's stream and result line, as a one-shot call's Result would hold them."""
         session_argv = calls.session(self.config.ssh.python, self.layout, facts().sha256)
         try:
             with self.transport.agent_session(session_argv) as session:
-                out = session.call(call.words(self.layout), stdin, forward, call.deadline)
+                rid = session.send(call.words(self.layout), stdin)
+                if then is not None:
+                    session.send_ahead(then.words(self.layout))
+                out = session.receive(rid, forward, call.deadline)
         except SessionEnded as e:
             if e.lost:  # the connection dropped, or the agent was killed
                 raise StepFailed(

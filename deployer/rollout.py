@@ -20,6 +20,7 @@ from deployer import migrating
 from deployer.deploy_hooks import DeployHooks, performer
 from deployer.errors import BadInput, DeployerError, StepFailed
 from deployer.fleet import supervise
+from deployer.hostapi import calls
 from deployer.hostapi.answers import HostState
 from deployer.hostapi.exits import EXIT_FAILED, EXIT_OK
 from deployer.hostapi.layout import release_name, utc_stamp
@@ -175,8 +176,15 @@ def revert(
 
 
 def record(fleet: FleetSession, entry: dict[str, Any], names: Sequence[str]) -> None:
+    """The entry in the controller's history and each host's; where a lock is held,
+    its release goes in the same round trip (FleetLocks reads that answer)."""
     fleet.history.append(entry)
-    fleet.each(names, lambda r: r.record(entry))
+    locks = fleet.locks
+    if locks is None:
+        fleet.each(names, lambda r: r.record(entry))
+        return
+    call, unlock, held = calls.record(entry), locks.release_call(), set(locks.held)
+    fleet.each(names, lambda r: r._call_then(call, unlock) if r.name in held else r.call(call))
 
 
 def check_agents(
@@ -317,7 +325,7 @@ def _rollout(
     }
     outcome = Outcome(ok=False)
     fleet.open_all()
-    with FleetLocks(fleet, owner):
+    with FleetLocks(fleet, owner, then=calls.state()):
         fleet.history.append({**entry, "result": "running"})  # a SIGKILL leaves this
         say(f"rollout {plan.revision} as {release} to {', '.join(plan.hosts)}")
         states, failed = check_agents(fleet, plan.hosts)
@@ -553,7 +561,7 @@ def _rollback(
     owner = Owner(fleet.inventory.app.name, to or "previous", "rollback")
     owner = replace(owner, id=f"{utc_stamp()}-rollback-{owner.id[:4]}")
     fleet.open_all()
-    with FleetLocks(fleet, owner):
+    with FleetLocks(fleet, owner, then=calls.state()):
         states, failed = check_agents(fleet, names)
         if failed:
             raise StepFailed(next(iter(failed)), "state", next(iter(failed.values())))

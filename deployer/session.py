@@ -43,6 +43,8 @@ class FleetSession:
         self.exit_codes: dict[str, int] = {}  # host -> exit code of its last failure
         # host -> the release its `current` was last switched to by this session
         self.switched_to: dict[str, str] = {}
+        # the deploy locks held: a deployer.lock.FleetLocks (not imported: lock imports this)
+        self.locks: Any = None
 
     def __enter__(self) -> FleetSession:
         return self

@@ -387,7 +387,10 @@ class Stream(ABC):
 
     def alive(self) -> bool:
         """Still running, as far as can be told without a round trip."""
-        return not self.eof and self.lines.empty()
+        if self.eof:
+            return False
+        with self.lines.mutex:  # answers may wait there (pipelined); its end may not
+            return None not in self.lines.queue
 
     @abstractmethod
     def exit_code(self, wait: float) -> tuple[int, str]:
@@ -518,6 +521,10 @@ class AgentSession:
         self.stream = stream
         self.next_id = 0
         self.broken = False  # its framing can no longer be trusted: not reused
+        # requests sent ahead of need (pipelined): their words -> id; the call with
+        # those words, when it comes next, reads that answer instead of asking again
+        self.ahead: dict[tuple[str, ...], int] = {}
+        self.received = 0  # the last id whose answer was read (or skipped)
 
     def send(self, words: list[str], stdin: Stdin = None) -> int:
         """Write one request; its id, for receive(). Requests may be pipelined."""
@@ -559,12 +566,18 @@ class AgentSession:
                 )
             line = raw.decode("utf-8", "replace")
             closed = answers.end_id(line.rstrip("\n"))
+            if closed is not None:
+                self.received = closed
             if closed == request_id:
                 return out.text()
             if closed is not None:  # an earlier request's answer nobody waited for
                 out = _Output(on_line, out.keep)
                 continue
             out.feed(raw)
+
+    def send_ahead(self, words: list[str]) -> None:
+        """Send a request (no stdin) now, for a call with these very words later."""
+        self.ahead[tuple(words)] = self.send(words)
 
     def call(
         self,
@@ -573,7 +586,13 @@ class AgentSession:
         on_line: LineCallback | None = None,
         timeout: float | None = None,
     ) -> str:
-        return self.receive(self.send(words, stdin), on_line, timeout)
+        rid = self.ahead.pop(tuple(words), None) if stdin is None else None
+        # an answer sent ahead is only good if nothing else ran on the session since
+        if rid is None or rid != self.received + 1:
+            rid = self.send(words, stdin)
+        out = self.receive(rid, on_line, timeout)
+        self.ahead = {w: r for w, r in self.ahead.items() if r > rid}
+        return out
 
     def close(self) -> None:
         self.stream.close()
