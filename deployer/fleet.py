@@ -7,7 +7,7 @@ from typing import Any
 
 from deployer.agent.bundle import build
 from deployer.hostapi import answers, calls
-from deployer.inventory import RoleConfig
+from deployer.inventory import HostConfig, RoleConfig
 from deployer.lock import describe
 from deployer.remote import RemoteHost
 from deployer.session import FleetSession
@@ -30,9 +30,28 @@ def setup(fleet: FleetSession) -> dict[str, str]:
             if role.name is not None:  # a role's master-<role>.toml: its own call
                 done = remote.configure(role.name)
             setup_master(remote, role.name, done._replace(installed=installed), say)
+        left_behind(remote, fleet.inventory.hosts[remote.name], say)
 
     _, failures = fleet.each(fleet.names, one)
     return failures
+
+
+def left_behind(remote: RemoteHost, host: HostConfig, say: Callable[[str, str], None]) -> None:
+    """A master toml of a role the inventory (`host`: all its roles, whatever --roles
+    chose) no longer gives the host: said, not removed (its master may be serving;
+    stopping it is the operator's call)."""
+    wanted = {r.name or "" for r in host.masters}
+    for role in remote.state().configured:
+        if role not in wanted:
+            layout = remote.layout.for_role(role or None)
+            say(
+                f"warning: {layout.master_config} is for "
+                + (f"role {role}, which" if role else "a master without roles, which")
+                + " the inventory no longer gives this host; if its master runs, stop it "
+                f"(`{layout.wrapper} master stop --config {layout.master_config}`) "
+                "and remove the file",
+                remote.name,
+            )
 
 
 def setup_master(

@@ -191,6 +191,15 @@ def test_roles_selects_hosts_and_masters(shop: Project, ssh_hosts: list[SSHTestH
     assert "/web: " not in out
     proc = p.deployer("rollout", "--roles", "db")
     assert proc.returncode == 2 and "--roles: 'db' matches no role" in proc.stderr
+    # setup --roles web leaves the worker masters alone and says nothing of them
+    out = p.deployer("setup", "--roles", "web", check=True).stdout
+    assert "worker" not in out, out
+    # host1 no longer runs workers: setup says what it left behind, and leaves it
+    text = p.inventory.read_text().replace('roles = ["web", "worker"]', 'roles = ["web"]')
+    p.inventory.write_text(text)
+    out = p.deployer("setup", check=True).stdout
+    assert "master-worker.toml is for role worker, which the inventory no longer gives" in out
+    assert (host1.root / "master-worker.toml").exists()
 
 
 def test_config_shows_where_each_value_comes_from(tmp_path: Path) -> None:
@@ -285,3 +294,30 @@ def test_two_roles_on_one_host_may_not_share_a_port(tmp_path: Path) -> None:
     )
     with pytest.raises(InventoryError, match="listen h:80 is also used"):
         inventory.load(path)
+
+
+def test_the_shop_example_has_a_staging_overlay_and_a_post_deploy_hook(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    shop = REPO / "examples" / "shop"
+    inv = inventory.load(shop / "inventory.toml", "staging")
+    web1 = inv.hosts["web1"]
+    assert web1.address == "10.1.0.11" and web1.role_names == ["web", "worker"]
+    assert web1.role("web").env["APP_ENV"] == "staging"
+    assert web1.role("worker").env == {"APP_ENV": "staging", "QUEUE": "default"}
+    cfg = web1.master_config("web")
+    assert cfg is not None and cfg.socket == "/srv/shop-staging/run/master-web.sock"
+    log = tmp_path / "deploys.log"
+    env = {
+        **os.environ,
+        "DEPLOYER_APP": "shop",
+        "DEPLOYER_DESTINATION": "staging",
+        "DEPLOYER_RELEASE": "20261201000000-abcdef0",
+        "DEPLOYER_PERFORMER": "ann",
+        "DEPLOYER_RESULT": "ok",
+        "DEPLOYER_DURATION": "4.20",
+        "DEPLOYER_NOTIFY_LOG": str(log),
+    }
+    subprocess.run([shop / ".deployer" / "hooks" / "post-deploy"], env=env, check=True)
+    assert log.read_text().endswith("shop (staging) 20261201000000-abcdef0 by ann: ok in 4.20s\n")

@@ -60,6 +60,8 @@ class HostState(NamedTuple):
     master: MasterState
     bundle: str | None = None  # the agent's bundle id: checked in the same call
     cpus: int | None = None  # what workers = "auto" means there
+    # the roles whose master toml is on the host ("": master.toml, no [roles])
+    configured: list[str] = []
 
     @property
     def release_names(self) -> list[str]:

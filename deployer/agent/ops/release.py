@@ -67,6 +67,7 @@ def state(layout: Layout) -> answers.HostState:
         have=have(layout),
         master=master_state(layout),
         cpus=os.cpu_count(),
+        configured=[r or "" for r in layout.master_roles()],
     )
 
 
