@@ -321,3 +321,23 @@ def test_the_shop_example_has_a_staging_overlay_and_a_post_deploy_hook(tmp_path:
     }
     subprocess.run([shop / ".deployer" / "hooks" / "post-deploy"], env=env, check=True)
     assert log.read_text().endswith("shop (staging) 20261201000000-abcdef0 by ann: ok in 4.20s\n")
+
+
+def test_drift_and_doctor_per_role(shop: Project, ssh_hosts: list[SSHTestHost]) -> None:
+    p = shop
+    host1, _, host3 = ssh_hosts
+    p.deployer("setup", check=True)
+    proc = p.deployer("config", "--diff")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    toml = host3.root / "master-worker.toml"
+    toml.write_text(toml.read_text().replace("workers = 2", "workers = 5"))
+    proc = p.deployer("config", "--diff")
+    assert proc.returncode == 1
+    assert f"{host3.name}: DIFFERS" in proc.stdout
+    assert "  - worker: workers: 5 on the host, 2 from the inventory" in proc.stdout
+    assert f"{host1.name}: same as the inventory" in proc.stdout
+    rows = json.loads(p.deployer("doctor", "--json").stdout)
+    checks = {r["host"]: {c["check"]: c for c in r["checks"]} for r in rows}
+    assert checks[host1.name]["listen web"]["status"] == "ok"
+    assert checks[host1.name]["listen worker"]["status"] == "info"
+    assert "binds no socket" in checks[host3.name]["listen worker"]["detail"]
