@@ -404,25 +404,6 @@ class Network:
     def counters(self) -> dict[str, tuple[int, int]]:
         return {h.name: h.counters() for h in self.hosts}
 
-    def host_cpu(self, settle: float = 3.0) -> float:
-        """CPU seconds the hosts' sshd listeners and everything they reaped used
-        (connections, shells, agents): utime+stime+cutime+cstime of each listener,
-        summed; first waiting up to `settle` s for their connections to end."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        end = time.monotonic() + settle
-        total = 0
-        for h in self.hosts:
-            if h.proc is None:
-                continue
-            children = Path(f"/proc/{h.proc.pid}/task/{h.proc.pid}/children")
-            with contextlib.suppress(OSError):
-                while children.read_text().strip() and time.monotonic() < end:
-                    time.sleep(0.02)
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{h.proc.pid}/stat").read_text()
-                total += sum(int(x) for x in stat[stat.rindex(")") + 2 :].split()[11:15])
-        return total / ticks
-
 
 # --- sshd: one per host namespace, one git server in the root namespace ------------------
 
@@ -616,7 +597,6 @@ class Measure:
     notes: list[str] = field(default_factory=list)
     output: list[Line] = field(default_factory=list)
     cpu: float = 0.0  # the controller's CPU seconds (user+sys of the command and its children)
-    host_cpu: float = 0.0  # the hosts' (sshd, shells, agents, git: every host together)
 
     def per_host(self) -> list[int]:
         return [self.to_host[h] + self.from_host[h] for h in self.to_host]
@@ -640,7 +620,6 @@ class Measure:
             "ok": self.ok,
             "wall_s": round(self.wall, 3),
             "controller_cpu_s": round(self.cpu, 3),
-            "hosts_cpu_s": round(self.host_cpu, 3),
             "phases_s": {k: round(v, 3) for k, v in self.phases.items()},
             "bytes_to_host": self.to_host,
             "bytes_from_host": self.from_host,
@@ -685,9 +664,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def measured(net: Network, m: Measure, body: Callable[[], Timed]) -> None:
     before = net.counters()
-    cpu_before = net.host_cpu()
     code, m.wall, m.output, m.cpu = body()
-    m.host_cpu = net.host_cpu() - cpu_before
     after = net.counters()
     m.ok = code == 0
     for h in net.hosts:
@@ -1103,7 +1080,6 @@ def _row(tool: str, scenario: str, ms: list[Measure]) -> str:
         f"{med([m.cpu for m in ms]) / max(1, len(ms[0].to_host)) * 1000:.0f} ms"
         if ms[0].cpu
         else "-",
-        f"{med([m.host_cpu for m in ms]) / max(1, len(ms[0].to_host)) * 1000:.0f} ms",
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -1121,8 +1097,8 @@ def table(results: list[Measure]) -> list[str]:
             "",
             "| tool | bytes per host (max of hosts) | to host | from host | whole command "
             "| prepare | switch | reload | health | prepare+switch | other "
-            "| controller CPU per host | host CPU per host |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| controller CPU per host |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for tool in ("deployer", "capistrano"):
             if (tool, scenario) in groups:
@@ -1183,9 +1159,8 @@ def issue17(results: list[Measure]) -> list[tuple[str, bool]]:
         ms = groups[("deployer", s)]
         other = med([m.phases.get("other", 0.0) for m in ms])
         cpu = med([m.cpu for m in ms]) / hosts
-        host_cpu = med([m.host_cpu for m in ms]) / hosts
         text = f"[17] {s} at {hosts} hosts: other {other:.2f} s; controller CPU "
-        text += f"{cpu * 1000:.0f} ms/host, host CPU {host_cpu * 1000:.0f} ms/host"
+        text += f"{cpu * 1000:.0f} ms/host"
         if hosts == 8:
             out.append((text + f" (other <= {TARGET17_OTHER_8:.1f} s)", other <= TARGET17_OTHER_8))
         else:
