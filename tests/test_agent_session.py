@@ -205,6 +205,31 @@ def test_local_agent_session_calls_streams_and_reuses_one_process(tmp_path: Path
     assert first.proc.wait(5) == 0  # closing the host closed its session: EOF, exit 0
 
 
+def test_a_request_sent_ahead_is_read_by_the_next_call_with_its_words(tmp_path: Path) -> None:
+    """Lock and state in one round trip: the state request goes right behind the lock
+    one, and the state call that follows reads that answer instead of asking again;
+    unless another call ran on the session in between (then it asks anew)."""
+    host = LocalHost("l1")
+    layout = Layout.at(str(tmp_path / "app"))
+    state = calls.state().words(layout)
+    try:
+        with host.agent_session(AGENT + ["session"]) as s:
+            s.call(calls.setup().words(layout), timeout=30)
+            rid = s.send(["version"])
+            s.send_ahead(state)
+            assert answers.parse_result(s.receive(rid, None, 30), answers.Version).bundle
+        with host.agent_session(AGENT + ["session"]) as s:
+            sent = s.next_id
+            assert answers.parse_result(s.call(state, timeout=30), answers.HostState).exists
+            assert s.next_id == sent  # no new request: the one sent ahead answered
+            s.send_ahead(state)
+            s.call(["version"], timeout=30)  # something else ran: the answer is stale
+            s.call(state, timeout=30)
+            assert s.next_id == sent + 3 and s.ahead == {}
+    finally:
+        host.close()
+
+
 def test_a_session_whose_agent_cannot_start_reports_its_exit_and_stderr() -> None:
     host = LocalHost("l1")
     argv = [sys.executable, "-c", "import sys; sys.stderr.write('deployer: no agent\\n'); "
@@ -332,3 +357,26 @@ def test_a_host_gone_in_the_middle_of_prepare_fails_fast_afterwards(
     assert not (project.state / "demo.lock").exists()
     held = [h.name for h in project.hosts if (h.root / "run" / "deploy.lock").exists()]
     assert held == [victim.name], out
+
+
+def test_a_rollout_starts_one_agent_per_host(tmp_path: Path, ssh_hosts) -> None:
+    """Every agent call of a rollout (lock, state, prepare, switch, prune, record,
+    unlock) goes through one agent process per host: python3 is started once."""
+    from rollout_helpers import commit, make_project
+
+    project = make_project(tmp_path, ssh_hosts, {"app.txt": "version 1\n"})
+    project.deployer("setup", check=True)
+    project.deployer("rollout", check=True)
+    commit(project.repo, {"app.txt": "version 2\n"}, "v2")
+    wrapper = ssh_hosts[0].root.parent / f"python3-{tmp_path.name}"
+    log = wrapper.with_suffix(".log")
+    # $5 $6: `agent OP` after `-c BOOTSTRAP PYZ SHA256`; the host's own name from its root
+    wrapper.write_text(f'#!/bin/sh\necho "$(basename "$(dirname "$(dirname "$3")")") $5 $6" '
+                       f'>> {log}\nexec python3 "$@"\n')  # fmt: skip
+    wrapper.chmod(0o755)
+    text = project.inventory.read_text().replace("[ssh]\n", f'[ssh]\npython = "{wrapper}"\n', 1)
+    project.inventory.write_text(text)
+    proc = project.deployer("rollout", check=True)
+    assert "rollout ok" in proc.stdout
+    starts = log.read_text().splitlines()
+    assert sorted(starts) == sorted(f"{h.root.name} agent session" for h in ssh_hosts), starts
