@@ -184,7 +184,14 @@ def record(fleet: FleetSession, entry: dict[str, Any], names: Sequence[str]) -> 
         fleet.each(names, lambda r: r.record(entry))
         return
     call, unlock, held = calls.record(entry), locks.release_call(), set(locks.held)
-    fleet.each(names, lambda r: r._call_then(call, unlock) if r.name in held else r.call(call))
+
+    def put(r: RemoteHost) -> Any:
+        pipelined = getattr(r, "_call_then", None)  # a RemoteHost (tests use fakes)
+        if r.name in held and pipelined is not None:
+            return pipelined(call, unlock)
+        return r.record(entry)
+
+    fleet.each(names, put)
 
 
 def check_agents(

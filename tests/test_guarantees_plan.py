@@ -224,6 +224,7 @@ def no_bundle_no_git(monkeypatch: pytest.MonkeyPatch) -> None:
     from deployer.agent import bundle
 
     monkeypatch.setattr(bundle, "build", lambda: type("B", (), {"id": BUNDLE})())
+    monkeypatch.setattr(bundle, "facts", lambda: bundle.Facts(BUNDLE, "0" * 64))
 
     def pack_for_host(source: Any, revision: str, have: list[str]) -> bytes:
         assert isinstance(source, Source) and revision == "resolved-" + SHA, (source, revision)
