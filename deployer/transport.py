@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from deployer.errors import CommandFailed, TransportError
+from deployer.errors import CommandFailed, DeployerError, TransportError
 from deployer.hostapi import answers
 
 if TYPE_CHECKING:
@@ -135,10 +135,11 @@ class Transport(ABC):
             with _SESSIONS_INIT:
                 if not hasattr(self, "_sessions"):
                     self._idle, self._opening = [], 0
+                    self._ahead_error: BaseException | None = None
                     self._sessions = threading.Condition()
         return self._sessions
 
-    def _checkout(self, argv: list[str] | tuple[str, ...]) -> AgentSession:
+    def _checkout(self, argv: list[str] | tuple[str, ...], ahead: bool = False) -> AgentSession:
         cond = self._session_state()
         with cond:
             while True:
@@ -149,15 +150,26 @@ class Transport(ABC):
                     # it ended between calls (a dropped connection, a host that went
                     # away): a new one, through a new connection if need be
                     session.close()
+                if self._ahead_error is not None:
+                    # opening it ahead failed (retries and all): this call reports
+                    # that, rather than waiting out another round of retries
+                    error, self._ahead_error = self._ahead_error, None
+                    raise error
                 if not self._opening:
                     break
                 cond.wait()
             self._opening += 1
+        failed: DeployerError | None = None
         try:
             return AgentSession(self.name, self.open_stream(argv))
+        except DeployerError as e:
+            failed = e
+            raise
         finally:
             with cond:
                 self._opening -= 1
+                if ahead and failed is not None:
+                    self._ahead_error = failed  # for the call that waited for this one
                 cond.notify_all()
 
     def _checkin(self, session: AgentSession) -> None:
@@ -188,8 +200,8 @@ class Transport(ABC):
             if self._idle or self._opening:
                 return
         try:
-            session = self._checkout(argv)
-        except Exception:  # noqa: BLE001 -- the first real call reports it
+            session = self._checkout(argv, ahead=True)
+        except Exception:  # noqa: BLE001 -- the first real call reports it (_ahead_error)
             return
         self._checkin(session)
 

@@ -380,3 +380,31 @@ def test_a_rollout_starts_one_agent_per_host(tmp_path: Path, ssh_hosts) -> None:
     assert "rollout ok" in proc.stdout
     starts = log.read_text().splitlines()
     assert sorted(starts) == sorted(f"{h.root.name} agent session" for h in ssh_hosts), starts
+
+
+def test_a_call_waiting_for_a_session_opened_ahead_gets_its_failure_not_a_second_try() -> None:
+    """A host that cannot be reached costs one round of connection retries, not two:
+    the call that waited for the session being opened ahead reports its failure."""
+    import threading
+
+    from deployer.errors import TransportError
+
+    attempts = []
+
+    class Down(LocalHost):
+        def open_stream(self, argv):
+            attempts.append(argv)
+            time.sleep(0.3)
+            raise TransportError("d1: cannot connect to 10.0.0.9:22 (3 attempts over 0.3s)")
+
+    host = Down("d1")
+    ahead = threading.Thread(target=host.open_ahead, args=(["agent"],))
+    ahead.start()
+    time.sleep(0.05)
+    with pytest.raises(TransportError, match="cannot connect"), host.agent_session(["agent"]):
+        pass
+    ahead.join()
+    assert len(attempts) == 1
+    with pytest.raises(TransportError), host.agent_session(["agent"]):
+        pass  # the next call tries again
+    assert len(attempts) == 2
