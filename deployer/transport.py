@@ -358,23 +358,42 @@ class SessionEnded(TransportError):
         self.exit_code, self.stdout, self.stderr, self.lost = exit_code, stdout, stderr, lost
 
 
+# Pieces of stdout (lines, a long one cut at CHUNK) read ahead of their consumer: a
+# build printing 200 MB waits for the controller instead of piling up in its memory.
+READ_AHEAD = 64
+
+
 class Stream(ABC):
     """A command running with its pipes open: requests written to its stdin, its
-    stdout read line by line within a deadline, its stderr kept (a bounded tail)."""
+    stdout read line by line (a line longer than CHUNK in pieces) within a deadline,
+    its stderr kept (a bounded tail)."""
 
     def __init__(self) -> None:
-        self.lines: queue.Queue[bytes | None] = queue.Queue()
+        self.lines: queue.Queue[bytes | None] = queue.Queue(maxsize=READ_AHEAD)
         self.err = _Output(None, STREAMED_TAIL)
         self.eof = False
+        self.closed = False  # nobody reads any more: the reader stops waiting to hand on
 
-    def _pump_lines(self, readline: Callable[[], bytes]) -> None:
+    def _pump_lines(self, readline: Callable[[int], bytes]) -> None:
         try:
-            while line := readline():
-                self.lines.put(line)
+            while line := readline(CHUNK):
+                if not self._hand_on(line):
+                    return
         except (OSError, EOFError, ValueError):
             pass
         finally:
-            self.lines.put(None)
+            self._hand_on(None)
+
+    def _hand_on(self, piece: bytes | None) -> bool:
+        """Queue a piece for the consumer, waiting while the queue is full; False
+        once the stream is closed (the piece is dropped)."""
+        while not self.closed:
+            try:
+                self.lines.put(piece, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def _pump_err(self, read: Callable[[], bytes]) -> None:
         with contextlib.suppress(OSError, EOFError, ValueError):
@@ -461,6 +480,7 @@ class _LocalStream(Stream):
         return code, ""
 
     def close(self) -> None:
+        self.closed = True
         with contextlib.suppress(OSError):
             self.proc.stdin.close()  # type: ignore[union-attr]
         try:
@@ -517,6 +537,7 @@ class _SSHStream(Stream):
         return -1, "the connection dropped (no exit status received)"
 
     def close(self) -> None:
+        self.closed = True
         with contextlib.suppress(Exception):
             self.chan.shutdown_write()  # EOF on its requests: it exits by itself
         with contextlib.suppress(Exception):
@@ -533,6 +554,7 @@ class AgentSession:
         self.stream = stream
         self.next_id = 0
         self.broken = False  # its framing can no longer be trusted: not reused
+        self.at_line_start = True  # the next piece of stdout begins a line
         # requests sent ahead of need (pipelined): their words -> id; the call with
         # those words, when it comes next, reads that answer instead of asking again
         self.ahead: dict[tuple[str, ...], int] = {}
@@ -555,7 +577,8 @@ class AgentSession:
     def receive(self, request_id: int, on_line: LineCallback | None, timeout: float | None) -> str:
         """The output of request `request_id` up to its end frame (op stream and
         result line). SessionEnded if the session ended first, CommandTimeout if
-        nothing ended it within `timeout` (the session is then broken)."""
+        nothing ended it within `timeout` (the session is then broken). Only a
+        whole line is an end frame: not the tail of a long line read in pieces."""
         out = _Output(on_line, STREAMED_TAIL if on_line is not None else None)
         end = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -576,8 +599,10 @@ class AgentSession:
                     self.stream.err.text(),
                     lost,
                 )
+            whole = self.at_line_start and raw.endswith(b"\n")
+            self.at_line_start = raw.endswith(b"\n")
             line = raw.decode("utf-8", "replace")
-            closed = answers.end_id(line.rstrip("\n"))
+            closed = answers.end_id(line.rstrip("\n")) if whole else None
             if closed is not None:
                 self.received = closed
             if closed == request_id:

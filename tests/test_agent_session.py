@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from deployer import transport
 from deployer.agent.session import serve
 from deployer.hostapi import answers, calls
 from deployer.hostapi.layout import Layout
@@ -408,3 +409,70 @@ def test_a_call_waiting_for_a_session_opened_ahead_gets_its_failure_not_a_second
     with pytest.raises(TransportError), host.agent_session(["agent"]):
         pass  # the next call tries again
     assert len(attempts) == 2
+
+
+class _Pieces(transport.Stream):
+    """A stream whose stdout is these pieces (as the reader hands them on)."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        super().__init__()
+        self.pieces = [*pieces, None]
+
+    def readline(self, timeout: float | None) -> bytes | None:
+        return self.pieces.pop(0)
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def exit_code(self, wait: float) -> tuple[int, str]:
+        return 0, ""
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_end_frame_counts_only_as_a_whole_line() -> None:
+    """A long line comes in pieces of CHUNK: an end frame's text at the start of a
+    piece that continues a line is the op's output, not the end of its answer."""
+    fake = answers.end_frame(1) + "\n"
+    result = answers.result_line(answers.Recorded(True)) + "\n"
+    pieces = [b"x" * 10, fake.encode(), result.encode(), fake.encode()]
+    session = transport.AgentSession("h", _Pieces(pieces))
+    seen: list[str] = []
+    out = session.receive(1, seen.append, 5.0)
+    assert seen == ["x" * 10 + fake.rstrip("\n"), result.rstrip("\n")]  # look-alike inside
+    assert out.endswith(result)
+
+
+def test_a_stream_reads_at_most_a_few_pieces_ahead_of_its_reader() -> None:
+    """A build printing 200 MB waits in its pipe for the controller, not in memory."""
+    import contextlib
+    import threading
+
+    class Pumped(_Pieces):
+        def close(self) -> None:
+            self.closed = True
+
+    stream = Pumped([])
+    r, w = os.pipe()
+    reader = os.fdopen(r, "rb")
+    pump = threading.Thread(target=stream._pump_lines, args=(reader.readline,), daemon=True)
+    pump.start()
+    data = b"y\n" * 1000 + b"z" * (3 * transport.CHUNK) + b"\n" + b"y\n" * 1000
+
+    def write() -> None:  # blocks once the pipe is full: the reader stopped reading
+        with os.fdopen(w, "wb") as out, contextlib.suppress(BrokenPipeError):
+            out.write(data)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    time.sleep(0.3)
+    assert stream.lines.qsize() == transport.READ_AHEAD  # the rest waits in the pipe
+    got = [stream.lines.get(timeout=2) for _ in range(1000)]
+    assert got == [b"y\n"] * 1000
+    long = [stream.lines.get(timeout=2) for _ in range(4)]
+    assert [len(p) for p in long] == [transport.CHUNK] * 3 + [1]  # a long line in pieces
+    stream.close()  # nobody reads any more: the reader stops waiting to hand on
+    reader.close()
+    pump.join(timeout=3)
+    assert not pump.is_alive()
