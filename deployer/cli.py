@@ -6,6 +6,7 @@ commands that need them, so `deployer --help` starts fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -738,14 +739,33 @@ def verbatim_master_args(args: list[str]) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: expected errors become a message and an exit code."""
-    import signal
+    """Console entry point: expected errors become a message and an exit code.
 
+    As the program (no `argv` given), it ends without the interpreter's teardown of
+    fabric, paramiko and GitPython (~60 ms, a tenth of a rollback): every file and
+    connection is closed by then, the output flushed. Not the master's commands:
+    `master run` is a long-lived process with its own shutdown."""
     rest = verbatim_master_args(sys.argv[1:] if argv is None else argv)
     if rest is not None:
         from deployer.master.cli import main as master_main
 
         sys.exit(master_main(rest))
+    try:
+        _main(argv)
+        code: object = 0
+    except SystemExit as e:
+        code = e.code
+    if argv is None and (code is None or isinstance(code, int)):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing to say
+                stream.flush()
+        os._exit(code or 0)
+    sys.exit(code)
+
+
+def _main(argv: list[str] | None) -> None:
+    import signal
+
     signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="deployer", standalone_mode=False)
