@@ -752,9 +752,8 @@ def _layered(
                 f"{present[-1].where} {key}",
                 "required key is missing (here or in the tables it overrides)",
             )
-    if missing or len(merged) < len(keys & {k.name for k in section_keys(cls)}):
-        return None, origins  # a bad value, already reported
-    return _build(cls, merged), origins
+    # a bad value was left out of `merged` and reported: the inventory is refused anyway
+    return (None if missing else _build(cls, merged)), origins
 
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
