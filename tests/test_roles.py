@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -185,6 +186,20 @@ def test_roles_selects_hosts_and_masters(shop: Project, ssh_hosts: list[SSHTestH
     rows = json.loads(p.deployer("status", "--json", "--roles", "web").stdout)
     assert [r["host"] for r in rows] == [host1.name, host2.name]
     assert all([role["role"] for role in r["roles"]] == ["web"] for r in rows)
+    # on the host, the operator's wrapper finds a role's master by --role
+    wrapper = host1.root / "bin" / "deployer"
+
+    def on_host1(line: str) -> subprocess.CompletedProcess[str]:
+        argv = host1.ssh_argv(line)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    worker_pid = int((host1.root / "run" / "master-worker.pid").read_text())
+    proc = on_host1(f"{wrapper} master status --role worker")
+    assert proc.returncode == 0 and f"master pid {worker_pid} " in proc.stdout, proc.stderr
+    proc = on_host1(f"{wrapper} master status --role 'x;y'")
+    assert proc.returncode == 2 and "--role: expected a role name" in proc.stderr
+    proc = on_host1(f"{wrapper} master status --role cron")
+    assert proc.returncode == 2 and "no master for that role here" in proc.stderr
     # logs of one role: the worker masters' logs, prefixed host/role
     out = p.deployer("app", "logs", "-n", "5", "--roles", "worker", check=True).stdout
     assert f"{host3.name}/worker: " in out and f"{host1.name}/worker: " in out

@@ -66,16 +66,35 @@ WRAPPER = """\
 # Written by `deployer setup`: the host agent installed in this deploy_to, run
 # by the Python that set it up (not sha256-checked like the controller's calls:
 # only the deploy user can write it). `bin/deployer master status|reload|scale|
-# stop|upgrade` find the master's socket in master.toml (--socket wins).
+# stop|upgrade [--role ROLE]` find the master's socket in master.toml, or in
+# master-ROLE.toml for a role's master (--socket wins).
 py={python}
 pyz={pyz}
 config={config}
-if [ "$1" = master ] && [ -f "$config" ]; then
+if [ "$1" = master ]; then
   case "$2" in
     status|reload|scale|stop|upgrade)
       command=$2
       shift 2
-      exec "$py" "$pyz" master "$command" --config "$config" "$@"
+      if [ "$1" = --role ]; then
+        case "$2" in
+          [a-z]*) ;;
+          *) echo "bin/deployer: --role: expected a role name, got '$2'" >&2; exit 2 ;;
+        esac
+        case "$2" in
+          *[!a-z0-9_-]*) echo "bin/deployer: --role: expected a role name, got '$2'" >&2; exit 2 ;;
+        esac
+        config="${{config%.toml}}-$2.toml"
+        shift 2
+        if [ ! -f "$config" ]; then
+          echo "bin/deployer: no master for that role here ($config is missing)" >&2
+          exit 2
+        fi
+      fi
+      if [ -f "$config" ]; then
+        exec "$py" "$pyz" master "$command" --config "$config" "$@"
+      fi
+      exec "$py" "$pyz" master "$command" "$@"
       ;;
   esac
 fi
@@ -90,7 +109,8 @@ def wrapper_script(layout: Layout, python: str) -> bytes:
     quoted = {  # no path in a comment: a newline in it would end the comment
         "python": shlex.quote(python or "python3"),
         "pyz": shlex.quote(str(layout.pyz)),
-        "config": shlex.quote(str(layout.master_config)),
+        # master.toml: `--role R` makes it master-R.toml
+        "config": shlex.quote(str(layout.for_role(None).master_config)),
     }
     return WRAPPER.format(**quoted).encode()
 
