@@ -7,7 +7,7 @@ from typing import Any
 
 from deployer.agent.bundle import build
 from deployer.hostapi import answers, calls
-from deployer.inventory import HostConfig, RoleConfig
+from deployer.inventory import HostConfig, RoleConfig, master_label
 from deployer.lock import describe
 from deployer.remote import RemoteHost
 from deployer.session import FleetSession
@@ -25,23 +25,32 @@ def setup(fleet: FleetSession) -> dict[str, str]:
             say(f"created {d}", remote.name)
         agent = "installed" if done.installed else "up to date"
         say(f"agent {bundle.id} {agent} at {remote.layout.pyz}", remote.name)
-        installed = done.installed  # every running master re-execs on the new agent
-        for role in remote.config.masters:
-            if role.name is not None:  # a role's master-<role>.toml: its own call
-                done = remote.configure(role.name)
-            setup_master(remote, role.name, done._replace(installed=installed), say)
-        left_behind(remote, fleet.inventory.hosts[remote.name], say)
+        # every role's toml written first (a role's master-<role>.toml: its own call),
+        # then one state for all of them; every running master re-execs on a new agent
+        written = {
+            r.name: done if r.name is None else remote.configure(r.name)
+            for r in remote.config.masters
+        }
+        state = remote.state()
+        for role, wrote in written.items():
+            setup_master(remote, role, wrote._replace(installed=done.installed), state, say)
+        left_behind(remote, fleet.inventory.hosts[remote.name], state, say)
 
     _, failures = fleet.each(fleet.names, one)
     return failures
 
 
-def left_behind(remote: RemoteHost, host: HostConfig, say: Callable[[str, str], None]) -> None:
+def left_behind(
+    remote: RemoteHost,
+    host: HostConfig,
+    state: answers.HostState,
+    say: Callable[[str, str], None],
+) -> None:
     """A master toml of a role the inventory (`host`: all its roles, whatever --roles
     chose) no longer gives the host: said, not removed (its master may be serving;
     stopping it is the operator's call)."""
     wanted = {r.name or "" for r in host.masters}
-    for role in remote.state().configured:
+    for role in state.masters:
         if role not in wanted:
             layout = remote.layout.for_role(role or None)
             say(
@@ -58,18 +67,18 @@ def setup_master(
     remote: RemoteHost,
     role: str | None,
     done: answers.SetupResult,
+    state: answers.HostState,
     say: Callable[[str, str], None],
 ) -> None:
     """One role's master after setup wrote its options: upgraded (the agent was just
     installed: `done.installed`) or started, and supervised."""
     layout = remote.layout.for_role(role)
-    who = "master" if role is None else f"{role} master"
+    who = master_label(role)
     if done.config_changed:
         say(f"wrote {layout.master_config}", remote.name)
     for change in done.config_changes:
         say(f"  {change}", remote.name)
-    state = remote.state(role)
-    if state.master.running:
+    if state.master_of(role).running:
         apply_to_running_master(remote, done, say, role)
     elif state.current:
         remote.start_master(on_line=lambda s: say(f"{who}: {s}", remote.name), role=role)
@@ -116,13 +125,14 @@ def secrets(
         say(f"{key} {verb}" if done.changed else f"{key} unchanged", remote.name)
         if not (reload and done.changed):
             return
+        state = remote.state()
         for role in remote.config.masters:
-            if remote.state(role.name).master.running:
+            if state.master_of(role.name).running:
                 line = f"reload {role.name}" if role.name else "reload"
                 remote.reload_master(
                     on_line=lambda s, line=line: say(f"{line}: {s}", remote.name), role=role.name
                 )
-                say(f"{role.label} workers reloaded with it", remote.name)
+                say(f"{master_label(role.name)}: workers reloaded with it", remote.name)
 
     _, failures = fleet.each(fleet.names, one)
     return failures
@@ -150,7 +160,7 @@ def apply_to_running_master(
     restart = sorted(changed & set(RESTART_KEYS))
     live = changed - set(RESTART_KEYS) - {"workers", "supervisor"}  # supervisor: setup's own
 
-    who = "master" if role is None else f"{role} master"
+    who = master_label(role)
 
     def line(s: str) -> None:
         say(f"{who}: {s}", remote.name)

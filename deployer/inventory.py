@@ -226,10 +226,10 @@ class RoleConfig:
     # "master.workers" -> the table that set it ("[hosts.big.master]"); unset: default
     origins: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def label(self) -> str:
-        """How messages name it: the role, or "master" for the implicit one."""
-        return self.name or "master"
+
+def master_label(role: str | None) -> str:
+    """How messages name a role's master: "web master", or "master" without roles."""
+    return "master" if role is None else f"{role} master"
 
 
 @dataclass(frozen=True)

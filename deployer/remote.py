@@ -178,9 +178,9 @@ class RemoteHost:
     def version(self) -> answers.Version:
         return self.call(calls.version())
 
-    def state(self, role: str | None = None) -> answers.HostState:
-        """The host's releases, and `role`'s master (None: the implicit one)."""
-        state: answers.HostState = self.call(calls.state(role))
+    def state(self) -> answers.HostState:
+        """The host's releases and its masters (`master_of(role)`)."""
+        state: answers.HostState = self.call(calls.state())
         self.cpus = state.cpus
         return state
 

@@ -24,7 +24,7 @@ from deployer.hostapi import calls
 from deployer.hostapi.answers import HostState
 from deployer.hostapi.exits import EXIT_FAILED, EXIT_OK
 from deployer.hostapi.layout import release_name, utc_stamp
-from deployer.inventory import Inventory
+from deployer.inventory import Inventory, master_label
 from deployer.lock import FleetLocks, Owner
 from deployer.migrating import run_migrations
 from deployer.remote import RemoteHost
@@ -125,9 +125,12 @@ def switch_host(fleet: FleetSession, remote: RemoteHost, release: str, watch: fl
     fleet.switched_to[remote.name] = release
     say(f"switch: current -> {release}", remote.name)
     t1 = time.monotonic()
+    # which masters run: one state for every role of the host
+    state = remote.state() if remote.config.masters else None
     for role in remote.config.roles:
         t2 = time.monotonic()
-        reload(fleet, remote, role.name)
+        if state is not None:
+            reload(fleet, remote, role.name, state)
         t3 = time.monotonic()
         result = remote.health(role.name)
         t4 = time.monotonic()
@@ -143,13 +146,14 @@ def switch_host(fleet: FleetSession, remote: RemoteHost, release: str, watch: fl
         say(f"held up for {watched.seconds:g}s: no crash, every worker ready", remote.name)
 
 
-def reload(fleet: FleetSession, remote: RemoteHost, role: str | None = None) -> None:
-    """`role`'s master picks up `current`: reloaded, or started if it does not run."""
+def reload(fleet: FleetSession, remote: RemoteHost, role: str | None, state: HostState) -> None:
+    """`role`'s master picks up `current`: reloaded, or started if `state` says it
+    does not run."""
     if remote.master_for(role) is None:
         return
     say = fleet.reporter.say
-    who = "master" if role is None else f"{role} master"
-    if not remote.state(role).master.running:
+    who = master_label(role)
+    if not state.master_of(role).running:
         say(f"{who} not running: starting it", remote.name)
         remote.start_master(on_line=lambda s: say(f"{who}: {s}", remote.name), role=role)
         supervise(remote, say, role)  # where systemd runs, its unit takes the master over

@@ -870,18 +870,25 @@ class SSHHost(Transport):
 
     # operations
 
-    def execute(self, cmd: Command) -> Result:
+    def _start(self, line: str, label: str) -> tuple[Any, Any]:
+        """A channel running `line`: (transport, channel). Failing, nothing ran yet,
+        and the next call reconnects."""
         import paramiko
 
-        line, label = cmd.line(), cmd.label()
         transport = self.connection().transport
         try:
             chan = transport.open_session(timeout=self.config.ssh.connect_timeout)
             chan.exec_command(line)
         except (paramiko.SSHException, OSError, EOFError) as e:
-            # Nothing ran yet; the next call reconnects.
             self.close()
             raise TransportError(f"{self.name}: could not start `{label}`: {_reason(e)}") from None
+        return transport, chan
+
+    def execute(self, cmd: Command) -> Result:
+        import paramiko
+
+        label = cmd.label()
+        transport, chan = self._start(cmd.line(), label)
         try:
             code, out, err = self._collect(chan, cmd, label)
         except (paramiko.SSHException, OSError, EOFError) as e:
@@ -907,18 +914,8 @@ class SSHHost(Transport):
         return Result(self.name, cmd.argv, code, out, err)
 
     def open_stream(self, argv: list[str] | tuple[str, ...]) -> Stream:
-        import paramiko
 
-        line = command_line(argv)
-        transport = self.connection().transport
-        try:
-            chan = transport.open_session(timeout=self.config.ssh.connect_timeout)
-            chan.exec_command(line)
-        except (paramiko.SSHException, OSError, EOFError) as e:
-            self.close()
-            raise TransportError(
-                f"{self.name}: could not start `{label(argv)}`: {_reason(e)}"
-            ) from None
+        _, chan = self._start(command_line(argv), label(argv))
         return _SSHStream(self, chan)
 
     def _collect(self, chan: Any, cmd: Command, line: str) -> tuple[int, str, str]:

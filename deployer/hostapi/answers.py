@@ -60,17 +60,25 @@ class HostState(NamedTuple):
     master: MasterState
     bundle: str | None = None  # the agent's bundle id: checked in the same call
     cpus: int | None = None  # what workers = "auto" means there
-    # the roles whose master toml is on the host ("": master.toml, no [roles])
-    configured: list[str] = []
+    # the master of every role whose toml is on the host ("": master.toml, no [roles])
+    masters: dict[str, MasterState] = {}
 
     @property
     def release_names(self) -> list[str]:
         return [r.name for r in self.releases]
 
+    def master_of(self, role: str | None) -> MasterState:
+        """`role`'s master (None: the implicit one); not running without its toml."""
+        found = self.masters.get(role or "")
+        if found is not None:
+            return found
+        return self.master if role is None else MasterState(running=False)
+
     def to_json(self) -> dict[str, Any]:
         out = self._asdict()
         out["releases"] = [r._asdict() for r in self.releases]
         out["master"] = self.master._asdict()
+        out["masters"] = {r: m._asdict() for r, m in self.masters.items()}
         return out
 
     @classmethod
@@ -78,6 +86,8 @@ class HostState(NamedTuple):
         data = dict(data)
         data["releases"] = [_load(ReleaseInfo, r) for r in data.get("releases", [])]
         data["master"] = _load(MasterState, data.get("master") or {"running": False})
+        masters = data.get("masters") or {}
+        data["masters"] = {r: _load(MasterState, m) for r, m in masters.items()}
         return _load(cls, data)
 
 

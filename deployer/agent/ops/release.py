@@ -67,7 +67,7 @@ def state(layout: Layout) -> answers.HostState:
         have=have(layout),
         master=master_state(layout),
         cpus=os.cpu_count(),
-        configured=[r or "" for r in layout.master_roles()],
+        masters={r or "": master_state(layout.for_role(r)) for r in layout.master_roles()},
     )
 
 
