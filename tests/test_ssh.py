@@ -171,3 +171,29 @@ def test_proxyjump_hop_host_key_is_verified_too(
     with pytest.raises(HostKeyRefused) as e:
         target.run(["true"])
     assert jump.host_key_fingerprint in str(e.value)
+
+
+def test_connection_sends_and_acknowledges_small_packets_at_once(
+    ssh_hosts: list[SSHTestHost], tmp_path: Path
+) -> None:
+    """Nagle's algorithm and delayed ACKs cost every connection ~90 ms (the auth
+    request, then sshd's answer to the first channel open); the socket deployer
+    opens turns both off, also for a host named through an ssh_config alias."""
+    import socket
+
+    from deployer.transport import _PromptSocket
+
+    h = ssh_hosts[0]
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host web-alias\n  HostName {h.address}\n  Port {h.port}\n")
+    base = host_config(h, config_file=str(config), port=None)
+    for target in (
+        SSHHost(host_config(h)),
+        SSHHost(dataclasses.replace(base, address="web-alias")),
+    ):
+        assert target.run(["echo", "ok"]).stdout == "ok\n"
+        sock = target.connection().transport.sock
+        assert isinstance(sock, _PromptSocket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert sock.getpeername()[:2] == (h.address, h.port)
+        target.close()
