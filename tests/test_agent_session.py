@@ -305,7 +305,8 @@ def test_a_session_cut_in_the_middle_of_a_switch_fails_that_host_and_rolls_back(
     assert "FAILED at switch" in proc.stdout and "rolling back" in proc.stdout
     assert {h.name: project.current(h) for h in project.hosts} == before
     assert not (project.state / "demo.lock").exists()
-    assert [h.name for h in project.hosts if (h.root / "run" / "deploy.lock").exists()] == []
+    locked = [h.name for h in project.hosts if (h.root / "run" / "deploy.lock").exists()]
+    assert locked == [], proc.stdout + proc.stderr
     history = json.loads(project.deployer("history", "--json", check=True).stdout)
     assert history[0]["result"] == "failed"
 

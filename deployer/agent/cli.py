@@ -36,14 +36,31 @@ class _RequestParser(argparse.ArgumentParser):
         raise _BadRequest(message or "no operation run (help?)")
 
 
-def _parser(session: bool = False) -> argparse.ArgumentParser:
+class _Skipped:
+    """An op's arguments when the parser is built for another op."""
+
+    def add_argument(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
+def _parser(session: bool = False, only: str | None = None) -> argparse.ArgumentParser:
+    """The agent's argv parser; with `only`, just that op's (argparse looks up a
+    translation for every help string: all ops cost ~4 ms, a call needs one)."""
     cls = _RequestParser if session else argparse.ArgumentParser
     p = cls(prog="deployer-agent", description="deployer host agent")
     sub = p.add_subparsers(dest="op", required=True)
-    sub.add_parser("version")
+    built: list[str] = []
+
+    def op(name: str) -> argparse.ArgumentParser:
+        if only is not None and name != only:
+            return _Skipped()  # type: ignore[return-value]
+        built.append(name)
+        return sub.add_parser(name)
+
+    op("version")
 
     def with_root(name: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name)
+        sp = op(name)
         sp.add_argument("--root", required=True, help="the host's deploy_to")
         sp.add_argument("--role", help="the role whose master's files the op uses")
         return sp
@@ -69,7 +86,7 @@ def _parser(session: bool = False) -> argparse.ArgumentParser:
     sp.add_argument("--release", required=True)
     sp = with_root("prune")
     sp.add_argument("--keep", type=int, required=True)
-    sp = sub.add_parser("health")
+    sp = op("health")
     sp.add_argument("--url", required=True)
     sp.add_argument("--expect", type=int, default=200)
     sp.add_argument("--timeout", type=float, default=30.0)
@@ -106,7 +123,20 @@ def _parser(session: bool = False) -> argparse.ArgumentParser:
     sp.add_argument("--poll", type=float, default=0.25, help="follow: seconds between reads")
     sp = with_root("exec")
     sp.add_argument("--argv", required=True, help="the command: a JSON list of strings")
+    if only is not None and not built:  # an unknown op: the message lists them all
+        return _parser(session)
     return p
+
+
+def _parse(argv: list[str], session: bool = False) -> argparse.Namespace:
+    only = argv[0] if argv and not argv[0].startswith("-") else None
+    key = (only, session)
+    if key not in _parsers:
+        _parsers[key] = _parser(session, only)
+    return _parsers[key].parse_args(argv)
+
+
+_parsers: dict[tuple[str | None, bool], argparse.ArgumentParser] = {}
 
 
 def _bundle_id() -> str:
@@ -132,7 +162,9 @@ def run_op(args: argparse.Namespace) -> tuple:
         return ops.health(args.url, args.expect, args.timeout, args.passes, args.interval)
     layout = Layout.at(args.root, args.role)
     if args.op == "setup":
-        return ops.setup(layout, args.install, args.master_toml)
+        from deployer.agent.ops.setup import setup
+
+        return setup(layout, args.install, args.master_toml)
     ops.check_layout(layout)
     if args.op == "state":
         # the bundle id too: a rollout checks the agent and reads state in one call
@@ -154,7 +186,9 @@ def run_op(args: argparse.Namespace) -> tuple:
             raise ops.AgentError("watch: give one --expect for each --url")
         return ops.watch(args.seconds, args.socket, list(zip(args.url, args.expect)))
     if args.op == "secrets":
-        return ops.secrets(layout, args.action, args.key)
+        from deployer.agent.ops.secrets import secrets
+
+        return secrets(layout, args.action, args.key)
     if args.op == "record":
         return ops.record(layout, json.loads(args.entry))
     if args.op == "logs":
@@ -163,7 +197,9 @@ def run_op(args: argparse.Namespace) -> tuple:
         ops.exec_in_current(layout, json.loads(args.argv))
     if args.op == "lock":
         owner = answers.LockOwner.from_json(json.loads(args.owner)) or answers.LockOwner("")
-        return ops.lock(layout, args.action, owner, args.force, args.take_stale, args.replace)
+        from deployer.agent.ops.lock import lock
+
+        return lock(layout, args.action, owner, args.force, args.take_stale, args.replace)
     raise ops.AgentError(f"unknown operation {args.op!r}")
 
 
@@ -185,17 +221,11 @@ def _answer(args: argparse.Namespace) -> int:
     return EXIT_OK if error is None else code
 
 
-_session_parser: argparse.ArgumentParser | None = None
-
-
 def _request(argv: list[str]) -> int:
     """One request of a session (deployer/agent/session.py): parsed and dispatched
     like a command line; what cannot run in a session is refused with an answer."""
     try:
-        global _session_parser
-        if _session_parser is None:
-            _session_parser = _parser(session=True)
-        args = _session_parser.parse_args(argv)
+        args = _parse(argv, session=True)
         if args.op == "exec" or getattr(args, "follow", False) or getattr(args, "install", False):
             raise _BadRequest(f"{' '.join(argv[:1])}: runs as its own command, not in a session")
     except _BadRequest as e:
@@ -209,4 +239,4 @@ def main(argv: list[str]) -> int:
         from deployer.agent.session import serve
 
         return serve(_request)
-    return _answer(_parser().parse_args(argv))
+    return _answer(_parse(argv))

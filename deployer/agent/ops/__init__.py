@@ -3,91 +3,95 @@
 Standard library only: this runs on the hosts from the zipapp `deployer setup`
 uploads. Nothing that serves traffic changes before `switch`: a release is
 built under a temporary name and renamed into place only when complete. One
-module per concern; the names are re-exported here, for the agent's CLI.
+module per concern; the names are re-exported here, for the agent's CLI,
+and imported on first use: an agent call pays only for the modules its op needs.
 """
 
-from deployer.agent.ops.common import (  # noqa: F401
-    AgentError,
-    _git,
-)
-from deployer.agent.ops.day2 import (  # noqa: F401
-    _LOG_STAMP,
-    LOG_ALIVE_S,
-    LOG_BLOCK,
-    LOG_DRAIN_S,
-    LOG_MAX_LINE,
-    _backlog,
-    _complete_end,
-    _follow,
-    _ino,
-    _open_log,
-    _stamp,
-    _stdin_closed,
-    _Tail,
-    app_env,
-    exec_in_current,
-    logs,
-)
-from deployer.agent.ops.lock import (  # noqa: F401
-    _read_owner,
-    _stale,
-    _take_over,
-    lock,
-)
-from deployer.agent.ops.probes import (  # noqa: F401
-    WATCH_POLL,
-    _check_master,
-    _Deadline,
-    _master_status,
-    _master_summary,
-    _probe,
-    deadline,
-    health,
-    status,
-    watch,
-)
-from deployer.agent.ops.release import (  # noqa: F401
-    _build,
-    _disk_full,
-    _extract,
-    _in_release,
-    _link_shared,
-    _revision,
-    check_layout,
-    current_release,
-    have,
-    master_state,
-    prepare,
-    prune,
-    receive,
-    receive_and_prepare,
-    record,
-    releases,
-    state,
-    switch,
-)
-from deployer.agent.ops.secrets import (  # noqa: F401
-    _ENV_NAME,
-    secrets,
-)
-from deployer.agent.ops.setup import (  # noqa: F401
-    WRAPPER,
-    _config_changes,
-    _own_zipapp,
-    setup,
-    wrapper_script,
-)
-from deployer.agent.ops.units import (  # noqa: F401
-    LINGER_DIR,
-    SYSTEMD_ROOT_ENV,
-    _host_master_config,
-    _linger,
-    _remove_unit,
-    _start_unit,
-    _Systemd,
-    _systemd_booted,
-    _unit_record,
-    _write_record,
-    boot_status,
-    unit,
-)
+from __future__ import annotations
+
+import importlib
+
+# Not here: the functions named like their module (lock, secrets, setup). Importing
+# a submodule binds its name in this package, so `ops.lock` would be the module
+# once anything imported it; callers import those from their module.
+_WHERE = {
+    "AgentError": "common",
+    "_git": "common",
+    "_LOG_STAMP": "day2",
+    "LOG_ALIVE_S": "day2",
+    "LOG_BLOCK": "day2",
+    "LOG_DRAIN_S": "day2",
+    "LOG_MAX_LINE": "day2",
+    "_backlog": "day2",
+    "_complete_end": "day2",
+    "_follow": "day2",
+    "_ino": "day2",
+    "_open_log": "day2",
+    "_stamp": "day2",
+    "_stdin_closed": "day2",
+    "_Tail": "day2",
+    "app_env": "day2",
+    "exec_in_current": "day2",
+    "logs": "day2",
+    "_read_owner": "lock",
+    "_stale": "lock",
+    "_take_over": "lock",
+    "WATCH_POLL": "probes",
+    "_check_master": "probes",
+    "_Deadline": "probes",
+    "_master_status": "probes",
+    "_master_summary": "probes",
+    "_probe": "probes",
+    "deadline": "probes",
+    "health": "probes",
+    "status": "probes",
+    "watch": "probes",
+    "_build": "release",
+    "_disk_full": "release",
+    "_extract": "release",
+    "_in_release": "release",
+    "_link_shared": "release",
+    "_revision": "release",
+    "check_layout": "release",
+    "current_release": "release",
+    "have": "release",
+    "master_state": "release",
+    "prepare": "release",
+    "prune": "release",
+    "receive": "release",
+    "receive_and_prepare": "release",
+    "record": "release",
+    "releases": "release",
+    "state": "release",
+    "switch": "release",
+    "_ENV_NAME": "secrets",
+    "WRAPPER": "setup",
+    "_config_changes": "setup",
+    "_own_zipapp": "setup",
+    "wrapper_script": "setup",
+    "LINGER_DIR": "units",
+    "SYSTEMD_ROOT_ENV": "units",
+    "_host_master_config": "units",
+    "_linger": "units",
+    "_remove_unit": "units",
+    "_start_unit": "units",
+    "_Systemd": "units",
+    "_systemd_booted": "units",
+    "_unit_record": "units",
+    "_write_record": "units",
+    "boot_status": "units",
+    "unit": "units",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
