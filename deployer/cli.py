@@ -533,6 +533,16 @@ def unlock(ctx: click.Context, force: bool, patterns: str | None) -> None:
 # --- day-2: app logs, exec, config, doctor (deployer/day2.py) ---------------------------
 
 
+@cli.command()
+def disconnect() -> None:
+    """Stop the keeper ([ssh] persist): the SSH connections and agent sessions it
+    keeps open between commands close now."""
+    from deployer import keeper
+
+    pid = keeper.stop()
+    click.echo("no keeper was running" if pid is None else f"keeper (pid {pid}) stopped")
+
+
 @cli.group()
 def app() -> None:
     """The app on the hosts: its logs."""

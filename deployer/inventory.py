@@ -212,6 +212,9 @@ class SSHConfig:
     config_file: str | None = key(string, None)  # an ssh_config file instead of ~/.ssh/config
     connect_timeout: float = key(number(), 10.0)
     retry_deadline: float = key(number(), 20.0)
+    # seconds the keeper (deployer/keeper.py) keeps connections and agent sessions
+    # open after the last command that used them; 0: every command connects itself
+    persist: float = key(checks.seconds(0.0, inclusive=True, maximum=86400.0), 0.0)
 
 
 @dataclass(frozen=True)

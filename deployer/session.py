@@ -37,7 +37,9 @@ class FleetSession:
         self.reporter = reporter or reporter_for()
         self.state_dir = state_dir
         self.lock_wait = lock_wait
-        self.pool = HostPool()
+        from deployer import keeper
+
+        self.pool = HostPool(relay=keeper.open_session)  # for hosts with [ssh] persist
         self.remotes = {h.name: RemoteHost(h, self.pool.get(h)) for h in hosts}
         self.history = History(state_dir)
         self.exit_codes: dict[str, int] = {}  # host -> exit code of its last failure

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import queue
 import random
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from deployer.inventory import HostConfig
 
 LineCallback = Callable[[str], None]
+# opens a host's agent session elsewhere (deployer.keeper.open_session); None: cannot
+SessionRelay = Callable[["SSHHost", "list[str] | tuple[str, ...]"], "Stream | None"]
 Stdin = bytes | str | IO[bytes] | Iterable[bytes] | None
 Source = bytes | str | os.PathLike[str]  # file content, or a local path to read it from
 
@@ -545,6 +548,54 @@ class _SSHStream(Stream):
             self.chan.close()
 
 
+class KeeperStream(Stream):
+    """A host's agent session relayed by the keeper (deployer/keeper.py): the same
+    bytes as over SSH, and a last line saying how the session ended, if it did."""
+
+    def __init__(self, host: SSHHost, sock: socket.socket, reader: IO[bytes], mark: bytes) -> None:
+        super().__init__()
+        self.host, self.sock, self.mark = host, sock, mark
+        self.ended: dict[str, Any] | None = None
+        self.pump = threading.Thread(target=self._pump, args=(reader,), daemon=True)
+        self.pump.start()
+
+    def _pump(self, reader: IO[bytes]) -> None:
+        at_start = True
+        try:
+            while line := reader.readline(CHUNK):
+                if at_start and line.startswith(self.mark) and line.endswith(b"\n"):
+                    self.ended = json.loads(line[len(self.mark) :])
+                    self.err.feed(str(self.ended.get("stderr", "")).encode())
+                    return
+                at_start = line.endswith(b"\n")
+                if not self._hand_on(line):
+                    return
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._hand_on(None)
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def exit_code(self, wait: float) -> tuple[int, str]:
+        self.pump.join(wait)
+        info = self.ended
+        if info is None:
+            self.host.lost = "the connection to deployer's keeper dropped"
+            return -1, "deployer's keeper went away (no exit status received)"
+        if info.get("dropped"):
+            self.host.lost = "the connection dropped"
+        return int(info.get("code", -1)), str(info.get("lost", ""))
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
 class AgentSession:
     """The controller's end of one host's `agent session` (deployer/agent/session.py;
     framing: deployer.hostapi.answers): calls answered in order, one request frame
@@ -766,11 +817,12 @@ class Backoff:
 class SSHHost(Transport):
     """A host reached over SSH; one connection, opened on first use and reused."""
 
-    def __init__(self, config: HostConfig) -> None:
+    def __init__(self, config: HostConfig, relay: SessionRelay | None = None) -> None:
         self.config = config
         self.name = config.name
         self._conn: Any = None
         self._lock = threading.Lock()
+        self.relay = relay if config.ssh.persist > 0 else None
 
     # connection management
 
@@ -917,7 +969,10 @@ class SSHHost(Transport):
         return Result(self.name, cmd.argv, code, out, err)
 
     def open_stream(self, argv: list[str] | tuple[str, ...]) -> Stream:
-
+        if self.relay is not None:
+            stream = self.relay(self, argv)
+            if stream is not None:
+                return stream  # else no keeper could be had: connect directly
         _, chan = self._start(command_line(argv), label(argv))
         return _SSHStream(self, chan)
 
@@ -1084,17 +1139,19 @@ class _KnownHostsPolicy:
 
 
 class HostPool:
-    """One Transport per inventory host within a process; closes them all at the end."""
+    """One Transport per inventory host within a process; closes them all at the end.
+    `relay`: how SSH hosts with `[ssh] persist` open agent sessions (deployer.keeper)."""
 
-    def __init__(self) -> None:
+    def __init__(self, relay: SessionRelay | None = None) -> None:
         self._hosts: dict[str, Transport] = {}
         self._lock = threading.Lock()
+        self._relay = relay
 
     def get(self, config: HostConfig) -> Transport:
         with self._lock:
             host = self._hosts.get(config.name)
             if host is None:
-                host = connect(config)
+                host = connect(config, self._relay)
                 self._hosts[config.name] = host
             return host
 
@@ -1111,8 +1168,8 @@ class HostPool:
         self.close()
 
 
-def connect(config: HostConfig) -> Transport:
+def connect(config: HostConfig, relay: SessionRelay | None = None) -> Transport:
     """The Transport for an inventory entry (nothing is opened until the first command)."""
     if config.transport == "local":
         return LocalHost(config.name)
-    return SSHHost(config)
+    return SSHHost(config, relay)

@@ -266,17 +266,22 @@ def sshd_sessions(sshd_fleet, host) -> list[int]:
     return _sshd_descendants(listener)
 
 
+@pytest.mark.parametrize("persist", [0, 30])
 def test_a_session_cut_in_the_middle_of_a_switch_fails_that_host_and_rolls_back(
-    tmp_path: Path, ssh_hosts, sshd_fleet
+    tmp_path: Path, ssh_hosts, sshd_fleet, persist: int
 ) -> None:
     """host3's health probe (batch 3) is in flight when its SSH connection is cut (its
     sshd session processes killed by pid, the listener left up): its step fails with a
     clear error, the switched hosts go back (host3 too, over a new connection), every
-    lock is released, the exit code is 1, no traceback."""
+    lock is released, the exit code is 1, no traceback. The same through the keeper
+    ([ssh] persist), whose connection is the one cut."""
     from rollout_helpers import commit, make_project
+    from test_keeper import persisting
     from test_rollout import HealthServer, failure_of, with_health
 
     project = make_project(tmp_path, ssh_hosts, {"app.txt": "version 1\n"})
+    if persist:
+        persisting(project, persist)
     project.deployer("setup", check=True)
     project.deployer("rollout", check=True)
     before = {h.name: project.current(h) for h in project.hosts}
@@ -309,6 +314,8 @@ def test_a_session_cut_in_the_middle_of_a_switch_fails_that_host_and_rolls_back(
     assert locked == [], proc.stdout + proc.stderr
     history = json.loads(project.deployer("history", "--json", check=True).stdout)
     assert history[0]["result"] == "failed"
+    if persist:
+        assert project.deployer("disconnect", check=True).stdout.startswith("keeper (pid ")
 
 
 def test_a_host_gone_in_the_middle_of_prepare_fails_fast_afterwards(

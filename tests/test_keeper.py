@@ -1,0 +1,165 @@
+"""The keeper ([ssh] persist): one SSH connection and agent session per host kept
+between commands, on real sshd hosts; the keeper's process ended by pid."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from rollout_helpers import Project, commit, make_project
+from sshd import SSHDFleet, SSHTestHost, _sshd_descendants
+
+from deployer import keeper
+
+
+def persisting(project: Project, seconds: float) -> Project:
+    text = project.inventory.read_text()
+    project.inventory.write_text(text.replace("[ssh]\n", f"[ssh]\npersist = {seconds}\n", 1))
+    return project
+
+
+def keeper_pid(project: Project, monkeypatch: pytest.MonkeyPatch) -> int | None:
+    """The pid of the keeper the project's commands use (their state dir names it)."""
+    with monkeypatch.context() as m:
+        m.setenv("DEPLOYER_STATE_DIR", str(project.state))
+        path = keeper.socket_path()
+    return None if path is None else keeper.pid_of(path)
+
+
+def wait_gone(pid: int, seconds: float = 10.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def keepers():
+    """pids of keepers a test saw; whichever still runs at the end is ended."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not wait_gone(pid, 5.0):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def connections(sshd_fleet: SSHDFleet, host: SSHTestHost) -> set[int]:
+    listener = sshd_fleet.pid(host)
+    assert listener is not None
+    return set(_sshd_descendants(listener))
+
+
+def test_later_commands_reuse_the_connections_and_disconnect_ends_them(
+    tmp_path: Path, ssh_hosts, sshd_fleet, keepers, monkeypatch
+) -> None:
+    project = persisting(make_project(tmp_path, ssh_hosts, {"app.txt": "v1\n"}), 30)
+    project.deployer("setup", check=True)
+    project.deployer("rollout", check=True)
+    pid = keeper_pid(project, monkeypatch)
+    assert pid is not None
+    keepers.append(pid)
+    host = project.hosts[0]
+    before = connections(sshd_fleet, host)
+    assert before  # the keeper's connection, open between commands
+    commit(project.repo, {"app.txt": "v2\n"}, "v2")
+    project.deployer("rollout", check=True)
+    project.deployer("rollback", check=True)
+    project.deployer("status", check=True)
+    assert keeper_pid(project, monkeypatch) == pid
+    assert connections(sshd_fleet, host) == before  # no new SSH connection for those
+
+    # killed between commands: the next command starts another keeper
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone(pid)
+    project.deployer("rollout", check=True)
+    second = keeper_pid(project, monkeypatch)
+    assert second is not None and second != pid
+    keepers.append(second)
+
+    out = project.deployer("disconnect", check=True).stdout
+    assert out == f"keeper (pid {second}) stopped\n"
+    assert wait_gone(second)
+    end = time.monotonic() + 10
+    while connections(sshd_fleet, host) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not connections(sshd_fleet, host)  # its SSH connections closed with it
+    assert project.deployer("disconnect", check=True).stdout == "no keeper was running\n"
+
+
+def test_a_connection_cut_between_commands_is_reopened(
+    tmp_path: Path, ssh_hosts, sshd_fleet, keepers, monkeypatch
+) -> None:
+    project = persisting(make_project(tmp_path, ssh_hosts, {"app.txt": "v1\n"}), 30)
+    project.deployer("setup", check=True)
+    project.deployer("rollout", check=True)
+    pid = keeper_pid(project, monkeypatch)
+    assert pid is not None
+    keepers.append(pid)
+    victim = project.hosts[1]
+    for sshd in connections(sshd_fleet, victim):
+        os.kill(sshd, signal.SIGKILL)
+    commit(project.repo, {"app.txt": "v2\n"}, "v2")
+    proc = project.deployer("rollout")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert all(project.revision(h) == project.revision(project.hosts[0]) for h in project.hosts)
+    assert keeper_pid(project, monkeypatch) == pid
+
+
+def test_the_keeper_ends_by_itself_once_idle(
+    tmp_path: Path, ssh_hosts, keepers, monkeypatch
+) -> None:
+    project = persisting(make_project(tmp_path, ssh_hosts[:1], {"app.txt": "v1\n"}), 1)
+    project.deployer("setup", check=True)
+    pid = keeper_pid(project, monkeypatch)
+    assert pid is not None
+    keepers.append(pid)
+    assert wait_gone(pid, 10.0)  # 1 s idle, then it closes up
+
+
+def test_no_keeper_without_a_directory_only_this_user_can_enter(
+    tmp_path: Path, ssh_hosts, keepers, monkeypatch
+) -> None:
+    """A socket directory others can enter would hand them our sessions: the command
+    then connects by itself, as without persist."""
+    runtime = tmp_path / "runtime"
+    (runtime / "deployer").mkdir(parents=True)
+    (runtime / "deployer").chmod(0o755)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    project = persisting(make_project(tmp_path, ssh_hosts[:1], {"app.txt": "v1\n"}), 30)
+    project.deployer("setup", check=True)
+    project.deployer("rollout", check=True)
+    assert keeper_pid(project, monkeypatch) is None
+    assert list((runtime / "deployer").iterdir()) == []
+    assert stat.S_IMODE((runtime / "deployer").stat().st_mode) == 0o755
+
+
+def test_a_host_key_refused_reads_the_same_through_the_keeper(
+    tmp_path: Path, ssh_hosts, keepers, monkeypatch
+) -> None:
+    project = make_project(tmp_path, ssh_hosts[:1], {"app.txt": "v1\n"})
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    text = project.inventory.read_text()
+    known = str(ssh_hosts[0].known_hosts)
+    project.inventory.write_text(text.replace(known, str(empty)))
+    direct = project.deployer("status")
+    persisting(project, 30)
+    kept = project.deployer("status")
+    pid = keeper_pid(project, monkeypatch)
+    if pid is not None:
+        keepers.append(pid)
+    assert direct.returncode == kept.returncode != 0
+    assert "host key" in direct.stdout + direct.stderr
+    assert kept.stdout == direct.stdout and kept.stderr == direct.stderr
