@@ -273,7 +273,7 @@ class Keeper:
             return
         with self.lock:
             self.persist = float(header.get("persist") or self.persist)
-        host = self.host(header["host"])
+        host = self.host(header["host"], header["argv"])
         if not header.get("retry", True):
             host.lost = host.lost or "the connection dropped"
         else:
@@ -288,10 +288,12 @@ class Keeper:
         conn.sendall(json.dumps({"ok": True, "nonce": nonce}).encode() + b"\n")
         Relay(host, session, conn, reader, EXIT_MARK + nonce.encode() + b" ").run()
 
-    def host(self, spec: dict[str, Any]) -> SSHHost:
+    def host(self, spec: dict[str, Any], argv: list[str]) -> SSHHost:
+        """The host's connection for sessions running `argv`: another agent (its sha256
+        is in argv) gets sessions of its own, never one of the previous agent."""
         from deployer.inventory import SSHConfig
 
-        key = json.dumps(spec, sort_keys=True)
+        key = json.dumps([spec, argv], sort_keys=True)
         with self.lock:
             if key not in self.hosts:
                 # persist 0: the keeper's own hosts connect directly, not through itself

@@ -109,7 +109,8 @@ def test_a_connection_cut_between_commands_is_reopened(
     keepers.append(pid)
     victim = project.hosts[1]
     for sshd in connections(sshd_fleet, victim):
-        os.kill(sshd, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # gone with its parent
+            os.kill(sshd, signal.SIGKILL)
     commit(project.repo, {"app.txt": "v2\n"}, "v2")
     proc = project.deployer("rollout")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -163,3 +164,17 @@ def test_a_host_key_refused_reads_the_same_through_the_keeper(
     assert direct.returncode == kept.returncode != 0
     assert "host key" in direct.stdout + direct.stderr
     assert kept.stdout == direct.stdout and kept.stderr == direct.stderr
+
+
+def test_another_agent_never_gets_the_previous_agents_session(tmp_path: Path) -> None:
+    """The agent's sha256 is in the session's argv: a controller with another agent
+    (after `deployer setup` upgraded the hosts) gets sessions of its own."""
+    from deployer.inventory import SSHConfig
+
+    spec = {"name": "web1", "address": "127.0.0.2", "ssh": keeper._ssh_dict(SSHConfig())}
+    k = keeper.Keeper(tmp_path / "k.sock")
+    first = k.host(spec, ["python3", "-c", "BOOTSTRAP", "deployer.pyz", "aaaa", "agent"])
+    again = k.host(spec, ["python3", "-c", "BOOTSTRAP", "deployer.pyz", "aaaa", "agent"])
+    other = k.host(spec, ["python3", "-c", "BOOTSTRAP", "deployer.pyz", "bbbb", "agent"])
+    assert first is again and other is not first
+    assert first.relay is None  # the keeper's own hosts connect directly
