@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -71,12 +72,17 @@ def _base_dir() -> Path | None:
     return base
 
 
-def _identity() -> str:
-    """This controller's code and state: a keeper of other code is another keeper."""
+@functools.cache
+def _code() -> str:
+    """This controller's code: a keeper of other code is another keeper."""
     here = Path(__file__).resolve().parent
-    code = [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(here.glob("*.py"))]
-    state = os.environ.get("DEPLOYER_STATE_DIR", "")
-    text = json.dumps([sys.executable, str(here), state, code])
+    files = [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(here.glob("*.py"))]
+    return json.dumps([sys.executable, str(here), files])
+
+
+def _identity() -> str:
+    """The code and the state directory (tests, stages with their own) a keeper is for."""
+    text = json.dumps([_code(), os.environ.get("DEPLOYER_STATE_DIR", "")])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -141,7 +147,7 @@ def connect(timeout: float = START_WAIT) -> socket.socket | None:
     return None
 
 
-def open_session(host: SSHHost, argv: list[str] | tuple[str, ...]) -> Any:
+def open_session(host: SSHHost, argv: list[str] | tuple[str, ...]) -> KeeperStream | None:
     """`host`'s agent session through the keeper (a Stream), or None without one.
     What keeps the keeper from opening it raises as a direct connection would."""
     ssh = host.config.ssh
@@ -323,10 +329,10 @@ class Relay:
         clean = self.requests()
         with self.lock:
             idle = clean and self.pending == 0
+        self.done.set()
         if not idle:  # an answer still owed to nobody: the session cannot be reused
             self.session.broken = True
             self.session.close()
-        self.done.set()
         out.join()
         if idle and self.session.stream.alive():
             self.host._checkin(self.session)
