@@ -137,14 +137,21 @@ def connect(timeout: float = START_WAIT) -> socket.socket | None:
     sock = _dial(path, timeout)
     if sock is not None:
         return sock
-    _start(path)
-    deadline = time.monotonic() + START_WAIT
-    while time.monotonic() < deadline:
-        time.sleep(0.01)
+    with _STARTING:  # every host's thread gets here at once: one of them starts it
         sock = _dial(path, timeout)
         if sock is not None:
             return sock
+        _start(path)
+        deadline = time.monotonic() + START_WAIT
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+            sock = _dial(path, timeout)
+            if sock is not None:
+                return sock
     return None
+
+
+_STARTING = threading.Lock()
 
 
 def open_session(host: SSHHost, argv: list[str] | tuple[str, ...]) -> KeeperStream | None:
@@ -222,7 +229,8 @@ class Keeper:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            return  # another keeper holds this path
+            print(f"deployer keeper: another keeper serves {self.path}", file=sys.stderr)
+            return
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a dead keeper's socket
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

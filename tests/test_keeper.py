@@ -23,11 +23,15 @@ def persisting(project: Project, seconds: float) -> Project:
     return project
 
 
-def keeper_pid(project: Project, monkeypatch: pytest.MonkeyPatch) -> int | None:
-    """The pid of the keeper the project's commands use (their state dir names it)."""
+def keeper_socket(project: Project, monkeypatch: pytest.MonkeyPatch) -> Path | None:
+    """The socket of the keeper the project's commands use (their state dir names it)."""
     with monkeypatch.context() as m:
         m.setenv("DEPLOYER_STATE_DIR", str(project.state))
-        path = keeper.socket_path()
+        return keeper.socket_path()
+
+
+def keeper_pid(project: Project, monkeypatch: pytest.MonkeyPatch) -> int | None:
+    path = keeper_socket(project, monkeypatch)
     return None if path is None else keeper.pid_of(path)
 
 
@@ -61,15 +65,27 @@ def connections(sshd_fleet: SSHDFleet, host: SSHTestHost) -> set[int]:
     return set(_sshd_descendants(listener))
 
 
-def test_later_commands_reuse_the_connections_and_disconnect_ends_them(
-    tmp_path: Path, ssh_hosts, sshd_fleet, keepers, monkeypatch
-) -> None:
+def deployed_with_a_keeper(
+    tmp_path: Path, ssh_hosts, keepers: list[int], monkeypatch
+) -> tuple[Project, int]:
+    """A project with `persist = 30`, set up and rolled out: its keeper's pid."""
     project = persisting(make_project(tmp_path, ssh_hosts, {"app.txt": "v1\n"}), 30)
     project.deployer("setup", check=True)
     project.deployer("rollout", check=True)
     pid = keeper_pid(project, monkeypatch)
     assert pid is not None
     keepers.append(pid)
+    return project, pid
+
+
+def test_later_commands_reuse_the_connections_and_disconnect_ends_them(
+    tmp_path: Path, ssh_hosts, sshd_fleet, keepers, monkeypatch
+) -> None:
+    project, pid = deployed_with_a_keeper(tmp_path, ssh_hosts, keepers, monkeypatch)
+    path = keeper_socket(project, monkeypatch)
+    assert path is not None
+    # setup asked for the 3 hosts' sessions at once: one keeper was started, not 3
+    assert "another keeper" not in path.with_suffix(".log").read_text()
     host = project.hosts[0]
     before = connections(sshd_fleet, host)
     assert before  # the keeper's connection, open between commands
@@ -101,12 +117,7 @@ def test_later_commands_reuse_the_connections_and_disconnect_ends_them(
 def test_a_connection_cut_between_commands_is_reopened(
     tmp_path: Path, ssh_hosts, sshd_fleet, keepers, monkeypatch
 ) -> None:
-    project = persisting(make_project(tmp_path, ssh_hosts, {"app.txt": "v1\n"}), 30)
-    project.deployer("setup", check=True)
-    project.deployer("rollout", check=True)
-    pid = keeper_pid(project, monkeypatch)
-    assert pid is not None
-    keepers.append(pid)
+    project, pid = deployed_with_a_keeper(tmp_path, ssh_hosts, keepers, monkeypatch)
     victim = project.hosts[1]
     for sshd in connections(sshd_fleet, victim):
         with contextlib.suppress(ProcessLookupError):  # gone with its parent
