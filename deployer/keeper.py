@@ -48,7 +48,9 @@ from deployer.transport import CommandTimeout, HostKeyRefused, KeeperStream, SSH
 
 HEADER_MAX = 1 << 16
 START_WAIT = 5.0  # s: a keeper just started must listen within this
-POLL = 0.2  # s: how often idle threads look at their stop conditions
+POLL = 0.2  # s: how often the keeper looks whether it should end
+# s: how soon a session is back for the next command once its command hung up
+RELAY_POLL = 0.05
 EXIT_MARK = b"@@deployer-keeper-exit-"
 
 
@@ -376,7 +378,7 @@ class Relay:
                 if self.done.is_set() and self.pending == 0:
                     return
             try:
-                raw = stream.readline(POLL)
+                raw = stream.readline(RELAY_POLL)
             except CommandTimeout:
                 continue
             if raw is None:
