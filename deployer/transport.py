@@ -575,6 +575,18 @@ class KeeperStream(Stream):
         finally:
             self._hand_on(None)
 
+    def alive(self) -> bool:
+        """Also asks the socket: a keeper that just died has closed it, and the
+        reader thread may not have seen that yet."""
+        if not super().alive():
+            return False
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True  # nothing to read: open
+        except OSError:
+            return False
+
     def write(self, data: bytes) -> None:
         self.sock.sendall(data)
 
