@@ -141,7 +141,7 @@ def connect(timeout: float = START_WAIT) -> socket.socket | None:
         return sock
     with _STARTING:  # every host's thread gets here at once: one of them starts it
         sock = _dial(path, timeout)
-        if sock is not None:
+        if sock is not None or path in _GAVE_UP:
             return sock
         _start(path)
         deadline = time.monotonic() + START_WAIT
@@ -150,10 +150,12 @@ def connect(timeout: float = START_WAIT) -> socket.socket | None:
             sock = _dial(path, timeout)
             if sock is not None:
                 return sock
+        _GAVE_UP.add(path)  # the other hosts go direct at once, not START_WAIT each
     return None
 
 
 _STARTING = threading.Lock()
+_GAVE_UP: set[Path] = set()  # keepers this process started in vain
 
 
 def open_session(host: SSHHost, argv: list[str] | tuple[str, ...]) -> KeeperStream | None:

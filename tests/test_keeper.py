@@ -189,3 +189,22 @@ def test_another_agent_never_gets_the_previous_agents_session(tmp_path: Path) ->
     other = k.host(spec, ["python3", "-c", "BOOTSTRAP", "deployer.pyz", "bbbb", "agent"])
     assert first is again and other is not first
     assert first.relay is None  # the keeper's own hosts connect directly
+
+
+def test_commands_connect_directly_while_no_keeper_answers(
+    tmp_path: Path, ssh_hosts, keepers, monkeypatch
+) -> None:
+    """Another process holds the keeper's lock and serves nothing: the keeper a command
+    starts gives way, and the command's hosts connect by themselves after one wait."""
+    import fcntl
+
+    project = persisting(make_project(tmp_path, ssh_hosts, {"app.txt": "v1\n"}), 30)
+    path = keeper_socket(project, monkeypatch)
+    assert path is not None
+    with open(path.with_suffix(".lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = project.deployer("setup")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # one keeper started and gave way; the 3 hosts did not each start and wait for one
+    assert path.with_suffix(".log").read_text().count("another keeper serves") == 1
+    assert keeper_pid(project, monkeypatch) is None
