@@ -40,11 +40,11 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from deployer.errors import DeployerError, TransportError
 from deployer.hostapi import answers
-from deployer.transport import CommandTimeout, HostKeyRefused, KeeperStream, SSHHost
+from deployer.transport import CHUNK, CommandTimeout, HostKeyRefused, SSHHost, Stream
 
 HEADER_MAX = 1 << 16
 START_WAIT = 5.0  # s: a keeper just started must listen within this
@@ -156,6 +156,66 @@ def connect(timeout: float = START_WAIT) -> socket.socket | None:
 
 _STARTING = threading.Lock()
 _GAVE_UP: set[Path] = set()  # keepers this process started in vain
+
+
+class KeeperStream(Stream):
+    """A host's agent session relayed by the keeper: the same bytes as over SSH,
+    and a last line saying how the session ended, if it did."""
+
+    def __init__(self, host: SSHHost, sock: socket.socket, reader: IO[bytes], mark: bytes) -> None:
+        super().__init__()
+        self.host, self.sock, self.mark = host, sock, mark
+        self.ended: dict[str, Any] | None = None
+        self.pump = threading.Thread(target=self._pump, args=(reader,), daemon=True)
+        self.pump.start()
+
+    def _pump(self, reader: IO[bytes]) -> None:
+        at_start = True
+        try:
+            while line := reader.readline(CHUNK):
+                if at_start and line.startswith(self.mark) and line.endswith(b"\n"):
+                    self.ended = json.loads(line[len(self.mark) :])
+                    self.err.feed(str(self.ended.get("stderr", "")).encode())
+                    return
+                at_start = line.endswith(b"\n")
+                if not self._hand_on(line):
+                    return
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._hand_on(None)
+
+    def alive(self) -> bool:
+        """Also asks the socket: a keeper that just died has closed it, and the
+        reader thread may not have seen that yet."""
+        if not super().alive():
+            return False
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True  # nothing to read: open
+        except OSError:
+            return False
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def exit_code(self, wait: float) -> tuple[int, str]:
+        self.pump.join(wait)
+        info = self.ended
+        if info is None:
+            self.host.lost = "the connection to deployer's keeper dropped"
+            return -1, "deployer's keeper went away (no exit status received)"
+        if info.get("dropped"):
+            self.host.lost = "the connection dropped"
+        return int(info.get("code", -1)), str(info.get("lost", ""))
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.sock.close()
 
 
 def open_session(host: SSHHost, argv: list[str] | tuple[str, ...]) -> KeeperStream | None:

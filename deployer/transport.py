@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import json
 import os
 import queue
 import random
@@ -546,66 +545,6 @@ class _SSHStream(Stream):
             self.chan.shutdown_write()  # EOF on its requests: it exits by itself
         with contextlib.suppress(Exception):
             self.chan.close()
-
-
-class KeeperStream(Stream):
-    """A host's agent session relayed by the keeper (deployer/keeper.py): the same
-    bytes as over SSH, and a last line saying how the session ended, if it did."""
-
-    def __init__(self, host: SSHHost, sock: socket.socket, reader: IO[bytes], mark: bytes) -> None:
-        super().__init__()
-        self.host, self.sock, self.mark = host, sock, mark
-        self.ended: dict[str, Any] | None = None
-        self.pump = threading.Thread(target=self._pump, args=(reader,), daemon=True)
-        self.pump.start()
-
-    def _pump(self, reader: IO[bytes]) -> None:
-        at_start = True
-        try:
-            while line := reader.readline(CHUNK):
-                if at_start and line.startswith(self.mark) and line.endswith(b"\n"):
-                    self.ended = json.loads(line[len(self.mark) :])
-                    self.err.feed(str(self.ended.get("stderr", "")).encode())
-                    return
-                at_start = line.endswith(b"\n")
-                if not self._hand_on(line):
-                    return
-        except (OSError, ValueError):
-            pass
-        finally:
-            self._hand_on(None)
-
-    def alive(self) -> bool:
-        """Also asks the socket: a keeper that just died has closed it, and the
-        reader thread may not have seen that yet."""
-        if not super().alive():
-            return False
-        try:
-            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-        except BlockingIOError:
-            return True  # nothing to read: open
-        except OSError:
-            return False
-
-    def write(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def exit_code(self, wait: float) -> tuple[int, str]:
-        self.pump.join(wait)
-        info = self.ended
-        if info is None:
-            self.host.lost = "the connection to deployer's keeper dropped"
-            return -1, "deployer's keeper went away (no exit status received)"
-        if info.get("dropped"):
-            self.host.lost = "the connection dropped"
-        return int(info.get("code", -1)), str(info.get("lost", ""))
-
-    def close(self) -> None:
-        self.closed = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self.sock.close()
 
 
 class AgentSession:
