@@ -322,6 +322,17 @@ class Keeper:
                     path.unlink()
             for host in list(self.hosts.values()):
                 host.close()
+            self.tidy()
+
+    def tidy(self) -> None:
+        """Leave nothing behind but a log that says something. The lock file goes
+        last: a keeper starting now either sees it held, or makes a new one."""
+        log = self.path.with_suffix(".log")
+        with contextlib.suppress(OSError):
+            if log.stat().st_size == 0:
+                log.unlink()
+        with contextlib.suppress(OSError):
+            self.path.with_suffix(".lock").unlink()
 
     def finished(self) -> bool:
         with self.lock:

@@ -111,6 +111,7 @@ def test_later_commands_reuse_the_connections_and_disconnect_ends_them(
     while connections(sshd_fleet, host) and time.monotonic() < end:
         time.sleep(0.05)
     assert not connections(sshd_fleet, host)  # its SSH connections closed with it
+    assert not list(path.parent.glob(path.stem + ".*"))  # nor any file of its
     assert project.deployer("disconnect", check=True).stdout == "no keeper was running\n"
 
 
