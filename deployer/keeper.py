@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import socket
 import struct
 import subprocess
@@ -498,7 +499,13 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m deployer.keeper SOCKET", file=sys.stderr)
         return 2
-    Keeper(Path(argv[0])).run()
+    keeper = Keeper(Path(argv[0]))
+
+    def stop_soon(_signum: int, _frame: object) -> None:
+        keeper.stopping = True  # the loop sees it within POLL, then closes up
+
+    signal.signal(signal.SIGTERM, stop_soon)
+    keeper.run()
     return 0
 
 

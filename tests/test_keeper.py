@@ -130,15 +130,21 @@ def test_a_connection_cut_between_commands_is_reopened(
     assert keeper_pid(project, monkeypatch) == pid
 
 
-def test_the_keeper_ends_by_itself_once_idle(
-    tmp_path: Path, ssh_hosts, keepers, monkeypatch
+@pytest.mark.parametrize("how", ["idle", "SIGTERM"])
+def test_the_keeper_ends_by_itself_once_idle_or_on_sigterm(
+    tmp_path: Path, ssh_hosts, keepers, monkeypatch, how: str
 ) -> None:
-    project = persisting(make_project(tmp_path, ssh_hosts[:1], {"app.txt": "v1\n"}), 1)
+    persist = 1 if how == "idle" else 60
+    project = persisting(make_project(tmp_path, ssh_hosts[:1], {"app.txt": "v1\n"}), persist)
     project.deployer("setup", check=True)
+    path = keeper_socket(project, monkeypatch)
     pid = keeper_pid(project, monkeypatch)
-    assert pid is not None
+    assert path is not None and pid is not None
     keepers.append(pid)
-    assert wait_gone(pid, 10.0)  # 1 s idle, then it closes up
+    if how == "SIGTERM":
+        os.kill(pid, signal.SIGTERM)
+    assert wait_gone(pid, 10.0)  # 1 s idle, or at once, then it closes up
+    assert not list(path.parent.glob(path.stem + ".*"))  # and leaves no file behind
 
 
 def test_no_keeper_without_a_directory_only_this_user_can_enter(
