@@ -364,12 +364,10 @@ class Keeper:
         with self.lock:
             self.persist = float(header.get("persist") or self.persist)
         host = self.host(header["host"], header["argv"])
-        if not header.get("retry", True):
-            host.lost = host.lost or "the connection dropped"
-        else:
-            host.lost = None
+        # as in a command of its own: after a drop, one attempt to reconnect, no backoff
+        host.lost = None if header.get("retry", True) else host.lost or "the connection dropped"
         try:
-            session = host._checkout(header["argv"])
+            session = host.checkout(header["argv"])
         except DeployerError as e:
             reply = {"ok": False, "error": str(e), "refused": isinstance(e, HostKeyRefused)}
             conn.sendall(json.dumps(reply).encode() + b"\n")
@@ -419,7 +417,7 @@ class Relay:
             self.session.close()
         out.join()
         if idle and self.session.stream.alive():
-            self.host._checkin(self.session)
+            self.host.checkin(self.session)
         else:
             self.session.close()
 

@@ -142,7 +142,7 @@ class Transport(ABC):
                     self._sessions = threading.Condition()
         return self._sessions
 
-    def _checkout(self, argv: list[str] | tuple[str, ...], ahead: bool = False) -> AgentSession:
+    def checkout(self, argv: list[str] | tuple[str, ...], ahead: bool = False) -> AgentSession:
         cond = self._session_state()
         with cond:
             while True:
@@ -175,7 +175,9 @@ class Transport(ABC):
                     self._ahead_error = failed  # for the call that waited for this one
                 cond.notify_all()
 
-    def _checkin(self, session: AgentSession) -> None:
+    def checkin(self, session: AgentSession) -> None:
+        """Back to the idle ones for the next call (here, or the keeper's next command);
+        a broken one is closed."""
         if session.broken:
             session.close()
             return
@@ -187,13 +189,13 @@ class Transport(ABC):
     def agent_session(self, argv: list[str] | tuple[str, ...]) -> Iterator[AgentSession]:
         """An agent session running argv, for one call or a pipelined few; it goes
         back to the idle ones unless it broke (then it is closed)."""
-        session = self._checkout(argv)
+        session = self.checkout(argv)
         try:
             yield session
         except BaseException:
             session.close()
             raise
-        self._checkin(session)
+        self.checkin(session)
 
     def open_ahead(self, argv: list[str] | tuple[str, ...]) -> None:
         """Open an agent session now (connection included), idle for the first call;
@@ -203,10 +205,10 @@ class Transport(ABC):
             if self._idle or self._opening:
                 return
         try:
-            session = self._checkout(argv, ahead=True)
+            session = self.checkout(argv, ahead=True)
         except Exception:  # noqa: BLE001 -- the first real call reports it (_ahead_error)
             return
-        self._checkin(session)
+        self.checkin(session)
 
     def close_sessions(self) -> None:
         if not hasattr(self, "_idle"):
