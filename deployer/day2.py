@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 from deployer.agent.bundle import build
 from deployer.errors import BadInput, DeployerError
+from deployer.fleet import STATUS_WINDOW
 from deployer.hostapi import answers, calls
 from deployer.hostapi.checks import mask_url
 from deployer.hostapi.options import MasterConfig, to_toml, toml_value
@@ -742,6 +743,8 @@ def examine(remote: RemoteHost, timeout: float) -> list[Check]:
     checks.append(_disk(probe.disk, cfg.app.deploy_to))
     checks.append(_layout(probe, cfg.app.deploy_to, remote.layout.dirs()))
     checks.append(_systemd(probe.systemd, [m for r in cfg.masters if (m := r.master)]))
+    if probe.agent.get("state") == "same":  # set up: each master's unit, as status reads it
+        checks += [_boot(remote, role, timeout) for role in roles]
     checks.append(_listen(probe.listen, listen, roles[0]))
     for role in roles[1:]:  # each role's master binds its own listen, or none
         other = remote.master_for(role)
@@ -818,6 +821,21 @@ def _systemd(sd: dict[str, Any], masters: Sequence[MasterConfig]) -> Check:
     if any(m.supervisor == "systemd" for m in masters):
         return Check("systemd", "FAIL", f'{text}, and [master] supervisor = "systemd" needs it')
     return Check("systemd", "info", text)
+
+
+def _boot(remote: RemoteHost, role: str | None, timeout: float) -> Check:
+    """Would `role`'s master come back after a reboot: what its unit runs at boot exists
+    and is this role's (the status call's boot answer)."""
+    name = "boot" if role is None else f"boot {role}"
+    try:
+        boot = remote.status(min(timeout, 10.0), STATUS_WINDOW, role).boot
+    except DeployerError as e:
+        return Check(name, "FAIL", _short(e, remote.name))
+    if boot is None:
+        return Check(name, "info", "the host agent does not report it")
+    if boot.comes_back:
+        return Check(name, "ok", boot.why)
+    return Check(name, "FAIL" if boot.unit else "info", boot.why)
 
 
 def _listen(found: dict[str, Any], listen: str | None, role: str | None = None) -> Check:

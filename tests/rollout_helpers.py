@@ -15,7 +15,8 @@ from pathlib import Path
 
 from sshd import SSHTestHost, inventory_toml
 
-APP = (Path(__file__).resolve().parent.parent / "examples" / "python-app" / "app.py").read_text()
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "python-app"
+APP = (EXAMPLE / "app.py").read_text()
 
 
 def master_extra(port: int) -> str:
@@ -26,6 +27,35 @@ def master_extra(port: int) -> str:
         f'[health]\nurl = "http://{{address}}:{port}/health"\ntimeout = 5\npasses = 2\n'
         "interval = 0.2\n[rollout]\ncanary = 1\nbatch = 1\nwatch = 1\n"
     )
+
+
+WORKER = (EXAMPLE / "worker.py").read_text()
+# host1 runs both roles, host2 only web, host3 only worker
+HOST_ROLES = {0: '["web", "worker"]', 1: '["web"]', 2: '["worker"]'}
+
+
+def roles_extra(port: int) -> str:
+    return (
+        # what the roles share
+        '[master]\nready = "notify"\nready_soak = 0.3\nshutdown_timeout = 10\n'
+        "ready_timeout = 10\n"
+        "[rollout]\ncanary = 1\nbatch = 1\nwatch = 1\n"
+        # web: the HTTP app on a shared socket, health-gated
+        f'[roles.web.master]\ncommand = "python3 app.py"\nlisten = "{{address}}:{port}"\n'
+        "workers = 2\n"
+        f'[roles.web.health]\nurl = "http://{{address}}:{port}/health"\ntimeout = 5\n'
+        "passes = 2\ninterval = 0.2\n"
+        # worker: queue consumers, no listen, no health
+        '[roles.worker.master]\ncommand = ["python3", "worker.py"]\nworkers = 2\n'
+        # relative to the release the worker runs in: <deploy_to>/shared/jobs.log
+        '[roles.worker.env]\nJOBS_LOG = "../../shared/jobs.log"\nJOB_SECONDS = "0.3"\n'
+    )
+
+
+def with_roles(text: str, hosts: list[SSHTestHost]) -> str:
+    for i, h in enumerate(hosts):
+        text = text.replace(f"[hosts.{h.name}]\n", f"[hosts.{h.name}]\nroles = {HOST_ROLES[i]}\n")
+    return text
 
 
 def git(repo: Path, *args: str) -> str:

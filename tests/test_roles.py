@@ -13,40 +13,22 @@ from pathlib import Path
 
 import pytest
 from master_helpers import Load
-from rollout_helpers import APP, Project, commit, make_project, stop_masters
+from rollout_helpers import (
+    APP,
+    WORKER,
+    Project,
+    commit,
+    make_project,
+    roles_extra,
+    stop_masters,
+    with_roles,
+)
 from sshd import SSHTestHost
 
 from deployer import inventory
 from deployer.errors import HostSelectionError, InventoryError
 
 REPO = Path(__file__).resolve().parent.parent
-WORKER = (REPO / "examples" / "python-app" / "worker.py").read_text()
-# host1 runs both roles, host2 only web, host3 only worker
-HOST_ROLES = {0: '["web", "worker"]', 1: '["web"]', 2: '["worker"]'}
-
-
-def roles_extra(port: int) -> str:
-    return (
-        # what the roles share
-        '[master]\nready = "notify"\nready_soak = 0.3\nshutdown_timeout = 10\n'
-        "ready_timeout = 10\n"
-        "[rollout]\ncanary = 1\nbatch = 1\nwatch = 1\n"
-        # web: the HTTP app on a shared socket, health-gated
-        f'[roles.web.master]\ncommand = "python3 app.py"\nlisten = "{{address}}:{port}"\n'
-        "workers = 2\n"
-        f'[roles.web.health]\nurl = "http://{{address}}:{port}/health"\ntimeout = 5\n'
-        "passes = 2\ninterval = 0.2\n"
-        # worker: queue consumers, no listen, no health
-        '[roles.worker.master]\ncommand = ["python3", "worker.py"]\nworkers = 2\n'
-        # relative to the release the worker runs in: <deploy_to>/shared/jobs.log
-        '[roles.worker.env]\nJOBS_LOG = "../../shared/jobs.log"\nJOB_SECONDS = "0.3"\n'
-    )
-
-
-def with_roles(text: str, hosts: list[SSHTestHost]) -> str:
-    for i, h in enumerate(hosts):
-        text = text.replace(f"[hosts.{h.name}]\n", f"[hosts.{h.name}]\nroles = {HOST_ROLES[i]}\n")
-    return text
 
 
 @pytest.fixture

@@ -40,9 +40,20 @@ from master_helpers import (
     pid_alive,
     wait_for,
 )
-from rollout_helpers import APP, Project, make_project, make_repo, master_extra, stop_masters
+from rollout_helpers import (
+    APP,
+    WORKER,
+    Project,
+    make_project,
+    make_repo,
+    master_extra,
+    roles_extra,
+    stop_masters,
+    with_roles,
+)
 from sshd import SSHTestHost
 
+from deployer.hostapi.layout import Layout
 from deployer.hostapi.options import MasterConfig
 from deployer.master import units
 
@@ -95,17 +106,21 @@ def test_unit_name_is_unique_per_app_and_deploy_to() -> None:
 def test_unit_quotes_what_systemd_would_expand(tmp_path: Path) -> None:
     root = "/srv/my app/100%/$HOME"
     cfg = MasterConfig(command=("python3", "app.py"), workers=2, listen="127.0.0.1:8000")
-    text = units.installed("shop", root, "/usr/bin/python3", cfg, "system", "deploy", "/usr/bin")
+    text = units.installed(
+        Layout.at(root), "shop", "/usr/bin/python3", cfg, "system", "deploy", "/usr/bin"
+    )
     assert units.exec_start(text) == [
         "/usr/bin/python3", f"{root}/.deployer/deployer.pyz", "master", "run",
         "--config", f"{root}/master.toml",
     ]  # fmt: skip
     assert "WorkingDirectory=/srv/my app/100%%/$HOME" in text
     assert "User=deploy" in text and "WantedBy=multi-user.target" in text
-    user = units.installed("shop", root, "/usr/bin/python3", cfg, "user", "deploy", "/usr/bin")
+    user = units.installed(
+        Layout.at(root), "shop", "/usr/bin/python3", cfg, "user", "deploy", "/usr/bin"
+    )
     assert "User=" not in user and "WantedBy=default.target" in user
     with pytest.raises(units.UnitError, match="control character"):
-        units.installed("shop", "/srv/a\nb", "/usr/bin/python3", cfg, "user")
+        units.installed(Layout.at("/srv/a\nb"), "shop", "/usr/bin/python3", cfg, "user")
     # systemd itself reads it as written: its own verifier on the file
     path = tmp_path / units.app_unit_name("shop", root)
     path.write_text(text.replace("/usr/bin/python3", sys.executable).replace("deploy\n", "root\n"))
@@ -113,6 +128,32 @@ def test_unit_quotes_what_systemd_would_expand(tmp_path: Path) -> None:
         ["systemd-analyze", "verify", str(path)], capture_output=True, text=True
     )
     assert verify.returncode == 0, verify.stderr
+
+
+def test_a_roles_unit_runs_that_roles_master_toml() -> None:
+    """A host with roles has master-web.toml and master-worker.toml, no master.toml:
+    each role's unit starts, reloads and is conditioned on its own file."""
+    cfg = MasterConfig(command=("python3", "worker.py"), workers=2)
+    texts = {}
+    for role in ("web", "worker"):
+        layout = Layout.at("/srv/shop", role)
+        text = units.installed(layout, "shop", "/usr/bin/python3", cfg, "user", "deploy")
+        toml = f"/srv/shop/master-{role}.toml"
+        assert units.exec_start(text) == [
+            "/usr/bin/python3", "/srv/shop/.deployer/deployer.pyz", "master", "run",
+            "--config", toml,
+        ]  # fmt: skip
+        assert f"reload --wait --config {toml}\n" in text
+        assert units.conditions(text) == ["/srv/shop/current", toml]
+        assert f"Description=deployer master of shop (role {role}) in /srv/shop" in text
+        assert f"SyslogIdentifier=deployer-shop-{role}" in text
+        assert "/srv/shop/master.toml" not in text
+        assert f"(drop-ins in {units.unit_name_of(layout, 'shop')}.d/ stay)" in text
+        texts[role] = text
+    assert units.unit_name_of(Layout.at("/srv/shop", "web"), "shop") == units.app_unit_name(
+        "shop", "/srv/shop", "web"
+    )
+    assert units.app_unit_name("shop", "/srv/shop", "web").startswith("deployer-shop-web-")
 
 
 # --- a local host, as root: a system unit ---------------------------------------------
@@ -250,16 +291,20 @@ class Installed:
         return env
 
 
-def installed(host: SSHTestHost) -> Installed:
-    record = json.loads((host.root / ".deployer" / "unit.json").read_text())
+def unit_record(host: SSHTestHost, role: str | None = None) -> Path:
+    return host.root / ".deployer" / ("unit.json" if role is None else f"unit-{role}.json")
+
+
+def installed(host: SSHTestHost, role: str | None = None) -> Installed:
+    record = json.loads(unit_record(host, role).read_text())
     path = Path(record["path"])
     return Installed(record["unit"], path, path.read_text(), record["user"])
 
 
-def remove_unit(host: SSHTestHost) -> None:
+def remove_unit(host: SSHTestHost, role: str | None = None) -> None:
     """The test user's home is shared by every test: leave no unit of ours behind."""
     with contextlib.suppress(OSError, ValueError, KeyError):
-        record = json.loads((host.root / ".deployer" / "unit.json").read_text())
+        record = json.loads(unit_record(host, role).read_text())
         with contextlib.suppress(FileNotFoundError):
             Path(record["wants"]).unlink()
         with contextlib.suppress(FileNotFoundError):
@@ -348,8 +393,9 @@ def deployed(tmp_path: Path, ssh_hosts: list[SSHTestHost], port: int) -> Iterato
         remove_unit(hosts[0])
 
 
-def master_pids(host: SSHTestHost) -> tuple[int, list[int]]:
-    status = control(host.root / "run" / "master.sock", {"cmd": "status"})[-1]["status"]
+def master_pids(host: SSHTestHost, role: str | None = None) -> tuple[int, list[int]]:
+    sock = "master.sock" if role is None else f"master-{role}.sock"
+    status = control(host.root / "run" / sock, {"cmd": "status"})[-1]["status"]
     return status["pid"], [w["pid"] for w in status["workers"]]
 
 
@@ -494,3 +540,75 @@ def test_a_handover_is_refused_while_a_reload_runs(masters: Masters) -> None:
     assert "did not hand over: handover refused: a reload is running" in new.stderr, new.stderr
     assert old.proc.poll() is None and old.status()["pid"] == old.pid
     assert old.cli("reload", "--wait").returncode == 0  # it reloads on, undisturbed
+
+
+@pytest.mark.timeout(240)
+def test_a_host_with_two_roles_comes_back_after_a_reboot(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost], port: int
+) -> None:
+    """Each role's unit runs that role's master-ROLE.toml (a host with roles has no
+    master.toml); status and doctor check what each unit would run at boot."""
+    host = ssh_hosts[0]
+    files = {"app.py": APP, "worker.py": WORKER}
+    project = make_project(tmp_path, [host], files, extra=roles_extra(port))
+    project.inventory.write_text(with_roles(project.inventory.read_text(), [host]))
+    roles = ("web", "worker")
+    try:
+        project.deployer("setup", check=True)
+        project.deployer("rollout", check=True)
+        unit = {role: installed(host, role) for role in roles}
+        for role in roles:
+            assert unit[role].argv[1:] == [
+                f"{host.root}/.deployer/deployer.pyz", "master", "run",
+                "--config", f"{host.root}/master-{role}.toml",
+            ]  # fmt: skip
+            assert f"(role {role})" in unit[role].value("Description")
+        assert not (host.root / "master.toml").exists()
+        rows = json.loads(project.deployer("status", "--json", check=True).stdout)
+        assert all(r["boot"]["comes_back"] for r in rows[0]["roles"]), rows
+
+        # The unit setup wrote before this fix: master.toml, which this host lacks.
+        web = unit["web"]
+        web.path.write_text(web.text.replace("master-web.toml", "master.toml"))
+        status = project.deployer("status")
+        assert status.returncode == 1, status.stdout
+        assert (
+            f"web: unit {web.name} would run `{host.root}/.deployer/deployer.pyz master run"
+            f" --config {host.root}/master.toml`, not" in status.stdout
+        ), status.stdout
+        doctor = project.deployer("doctor")
+        assert doctor.returncode == 1 and "boot web" in doctor.stdout, doctor.stdout
+        assert re.search(r"boot worker\s+ok", doctor.stdout), doctor.stdout
+        again = project.deployer("setup", check=True).stdout
+        assert f"user unit {web.name} written" in again, again
+        assert installed(host, "web").text == web.text
+        project.deployer("status", check=True)
+
+        # The reboot: every master and worker of both roles dies at once.
+        pids = [p for role in roles for pid, ws in [master_pids(host, role)] for p in (pid, *ws)]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not any(pid_alive(p) for p in pids), 10, "everything gone")
+        jobs = host.root / "shared" / "jobs.log"
+        done_before = jobs.read_text().count("end ")
+        notify = {role: Notifications() for role in roles}
+        procs = {role: exec_start(unit[role], notify[role]) for role in roles}
+        try:
+            for role in roles:
+                pid, ready = notify[role].wait("READY", 30)
+                assert ready["READY"] == "1" and pid == procs[role].pid, (role, ready)
+            current = project.current(host)
+            assert f"release={current}" in get(host, port)  # web serves
+            new_workers = {str(p) for p in master_pids(host, "worker")[1]}
+            wait_for(lambda: jobs.read_text().count("end ") >= done_before + 2, 20, "jobs done")
+            after = jobs.read_text().splitlines()
+            assert any(line.split()[1] in new_workers for line in after if line.startswith("end "))
+            project.deployer("status", check=True)
+        finally:
+            for role in roles:
+                stop(procs[role])
+                notify[role].close()
+    finally:
+        stop_masters([host])
+        for role in roles:
+            remove_unit(host, role)

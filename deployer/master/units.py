@@ -17,6 +17,7 @@ import os
 import shlex
 import sys
 
+from deployer.hostapi.layout import Layout
 from deployer.master.config import ConfigError, MasterConfig
 
 
@@ -119,12 +120,30 @@ class UnitError(ValueError):
     """A value that cannot be written into a unit file (a control character)."""
 
 
-def app_unit_name(app: str, deploy_to: str) -> str:
-    """`deployer-<app>-<8 hex of sha256(deploy_to)>.service`: unique per app and
-    deploy_to, so several apps on one host, and several deploy roots of one app on
-    one machine, each get their own unit."""
+def app_unit_name(app: str, deploy_to: str, role: str | None = None) -> str:
+    """`deployer-<app>[-<role>]-<8 hex of sha256(deploy_to)>.service`: unique per app,
+    role and deploy_to, so several apps on one host, several roles of one app, and
+    several deploy roots of one app on one machine, each get their own unit."""
     digest = hashlib.sha256(os.fsencode(deploy_to)).hexdigest()[:8]
-    return f"deployer-{app}-{digest}.service"
+    who = app if role is None else f"{app}-{role}"
+    return f"deployer-{who}-{digest}.service"
+
+
+def unit_name_of(layout: Layout, app: str) -> str:
+    """The unit of `layout.role`'s master (the app's one master without roles)."""
+    return app_unit_name(app, str(layout.root), layout.role)
+
+
+def boot_argv(layout: Layout, python: str) -> list[str]:
+    """What the unit runs at boot: the host's zipapp, `master run` with the
+    master.toml of the layout's role (its socket, pid file and log are in it)."""
+    return [python, str(layout.pyz), "master", "run", "--config", str(layout.master_config)]
+
+
+def boot_conditions(layout: Layout) -> list[str]:
+    """The files the unit needs to start (ConditionPathExists=): without them it is
+    skipped at boot, not failed."""
+    return [str(layout.current), str(layout.master_config)]
 
 
 def _plain(value: str, what: str) -> str:
@@ -150,39 +169,38 @@ def command_line(argv: list[str], what: str = "command") -> str:
 
 
 def installed(
+    layout: Layout,
     app: str,
-    deploy_to: str,
     python: str,
     cfg: MasterConfig,
     scope: str,
     user: str | None = None,
     path_env: str | None = None,
 ) -> str:
-    """The unit `deployer setup` installs: the host's zipapp runs the master in the
-    foreground with the host's master.toml; `scope` is "system" (with User=) or
-    "user" (the deploy user's own systemd, lingering)."""
-    root = deploy_to.rstrip("/") or "/"
-    pyz = os.path.join(root, ".deployer", "deployer.pyz")
-    toml = os.path.join(root, "master.toml")
-    base = [python, pyz, "master"]
-    start = [*base, "run", "--config", toml]
-    reload = [*base, "reload", "--wait", "--config", toml]
+    """The unit `deployer setup` installs for the master of `layout.role` (the app's
+    one master without roles): the host's zipapp runs it in the foreground with that
+    role's master.toml; `scope` is "system" (with User=) or "user" (the deploy
+    user's own systemd, lingering). Every path comes from the layout."""
+    root = str(layout.root)
+    toml = str(layout.master_config)
+    start = boot_argv(layout, python)
+    reload = [*start[:3], "reload", "--wait", "--config", toml]
     workers = cfg.worker_count()
     # ExecReload waits for the whole reload and systemd bounds it by TimeoutStartSec:
     # every worker replaced (ready_timeout + soak each) and the last one drained.
     reload_bound = workers * (cfg.ready_timeout + cfg.ready_soak) + cfg.shutdown_timeout + 30
-    name = app_unit_name(app, root)
+    name = unit_name_of(layout, app)
+    who = _plain(app, "app") + ("" if layout.role is None else f" (role {layout.role})")
     lines = [
         HEADER.format(name=name),
         "[Unit]",
-        f"Description=deployer master of {_plain(app, 'app')} in {_plain(root, 'deploy_to')}",
+        f"Description=deployer master of {who} in {_plain(root, 'deploy_to')}",
     ]
     if scope == "system":
         lines += ["Wants=network-online.target", "After=network-online.target"]
+    # nothing to run before the first release: skipped at boot, not failed
+    lines += [f"ConditionPathExists={_plain(p, 'deploy_to')}" for p in boot_conditions(layout)]
     lines += [
-        # nothing to run before the first release: skipped at boot, not failed
-        f"ConditionPathExists={_plain(os.path.join(root, 'current'), 'deploy_to')}",
-        f"ConditionPathExists={_plain(toml, 'deploy_to')}",
         "StartLimitIntervalSec=120",
         "StartLimitBurst=10",
         "",
@@ -209,14 +227,25 @@ def installed(
     ]
     if scope == "system":  # a user manager may not raise it past its own hard limit
         lines.append("LimitNOFILE=65536")
+    ident = f"deployer-{app}" + ("" if layout.role is None else f"-{layout.role}")
     lines += [
-        f"SyslogIdentifier=deployer-{app}",
+        f"SyslogIdentifier={_plain(ident, 'app')}",
         "",
         "[Install]",
         f"WantedBy={'multi-user.target' if scope == 'system' else 'default.target'}",
         "",
     ]
     return "\n".join(lines)
+
+
+def conditions(text: str) -> list[str]:
+    """The ConditionPathExists= paths of a unit file, as systemd reads them."""
+    prefix = "ConditionPathExists="
+    return [
+        line[len(prefix) :].replace("%%", "%")
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    ]
 
 
 def exec_start(text: str) -> list[str]:

@@ -79,6 +79,7 @@ _WHERE = {
     "_systemd_booted": "units",
     "_unit_record": "units",
     "_write_record": "units",
+    "_boot_problem": "units",
     "boot_status": "units",
     "unit": "units",
 }

@@ -86,10 +86,7 @@ def unit(layout: Layout, app: str, supervisor: str) -> answers.UnitResult:
     from deployer.master import units
 
     sd = _Systemd()
-    # a role's master has a unit of its own: deployer-<app>-<role>-<hash>.service
-    name = units.app_unit_name(
-        app if layout.role is None else f"{app}-{layout.role}", str(layout.root)
-    )
+    name = units.unit_name_of(layout, app)  # a role's master has a unit of its own
     path = sd.unit_dir / name
     wants = sd.unit_dir / f"{sd.target}.wants" / name
     if supervisor == "none":
@@ -109,9 +106,7 @@ def unit(layout: Layout, app: str, supervisor: str) -> answers.UnitResult:
     cfg = _host_master_config(layout)
     python = sys.executable or shutil.which("python3") or "python3"
     try:
-        text = units.installed(
-            app, str(layout.root), python, cfg, sd.scope, sd.user, os.environ.get("PATH")
-        )
+        text = units.installed(layout, app, python, cfg, sd.scope, sd.user, os.environ.get("PATH"))
     except units.UnitError as e:
         raise AgentError(str(e)) from None
     sd.unit_dir.mkdir(parents=True, exist_ok=True)
@@ -267,6 +262,11 @@ def boot_status(layout: Layout) -> answers.BootStatus:
             f"user unit {name} is enabled but {user} does not linger: it starts at {user}'s"
             f" first login, not at boot (as root: loginctl enable-linger {user})"
         )
+    elif (problem := _boot_problem(layout, path)) is not None:
+        why = (
+            f"unit {name} {problem}: the master will not come back after a reboot"
+            " (`deployer setup` rewrites the unit)"
+        )
     else:
         comes_back = True
         why = f"{scope} unit {name} enabled"
@@ -277,3 +277,26 @@ def boot_status(layout: Layout) -> answers.BootStatus:
     return answers.BootStatus(
         supervisor, name, scope, str(path), enabled, linger, running, comes_back, why
     )
+
+
+def _boot_problem(layout: Layout, path: Path) -> str | None:
+    """What is wrong with what the unit would run at boot for this role's master: its
+    ExecStart and conditions must name this role's files, and those must exist."""
+    from deployer.master import units
+
+    try:
+        text = path.read_text()
+        argv = units.exec_start(text)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"cannot be read ({e})"
+    expected = units.boot_argv(layout, argv[0])
+    if argv != expected:
+        return f"would run `{' '.join(argv[1:])}`, not `{' '.join(expected[1:])}`"
+    if units.conditions(text) != units.boot_conditions(layout):
+        return f"starts only if {' and '.join(units.conditions(text))} exist"
+    if not os.access(argv[0], os.X_OK):
+        return f"runs {argv[0]}, which is missing"
+    for needed in (layout.pyz, layout.master_config):
+        if not needed.is_file():
+            return f"runs the master with {needed}, which is missing"
+    return None
