@@ -8,6 +8,7 @@ the reporter, for one command (setup, status, rollout, rollback, unlock...).
 from __future__ import annotations
 
 import threading
+import traceback
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -125,6 +126,10 @@ class FleetSession:
                 value, error = fn(remote), None
             except DeployerError as e:
                 value, error = None, self.failed(remote.name, e)
+            except Exception as e:  # a bug here, not the host's silence: say which
+                traceback.print_exc()
+                error = f"internal error on this machine: {type(e).__name__}: {e}"
+                value, self.exit_codes[remote.name] = None, EXIT_FAILED
             with done:
                 if error is None:
                     results[remote.name] = value

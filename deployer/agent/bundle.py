@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import deployer
+from deployer.hostapi.errors import DeployerError
 
 # Host side: standard library only (and deployer/_vendor: pure-Python stand-ins for
 # stdlib modules an older host Python lacks). Nothing else is shipped.
@@ -49,13 +50,24 @@ class Bundle:
         return hashlib.sha256(self.data).hexdigest()
 
 
+class IncompleteInstall(DeployerError):
+    """This controller's install lacks a file the host agent is built from."""
+
+
 def _sources() -> list[tuple[str, bytes]]:
     root = Path(deployer.__file__).parent
     files = [root / m for m in HOST_MODULES]
     for pkg in HOST_PACKAGES:
         files += sorted(p for p in (root / pkg).rglob("*.py") if "__pycache__" not in p.parts)
     files += [root / d for d in HOST_DATA]
-    return [(f"deployer/{f.relative_to(root).as_posix()}", f.read_bytes()) for f in files]
+    try:
+        return [(f"deployer/{f.relative_to(root).as_posix()}", f.read_bytes()) for f in files]
+    except OSError as e:
+        raise IncompleteInstall(
+            f"this install of deployer ({root}) cannot build the host agent: {e.filename}:"
+            f" {e.strerror}. The package was installed without its data files; reinstall"
+            " it from a release or a checkout (pip install --force-reinstall PATH)"
+        ) from None
 
 
 _building = threading.Lock()
