@@ -8,8 +8,8 @@ the reporter, for one command (setup, status, rollout, rollback, unlock...).
 from __future__ import annotations
 
 import threading
-import traceback
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
