@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deployer.errors import EXIT_FAILED, BadInput, DeployerError
+from deployer.hostapi import trust
 from deployer.report import printable
 
 NAMES = ("pre-deploy", "post-deploy", "post-rollback", "on-failure")
@@ -254,12 +255,17 @@ class DeployHooks:
         path = self.directory / name
         if not path.exists() and not path.is_symlink():
             return None
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-        why = "not an executable file (chmod +x it, or remove it)"
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            why = f"{path} is not an executable file (chmod +x it, or remove it)"
+        else:
+            try:
+                trust.check_program(path, f"hook {name}")
+                return path
+            except (trust.UntrustedPath, OSError) as e:
+                why = str(e)
         if name == "pre-deploy":
-            raise BadInput(f"{path}: {why}; nothing was deployed")
-        self.say(f"warning: hook {name} not run: {path} is {why}")
+            raise BadInput(f"hook pre-deploy not run: {why}; nothing was deployed")
+        self.say(f"warning: hook {name} not run: {why}")
         return None
 
     def run(

@@ -331,3 +331,120 @@ def test_a_host_whose_sshd_has_no_sftp_subsystem_is_set_up_and_deployed(tmp_path
         assert project.current(hosts[0]) is not None
     finally:
         fleet.cleanup()
+
+
+# --- deploy hooks another local user controls (sshd's StrictModes) ---------------------
+
+
+def write_hook(path: Path, marker: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\necho ran >> "{marker}"\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_deploy_hooks_another_user_controls_never_run(
+    tmp_path: Path, other: pwd.struct_passwd
+) -> None:
+    """Each case has one defect, so each check alone stands between her and us."""
+    from deployer import deploy_hooks
+    from deployer.errors import BadInput
+
+    said: list[str] = []
+    inventory = tmp_path / "inventory.toml"
+    hooks_dir = tmp_path / ".deployer" / "hooks"
+    marker = tmp_path / "ran"
+    hooks = deploy_hooks.DeployHooks(str(inventory), said.append, "rollout", "shop", None, ["h"])
+
+    # owned by her (0755: only the owner check stops it)
+    pre = write_hook(hooks_dir / "pre-deploy", marker)
+    os.chown(pre, other.pw_uid, other.pw_gid)
+    with pytest.raises(BadInput, match=f"owned by {OTHER}.*nothing was deployed"):
+        hooks.pre_deploy()
+    pre.unlink()
+    # ours, but mode 0777 (only the mode check stops it)
+    post = write_hook(hooks_dir / "post-deploy", marker)
+    post.chmod(0o777)
+    # a symlink to her file (only the target's owner check stops it)
+    hers = tmp_path / "hers"
+    hers.mkdir()
+    target = write_hook(hers / "notify", marker)
+    os.chown(target, other.pw_uid, other.pw_gid)
+    (hooks_dir / "post-rollback").symlink_to(target)
+    hooks.finished(True, False, 1.0)  # post-deploy
+    hooks.finished(False, True, 1.0)  # post-rollback, on-failure (none)
+    assert not marker.exists(), marker.read_text()
+    warnings = [s for s in said if s.startswith("warning:")]
+    assert (
+        f"warning: hook post-deploy not run: hook post-deploy {post} is writable by others"
+        f" (mode 0777): anyone could change what runs; chmod go-w {post}" in warnings
+    ), said
+    assert any(
+        f"hook post-rollback {hooks_dir / 'post-rollback'} (a symlink to {target}) is owned by"
+        f" {OTHER}" in w
+        for w in warnings
+    ), said
+
+    # once fixed, each runs: a symlink to our own file is fine
+    post.chmod(0o755)
+    os.chown(target, 0, 0)
+    said.clear()
+    hooks.finished(True, False, 1.0)
+    hooks.finished(False, True, 1.0)
+    assert marker.read_text() == "ran\nran\n", said
+
+    # a hooks directory others may write (only the directory check stops it)
+    hooks_dir.chmod(0o777)
+    write_hook(hooks_dir / "pre-deploy", marker)
+    with pytest.raises(BadInput, match=f"{hooks_dir} .above hook pre-deploy .* is writable by"):
+        hooks.pre_deploy()
+    assert marker.read_text() == "ran\nran\n"
+
+
+def test_a_pre_deploy_hook_she_owns_stops_the_rollout_before_any_host(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost], other: pwd.struct_passwd
+) -> None:
+    hosts = ssh_hosts[:1]
+    project = project_at(tmp_path, hosts, f"{hosts[0].root.parent}/{{host}}")
+    project.deployer("setup", check=True)
+    marker = tmp_path / "ran"
+    pre = write_hook(tmp_path / ".deployer" / "hooks" / "pre-deploy", marker)
+    os.chown(pre, other.pw_uid, other.pw_gid)
+    proc = project.deployer("rollout")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"hook pre-deploy {pre} is owned by {OTHER}" in proc.stderr, proc.stderr
+    assert "nothing was deployed" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists() and project.current(hosts[0]) is None
+
+
+def test_config_diff_never_reads_a_layout_file_through_a_symlink(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost]
+) -> None:
+    """A master.toml that is a link to a file outside deploy_to (readable by the deploy
+    user: root's files, with user = "root") is refused, not printed."""
+    hosts = ssh_hosts[:1]
+    project = project_at(tmp_path, hosts, f"{hosts[0].root.parent}/{{host}}")
+    project.inventory.write_text(
+        project.inventory.read_text().replace(
+            "[app]\n", '[master]\ncommand = "python3 app.py"\nworkers = 1\n\n[app]\n', 1
+        )
+    )
+    project.deployer("setup", check=True)
+    toml = hosts[0].root / "master.toml"
+    secret = hosts[0].root.parent / "not-deploy-to.toml"
+    secret.write_text('[master]\nworkers = 7\ncommand = "SECRET-LINE"\n')
+    toml.unlink()
+    toml.symlink_to(secret)
+    for args in (["config", "--diff"], ["config", "--diff", "--json"]):
+        proc = project.deployer(*args)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1, out
+        assert "SECRET-LINE" not in out and "workers = 7" not in out, out
+        assert "Traceback" not in out
+    said = project.deployer("config", "--diff").stdout
+    assert f"{toml} is a symlink (to {secret}): not read" in said, said
+    # setup replaces the link with a file of its own, leaving the target as it was
+    setup = project.deployer("setup", check=True).stdout
+    assert "SECRET-LINE" not in setup and not toml.is_symlink()
+    assert "SECRET-LINE" in secret.read_text()
+    assert project.deployer("config", "--diff").returncode == 0

@@ -194,7 +194,7 @@ def test_a_hook_is_shown_escaped_and_killed_at_its_time_limit(tmp_path: Path) ->
     hooks = deploy_hooks.DeployHooks(str(inv), said.append, "rollout", "shop", None, ["web1"])
     (tmp_path / ".deployer" / "hooks").mkdir(parents=True)
     (tmp_path / ".deployer" / "hooks" / "pre-deploy").write_text("exit 0\n")
-    with pytest.raises(BadInput, match="pre-deploy: not an executable file"):
+    with pytest.raises(BadInput, match="pre-deploy is not an executable file"):
         hooks.pre_deploy()
     (tmp_path / ".deployer" / "hooks" / "post-deploy").write_text("exit 0\n")
     hooks.finished(True, False, 1.0)
@@ -335,6 +335,8 @@ def test_deploy_hooks_around_rollouts_and_rollbacks(
     assert release1 is not None
     duration = float(seen.pop("DEPLOYER_DURATION"))
     assert 0 < duration < 300
+    log = Path(seen.pop("DEPLOYER_LOG"))  # a rollout from a terminal has its log too
+    assert log.parent == p.state / "logs" and "deployer: verdict: ok" in log.read_text()
     assert {k: v for k, v in seen.items() if k in deploy_hooks.VARIABLES} == {
         "DEPLOYER_APP": "demo",
         "DEPLOYER_DESTINATION": "",
@@ -345,7 +347,6 @@ def test_deploy_hooks_around_rollouts_and_rollbacks(
         "DEPLOYER_ROLES": "",
         "DEPLOYER_PERFORMER": "alice (ticket 42)",
         "DEPLOYER_RESULT": "ok",
-        "DEPLOYER_LOG": "",
     }
     out = first.stdout
     assert "hook post-deploy: notified\\x1b[2J" in out and "\x1b" not in out  # escaped

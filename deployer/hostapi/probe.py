@@ -50,11 +50,16 @@ def disk(root):
     return {"path": path, "free": st.f_bavail * st.f_frsize, "total": st.f_blocks * st.f_frsize}
 
 
-def layout(root, dirs, trust_source):
-    """The agent's own checks (trust.secure_dirs, as every op runs them), and
-    whether we can write where setup will."""
+def load_trust(trust_source):
+    """hostapi/trust.py, the agent's checks, from its source (no agent here yet)."""
     trust = {"__name__": "deployer_probe_trust"}
     exec(compile(trust_source, "trust.py", "exec"), trust)
+    return trust
+
+
+def layout(root, dirs, trust):
+    """The agent's own checks (trust.secure_dirs, as every op runs them), and
+    whether we can write where setup will."""
     from pathlib import Path
 
     if not os.path.lexists(root):
@@ -93,15 +98,24 @@ def agent(root, digest):
 STEM = "master"  # master-ROLE with a ROLE argument
 
 
-def master_toml(root):
+def master_toml(root, layout_fact, trust):
+    """master.toml as the agent would read it (trust.read_file: no symlink, ours),
+    and only from a layout the agent trusts."""
     path = os.path.join(root, STEM + ".toml")
+    if layout_fact.get("state") == "untrusted":
+        return {
+            "exists": os.path.lexists(path),
+            "path": path,
+            "error": "not read: " + str(layout_fact.get("why")),
+        }
+    from pathlib import Path
+
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_TOML + 1)
+        data = trust["read_file"](Path(path), MAX_TOML)
     except FileNotFoundError:
         return {"exists": False, "path": path}
-    if len(data) > MAX_TOML:
-        return {"exists": True, "path": path, "error": f"larger than {MAX_TOML} bytes"}
+    except trust["UntrustedPath"] as e:
+        return {"exists": True, "path": path, "error": str(e)}
     return {"exists": True, "path": path, "text": data.decode("utf-8", "replace")}
 
 
@@ -211,12 +225,19 @@ def main(argv):
         "executable": sys.executable,
         "time": time.time(),
     }
+    loaded = {}
+
+    def trust():  # in a part of its own: an old Python's SyntaxError fails only those parts
+        if "trust" not in loaded:
+            loaded["trust"] = load_trust(trust_source)
+        return loaded["trust"]
+
     parts = [
         ("user", user, ()),
         ("disk", disk, (root,)),
-        ("layout", layout, (root, json.loads(dirs), trust_source)),
+        ("layout", lambda: layout(root, json.loads(dirs), trust()), ()),
         ("agent", agent, (root, digest)),
-        ("master_toml", master_toml, (root,)),
+        ("master_toml", lambda: master_toml(root, facts.get("layout") or {}, trust()), ()),
         ("master", lambda: {"pid": master_pid(root)}, ()),
         ("systemd", systemd, ()),
         ("listen", listen, (root, spec)),

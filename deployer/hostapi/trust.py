@@ -11,6 +11,7 @@ there cannot be redirected.
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import os
 import pwd
@@ -45,9 +46,9 @@ def _writable_by_others(st: os.stat_result, uid: int) -> bool:
     return bool(st.st_mode & stat.S_IWGRP) and not _private_group(st.st_gid, uid)
 
 
-def check_ancestors(path: Path) -> None:
-    """Every directory above `path`, symlinks followed: owned by root or us, and
-    sticky if others may write in it."""
+def check_ancestors(path: Path, what: str = "deploy_to") -> None:
+    """Every directory above `path` (`what` names it in messages), symlinks followed:
+    owned by root or us, and sticky if others may write in it."""
     uid = os.geteuid()
     seen = 0
     todo = list(reversed(Path(os.path.abspath(path)).parents))
@@ -59,8 +60,8 @@ def check_ancestors(path: Path) -> None:
             return  # nothing below it exists yet
         if st.st_uid not in (0, uid):
             raise UntrustedPath(
-                f"{d} (above deploy_to {path}) is owned by {user_name(st.st_uid)}: "
-                f"whoever owns it can replace deploy_to; use a directory owned by root "
+                f"{d} (above {what} {path}) is owned by {user_name(st.st_uid)}: "
+                f"whoever owns it can replace {what}; use a directory owned by root "
                 f"or {user_name(uid)}"
             )
         if stat.S_ISLNK(st.st_mode):
@@ -72,10 +73,41 @@ def check_ancestors(path: Path) -> None:
             continue
         if _writable_by_others(st, uid) and not st.st_mode & stat.S_ISVTX:
             raise UntrustedPath(
-                f"{d} (above deploy_to {path}) is writable by others "
+                f"{d} (above {what} {path}) is writable by others "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}) without the sticky bit: "
-                f"anyone could replace deploy_to"
+                f"anyone could replace {what}"
             )
+
+
+def check_program(path: Path, what: str) -> None:
+    """A program we are about to run (a deploy hook), as sshd's StrictModes checks
+    authorized_keys: the file, and a symlink's target, owned by us or root and not
+    writable by anyone else, nor any directory above either of them. Otherwise
+    another local user could make us run their code."""
+    uid = os.geteuid()
+    check_ancestors(path, what)
+    real = Path(os.path.realpath(path))
+    if real != path:
+        check_ancestors(real, what)
+    st = os.stat(real)
+    shown = f"{path}" if real == path else f"{path} (a symlink to {real})"
+    if st.st_uid not in (0, uid):
+        raise UntrustedPath(
+            f"{what} {shown} is owned by {user_name(st.st_uid)}, not by {user_name(uid)}"
+            f" or root: whoever owns it decides what runs; chown {user_name_only(uid)} {real}"
+        )
+    if _writable_by_others(st, uid):
+        raise UntrustedPath(
+            f"{what} {shown} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}):"
+            f" anyone could change what runs; chmod go-w {real}"
+        )
+
+
+def user_name_only(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def check_dir(path: Path) -> None:
@@ -115,6 +147,40 @@ def secure_dirs(root: Path, dirs: list[Path], create: bool) -> list[Path]:
         if create or os.path.lexists(d):
             check_dir(d)
     return made
+
+
+def read_file(path: Path, limit: int = 1 << 24) -> bytes:
+    """A file of the layout, read the way setup trusts it: never through a symlink
+    (O_NOFOLLOW), a regular file of ours that nobody else may write, at most `limit`
+    bytes. FileNotFoundError if there is none; UntrustedPath for the rest."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UntrustedPath(
+                f"{path} is a symlink (to {os.readlink(path)}): not read, a file of the"
+                " layout is never read through a link; remove it (`deployer setup` writes it)"
+            ) from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        uid = os.geteuid()
+        if not stat.S_ISREG(st.st_mode):
+            raise UntrustedPath(f"{path} is not a regular file: not read")
+        if st.st_uid != uid:
+            raise UntrustedPath(
+                f"{path} is owned by {user_name(st.st_uid)}, not by {user_name(uid)} who"
+                " deploys: not read"
+            )
+        if _writable_by_others(st, uid):
+            raise UntrustedPath(
+                f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}): not"
+                f" read; chmod go-w {path}"
+            )
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UntrustedPath(f"{path} is larger than {limit} bytes: not read")
+    return data
 
 
 def write_file(path: Path, data: bytes, mode: int = 0o644) -> bool:

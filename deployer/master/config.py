@@ -19,6 +19,7 @@ __all__ = [
     "Readiness",
     "build",
     "load_file",
+    "load_layout_file",
     "load_text",
     "parse_flag_number",
 ]
@@ -34,6 +35,23 @@ def load_file(path: str) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"--config: {path} is not UTF-8: {e}") from None
     return load_text(text, path)
+
+
+def load_layout_file(path: Path) -> dict[str, Any]:
+    """load_file() of the layout's master.toml as the agent reads it: never through a
+    symlink, only a file of the deploy user's (trust.read_file)."""
+    from deployer.hostapi import trust
+
+    try:
+        data = trust.read_file(path, 1 << 20)
+    except trust.UntrustedPath as e:
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return load_text(data.decode(), str(path))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8: {e}") from None
 
 
 def load_text(text: str, path: str) -> dict[str, Any]:

@@ -230,12 +230,12 @@ def app_env(layout: Layout) -> dict[str, str]:
     """The app's environment as its workers get it: master.toml's `env`, then the
     `env_file` secrets over it. A message names a file, never a value in it."""
     from deployer.hostapi.options import ConfigError
-    from deployer.master.config import load_file
+    from deployer.master.config import load_layout_file
 
-    if not layout.master_config.exists():
+    if not os.path.lexists(layout.master_config):
         return {}
     try:
-        values = load_file(str(layout.master_config))
+        values = load_layout_file(layout.master_config)
     except ConfigError as e:
         raise AgentError(f"{e} (fix it, or `deployer setup` writes it again)") from None
     env = {str(k): str(v) for k, v in (values.get("env") or {}).items()}

@@ -40,15 +40,15 @@ def setup(
 def _config_changes(layout: Layout, new_text: str) -> list[str]:
     """`key: old -> new` for each master option master.toml is about to change."""
     from deployer.hostapi.options import ConfigError, toml_value
-    from deployer.master.config import load_text
+    from deployer.master.config import load_layout_file, load_text
 
     path = str(layout.master_config)
-    try:
-        old = load_text(layout.master_config.read_text(), path)
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return []
-    except (OSError, UnicodeDecodeError, ConfigError):
-        old = {}  # unreadable: every key counts as changed
+    try:
+        old = load_layout_file(layout.master_config)
+    except ConfigError:
+        old = {}  # unreadable or untrusted (a symlink): every key counts as changed
     new = load_text(new_text, path)
 
     def shown(value: Any) -> str:

@@ -141,10 +141,10 @@ def unit(layout: Layout, app: str, supervisor: str) -> answers.UnitResult:
 
 def _host_master_config(layout: Layout) -> Any:
     from deployer.hostapi.options import ConfigError, build
-    from deployer.master.config import load_file
+    from deployer.master.config import load_layout_file
 
     try:
-        return build(load_file(str(layout.master_config)))
+        return build(load_layout_file(layout.master_config))
     except ConfigError as e:
         raise AgentError(f"the unit runs the master with {layout.master_config}: {e}") from None
 
