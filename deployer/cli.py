@@ -220,6 +220,9 @@ def setup(ctx: click.Context, patterns: str | None) -> None:
 )
 @click.option("--deploy-id", hidden=True, help="Name of this rollout (set by the git hook).")
 @click.option("--log-file", hidden=True, help="Where its output goes (recorded in history).")
+@click.option(
+    "--pre-deploy-done", is_flag=True, hidden=True, help="pre-receive ran the pre-deploy hook."
+)
 @click.pass_context
 def rollout(
     ctx: click.Context,
@@ -232,10 +235,13 @@ def rollout(
     lock_wait: float,
     deploy_id: str | None,
     log_file: str | None,
+    pre_deploy_done: bool,
 ) -> None:
     """Deploy REV (default: HEAD of the repo) to the selected hosts, batch by batch."""
+    from deployer import runlog
     from deployer.hook import LOG_ID
     from deployer.inventory import expand_path
+    from deployer.report import TeeReporter
     from deployer.rollout import plan_rollout, run_rollout
     from deployer.sync import Source
 
@@ -252,7 +258,19 @@ def rollout(
         if dry_run:
             click.echo(plan.render())
             return
-        outcome = run_rollout(session, plan, source, deploy_id, log_file)
+        if log_file is None:  # from a terminal: its log too, for `deployer logs`
+            deploy_id = runlog.new_id(revision.sha)
+            path, log = runlog.create(session.state_dir, deploy_id)
+            log_file = str(path)
+            session.reporter = TeeReporter(session.reporter, log)
+            session.reporter.say(f"rollout {deploy_id}: log {log_file}")
+        try:
+            outcome = run_rollout(session, plan, source, deploy_id, log_file, pre_deploy_done)
+        except DeployerError as e:
+            session.reporter.say(runlog.verdict_line(e.exit_code, str(e).split("\n")[0]))
+            raise
+        why = "" if outcome.ok else f"at {outcome.step}" if outcome.step else ""
+        session.reporter.say(runlog.verdict_line(outcome.exit_code, why))
     sys.exit(outcome.exit_code)
 
 
@@ -370,17 +388,22 @@ def history_line(e: dict) -> str:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing while that rollout runs.")
 @click.pass_context
 def logs(ctx: click.Context, deploy_id: str | None, follow: bool) -> None:
-    """The log of a pushed rollout (by id or id prefix; default: the newest)."""
-    from deployer import hook
+    """The log of a rollout (by id or id prefix; default: the newest). With -f, follow
+    it to its end and exit with the rollout's own exit code."""
+    from deployer import hook, runlog
     from deployer.history import state_dir
 
     inv = load_inventory(ctx)
     state = state_dir(inv.path, inv.destination)
     path = hook.log_path(state, deploy_id)
-    if follow:
-        hook.follow(path, lambda: hook.running(state, inv.app.name, path.stem), sys.stdout)
-    else:
+    if not follow:
         hook.copy_file(path, sys.stdout)
+        return
+    hook.follow(path, lambda: runlog.going_on(path, state, inv.app.name), sys.stdout)
+    code = runlog.read_verdict(path)
+    if code is None:
+        raise DeployerError(f"rollout {path.stem} ended without a verdict (killed?): {path}")
+    sys.exit(code)
 
 
 @cli.command()

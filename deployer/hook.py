@@ -28,11 +28,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
+from deployer import runlog
 from deployer.errors import BadInput, DeployerError
-from deployer.hostapi.layout import release_name
 from deployer.report import printable
+
+if TYPE_CHECKING:
+    from deployer.inventory import Inventory
 
 HOOKS = ("pre-receive", "post-update")
 MARK = "deployer-hook"  # in every script we install: tells ours from a foreign hook
@@ -229,7 +232,7 @@ def pre_receive(cfg: HookConfig, stdin: str, err: TextIO) -> int:
         if ref != cfg.ref or new == ZERO:
             continue  # other branches, and deleting the deploy branch, deploy nothing
         try:
-            check_push(cfg, old, new)
+            check_push(cfg, old, new, lambda text: err.write(f"deployer: {text}\n"))
         except DeployerError as e:
             first, *rest = str(e).splitlines() or [""]
             err.write(f"deployer: push to {cfg.branch} rejected: {first}\n")
@@ -238,7 +241,7 @@ def pre_receive(cfg: HookConfig, stdin: str, err: TextIO) -> int:
     return 0
 
 
-def check_push(cfg: HookConfig, old: str, new: str) -> None:
+def check_push(cfg: HookConfig, old: str, new: str, say: Callable[[str], None]) -> None:
     from deployer import inventory as inventories
     from deployer.history import state_dir
     from deployer.lock import ControllerLock, describe
@@ -253,6 +256,19 @@ def check_push(cfg: HookConfig, old: str, new: str) -> None:
         raise BadInput(f"another rollout is running: {describe(holder, 'deploy lock')}")
     if inv.migrations is not None:
         lint_pushed(cfg.repo, old, new, inv.migrations.dir, inv.migrations.database)
+    pre_deploy(cfg, inv, new, say)
+
+
+def pre_deploy(cfg: HookConfig, inv: Inventory, sha: str, say: Callable[[str], None]) -> None:
+    """The controller's pre-deploy hook (a deploy freeze, a CI check) for the pushed
+    revision, before the ref moves: its refusal rejects the push. The rollout that
+    post-update starts then does not run it again (--pre-deploy-done)."""
+    from deployer.deploy_hooks import DeployHooks
+
+    hosts = list(inv.hosts)  # a push deploys every host, in every role
+    hooks = DeployHooks(str(cfg.inventory), say, "rollout", inv.app.name, inv.destination, hosts)
+    hooks.revision, hooks.roles = sha, list(inv.roles)
+    hooks.pre_deploy()
 
 
 def lint_pushed(repo: Path, old: str, new: str, directory: str, database: str) -> None:
@@ -305,6 +321,9 @@ def post_update(cfg: HookConfig, refs: list[str], out: TextIO) -> int:
     started = time.monotonic()
     follow(run.log, lambda: run.proc.poll() is None, out)
     code = run.proc.wait()
+    if runlog.read_verdict(run.log) is None:  # killed before it could say
+        why = f"the rollout ended ({code}) without a verdict; see {run.log}"
+        out.write(runlog.verdict_line(code or 1, why) + "\n")
     out.write(summary(cfg, run, code, started) + "\n")
     out.flush()
     return code
@@ -323,7 +342,7 @@ def start_rollout(cfg: HookConfig, sha: str) -> Run:
     from deployer.deploy_hooks import performer
     from deployer.history import state_dir
 
-    deploy_id = f"{release_name(sha)}-{os.getpid() % 10000:04d}"
+    deploy_id = runlog.new_id(sha)
     logs = cfg.repo / "deployer" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{deploy_id}.log"
@@ -335,6 +354,7 @@ def start_rollout(cfg: HookConfig, sha: str) -> Run:
     argv += ["-d", cfg.destination] if cfg.destination else []
     argv += ["rollout", sha]
     argv += ["--repo", str(cfg.repo), "--deploy-id", deploy_id, "--log-file", str(log)]
+    argv += ["--pre-deploy-done"]  # pre-receive ran it for this revision
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
             argv,
@@ -432,14 +452,6 @@ def log_path(state: Path, deploy_id: str | None) -> Path:
         what = f"no log matches {deploy_id!r}" if deploy_id else "no rollout logs yet"
         raise BadInput(f"{what} in {index}")
     raise BadInput(f"{deploy_id!r} matches {len(logs)} logs: {', '.join(p.stem for p in logs)}")
-
-
-def running(state: Path, app: str, deploy_id: str) -> bool:
-    """Whether the rollout `deploy_id` still holds the deploy lock."""
-    from deployer.lock import ControllerLock
-
-    holder = ControllerLock(state, app).holder()
-    return holder is not None and holder.id == deploy_id
 
 
 def copy_file(src: Path, out: TextIO) -> None:

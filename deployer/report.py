@@ -88,6 +88,22 @@ class LiveReporter(Reporter):
         self.live.stop()
 
 
+class TeeReporter(Reporter):
+    """What another reporter shows, also written to a log (plain lines)."""
+
+    def __init__(self, shown: Reporter, log: TextIO) -> None:
+        super().__init__(log)
+        self.shown = shown
+
+    def say(self, text: str, host: str | None = None) -> None:
+        self.shown.say(text, host)
+        super().say(text, host)
+
+    def close(self) -> None:
+        self.shown.close()
+        self.stream.close()
+
+
 def reporter_for(stream: TextIO | None = None) -> Reporter:
     """Live view on a terminal; plain timestamped lines anywhere else (hooks, CI)."""
     stream = stream or sys.stdout

@@ -283,9 +283,11 @@ def run_rollout(
     source: Any,
     deploy_id: str | None = None,
     log: str | None = None,
+    pre_deploy_done: bool = False,
 ) -> Outcome:
     """The rollout between the controller's deploy hooks (deployer.deploy_hooks):
-    pre-deploy before any lock, post-deploy, post-rollback or on-failure after."""
+    pre-deploy before any lock (unless the push's pre-receive ran it for this very
+    revision), post-deploy, post-rollback or on-failure after."""
     inv = fleet.inventory
     hooks = DeployHooks(
         inv.path, fleet.reporter.say, "rollout", inv.app.name, inv.destination, plan.hosts
@@ -293,7 +295,8 @@ def run_rollout(
     hooks.revision, hooks.log = plan.revision, log
     hooks.release = next(iter(plan.targets.values()), None)
     hooks.roles = fleet.role_names
-    hooks.pre_deploy()
+    if not pre_deploy_done:
+        hooks.pre_deploy()
     started = time.monotonic()
     with hooks.on_error(started):
         outcome = _rollout(fleet, plan, source, deploy_id, log)

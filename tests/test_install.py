@@ -56,6 +56,11 @@ def test_a_missing_agent_file_is_a_clear_error_not_a_traceback(
         bundle._sources()
 
 
+def user_env() -> dict[str, str]:
+    """The environment a user installs and runs in: nothing of this test run's Python."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+
+
 def checkout_copy(dest: Path) -> Path:
     """The files a clean clone has (tracked, and new ones not ignored)."""
     listed = subprocess.run(
@@ -81,10 +86,10 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     command = line.replace(venv_dir, str(target)).replace(
         "/path/to/deployer-checkout", str(checkout)
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     proc = subprocess.run(
-        ["sh", "-c", command], cwd=base, env=env, capture_output=True, text=True, timeout=600
-    )
+        ["sh", "-c", command], cwd=base, env=user_env(), capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     shutil.rmtree(checkout)  # the install must not lean on the checkout it came from
     return target
@@ -93,7 +98,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_install_is_not_editable_and_has_the_agents_files(venv: Path) -> None:
     where = subprocess.run(
         [venv / "bin" / "python", "-c", "import deployer; print(deployer.__file__)"],
-        capture_output=True, text=True, cwd="/", check=True,
+        capture_output=True, text=True, cwd="/", check=True, env=user_env(),
     ).stdout.strip()  # fmt: skip
     package = Path(where).parent
     assert package.is_relative_to(venv), where
@@ -115,7 +120,7 @@ def test_the_installed_deployer_sets_up_rolls_out_pushes_and_reports(
     hosts = ssh_hosts[:1]
     port = free_port()
     project = make_project(tmp_path, hosts, {"app.py": APP}, extra=master_extra(port))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env = user_env()
     env["DEPLOYER_STATE_DIR"] = str(project.state)
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # no bundle facts cached by the checkout
 

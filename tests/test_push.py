@@ -110,6 +110,9 @@ def test_push_v2_under_load_fails_no_request(project: Pushed, port: int) -> None
     last = [line for line in remote if line.startswith("remote: deployer: ")][-1]
     assert f"{v2[:12]} to host1, host2, host3: ok in" in last, last
     assert project.history()[0]["revision"] == v2
+    assert verdicts(proc.stderr) == ["ok (exit 0)"], proc.stderr
+    follow = project.deployer("logs", "-f", rollout_id(proc.stderr))
+    assert follow.returncode == 0 and "deployer: verdict: ok (exit 0)" in follow.stdout
 
 
 def test_broken_push_is_rolled_back_and_the_pusher_sees_it(project: Pushed) -> None:
@@ -124,6 +127,66 @@ def test_broken_push_is_rolled_back_and_the_pusher_sees_it(project: Pushed) -> N
     assert all(project.revision(h) == v1 for h in project.hosts)
     entry = project.history()[0]
     assert entry["result"] == "failed" and entry["failed_step"] == "switch"
+    # git's exit code cannot say it (the ref moved before the rollout ran): the verdict
+    # line does, and `deployer logs -f ID` exits with the rollout's code
+    assert verdicts(proc.stderr) == ["FAILED (exit 1): at switch"], proc.stderr
+    follow = project.deployer("logs", "-f", rollout_id(proc.stderr))
+    assert follow.returncode == 1, follow.stdout + follow.stderr
+
+
+def verdicts(stderr: str) -> list[str]:
+    return [line.split("deployer: verdict: ", 1)[1].rstrip() for line in stderr.splitlines()
+            if line.startswith("remote: ") and "deployer: verdict: " in line]  # fmt: skip
+
+
+def rollout_id(stderr: str) -> str:
+    line = next(x for x in stderr.splitlines() if x.startswith("remote: deployer: rollout "))
+    return line.split()[3]
+
+
+def test_a_pre_deploy_freeze_rejects_the_push_and_runs_once_per_push(project: Pushed) -> None:
+    """pre-receive runs the controller's pre-deploy hook before the ref moves: a freeze
+    rejects the push (git push exits non-zero); a push it allows deploys without
+    running it a second time."""
+    hooks = project.inventory.parent / ".deployer" / "hooks"
+    hooks.mkdir(parents=True)
+    counter = project.inventory.parent / "pre-deploy-runs"
+    pre = hooks / "pre-deploy"
+    pre.write_text(
+        f'#!/bin/sh\necho "$DEPLOYER_REVISION" >> "{counter}"\n'
+        'if [ -e "$(dirname "$0")/FREEZE" ]; then echo "deploy freeze until Monday"; exit 1; fi\n'
+    )
+    pre.chmod(0o755)
+    (hooks / "FREEZE").write_text("")
+    ref, current = project.ref(), project.current(project.hosts[0])
+    v2 = commit(project.repo, {"app.py": APP + "\n# v2\n"}, "v2")
+    refused = project.push()
+    assert refused.returncode != 0, refused.stderr
+    assert "pre-receive hook declined" in refused.stderr
+    assert "remote: deployer: push to main rejected: pre-deploy hook" in refused.stderr
+    assert "deploy freeze until Monday" in refused.stderr, refused.stderr
+    assert project.ref() == ref and project.current(project.hosts[0]) == current
+    (hooks / "FREEZE").unlink()
+    counter.unlink()
+    allowed = project.push()
+    assert allowed.returncode == 0 and verdicts(allowed.stderr) == ["ok (exit 0)"], allowed.stderr
+    assert counter.read_text().split() == [v2]  # once, in pre-receive
+    assert all(project.revision(h) == v2 for h in project.hosts)
+
+
+def test_a_rollout_from_a_terminal_has_a_log_too(project: Pushed) -> None:
+    v2 = commit(project.repo, {"app.py": APP + "\n# v2\n"}, "v2")
+    out = project.deployer("rollout", check=True).stdout
+    assert out.rstrip().endswith("deployer: verdict: ok (exit 0)"), out
+    deploy_id = out.split("rollout ", 1)[1].split(":", 1)[0]
+    shown = project.deployer("logs", check=True).stdout  # the newest: this one
+    assert f"rollout {v2} as " in shown and "deployer: verdict: ok (exit 0)" in shown
+    log = project.state / "logs" / f"{deploy_id}.log"
+    assert log.stat().st_mode & 0o777 == 0o600
+    assert project.deployer("logs", "-f", deploy_id[:20]).returncode == 0
+    entries = project.history()
+    entry = entries[0]
+    assert entry["id"] == deploy_id and entry["log"] == str(log), entries
 
 
 def test_unsafe_expand_migration_is_rejected_before_anything_changes(project: Pushed) -> None:
@@ -172,7 +235,8 @@ def test_rollout_survives_the_pusher_being_killed(project: Pushed) -> None:
     assert pusher.returncode == -signal.SIGKILL
     # `logs -f` follows the orphaned rollout to its end
     followed = project.deployer("logs", "-f", deploy_id, check=True, timeout=180).stdout
-    assert "rollout ok in" in followed.splitlines()[-1], followed
+    assert "rollout ok in" in followed.splitlines()[-2], followed
+    assert followed.splitlines()[-1].endswith("deployer: verdict: ok (exit 0)"), followed
     assert not project.lock().exists()
     assert all(project.revision(h) == v2 for h in project.hosts)
     entry = project.history()[0]
