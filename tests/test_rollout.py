@@ -216,6 +216,55 @@ def test_unhealthy_canary_is_rolled_back_and_no_other_host_switches(project: Pro
     )
 
 
+class NotHTTPServer:
+    """A TCP server on loopback that answers every connection `hello` and closes."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/health"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"hello\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_health_endpoint_that_is_not_http_fails_saying_what_it_answered(
+    project: Project,
+) -> None:
+    project.deployer("rollout", check=True)
+    before = {h.name: project.current(h) for h in project.hosts}
+    commit(project.repo, {"app.txt": "version 2\n"}, "v2")
+    server = NotHTTPServer()
+    try:
+        with_health(project, server.url)
+        proc = project.deployer("rollout")
+        status = project.deployer("status")
+    finally:
+        server.close()
+    assert proc.returncode == 1, proc.stdout
+    assert "FAILED at switch" in proc.stdout
+    assert "not an HTTP answer: 'hello'" in failure_of(proc.stdout, project.hosts[0].name)
+    assert {h.name: project.current(h) for h in project.hosts} == before
+    # `deployer status` probes the same URL: the app's fault, said as such
+    assert "not an HTTP answer: 'hello'" in status.stdout + status.stderr, status
+    for out in (proc, status):
+        assert "internal error" not in out.stdout + out.stderr, out
+        assert "Traceback" not in out.stdout + out.stderr, out
+
+
 def test_host_lost_between_prepare_and_switch(sshd_fleet, project: Project) -> None:
     project.deployer("rollout", check=True)
     before = {h.name: project.current(h) for h in project.hosts}
