@@ -318,6 +318,31 @@ def with_migrations(project: Project) -> None:
     project.inventory.write_text(text)
 
 
+def test_migration_that_is_not_utf8_is_named_by_rollout_and_migrate(project: Project) -> None:
+    """A guard: these paths named the file already; pre-receive did not (test_push.py)."""
+    with_migrations(project)
+    commit(project.repo, MIGRATIONS, "schema")
+    project.deployer("rollout", check=True)
+    before = {h.name: project.current(h) for h in project.hosts}
+    name = "20240102000000_latin1.sql"
+    (project.repo / "migrations" / name).write_bytes(
+        b"-- phase: expand\n-- up\nINSERT INTO people (fname) VALUES ('Jos\xe9');\n"
+    )
+    commit(project.repo, {}, "latin-1")
+    proc = project.deployer("rollout")
+    assert proc.returncode == 1, proc.stdout
+    assert "FAILED at expand" in proc.stdout
+    assert f"migrations/{name}: not UTF-8 text" in proc.stdout
+    assert {h.name: project.current(h) for h in project.hosts} == before
+    db = f"sqlite:///{project.repo.parent / 'local.sqlite3'}"  # the checkout, on this machine
+    for args in (["lint", "--dialect", "sqlite"], ["status", "--database", db]):
+        local = project.deployer("migrate", *args)
+        assert local.returncode == 2, local
+        assert f"migrations/{name}: not UTF-8 text" in local.stderr
+        assert "Traceback" not in local.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
 WITNESS = """\
 # Records, when it runs, which release every host's `current` points to.
 import os
