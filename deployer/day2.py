@@ -74,22 +74,30 @@ def log_stamp(when: dt.datetime) -> str:
     return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
 
 
+_SINCE_FORMS = (
+    "expected a time like 2026-12-01T11:00:00 (local time, or with Z or +01:00) in the "
+    "years 1 to 9999, or a duration ago like 30s, 10m, 1h, 2d"
+)
+
+
 def parse_since(text: str, now: dt.datetime | None = None) -> str:
     """`--since`: `10m`, `1h`, `2d`, `30s` ago, or an ISO time (`2026-12-01T11:00`,
     `2026-12-01 11:00:00Z`, `2026-12-01`; without a zone: this machine's local
     time). Returned as the log's own stamp, which the host compares as text."""
-    now = now or dt.datetime.now(dt.UTC)
+    try:
+        return log_stamp(_since_time(text, now or dt.datetime.now(dt.UTC)))
+    except (ValueError, OverflowError):
+        # OverflowError: a duration or a zone that goes past year 1 or 9999
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise BadInput(f"--since {shown!r}: {_SINCE_FORMS}") from None
+
+
+def _since_time(text: str, now: dt.datetime) -> dt.datetime:
     m = _RELATIVE.fullmatch(text)
     if m:
-        return log_stamp(now - dt.timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)]))
-    try:
-        when = dt.datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise BadInput(
-            f"--since {text!r}: expected a time like 2026-12-01T11:00:00 (local time, or "
-            "with Z or +01:00) or a duration ago like 30s, 10m, 1h, 2d"
-        ) from None
-    return log_stamp(when if when.tzinfo else when.astimezone())
+        return now - dt.timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    when = dt.datetime.fromisoformat(text.strip())
+    return when if when.tzinfo else when.astimezone()
 
 
 def _until(stop: threading.Event) -> Iterator[bytes]:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import getpass
 import os
+import posixpath
 import re
 import shlex
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -60,16 +60,17 @@ def clean_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in env.items() if not k.startswith("GIT_") or k.startswith(KEEP_GIT_VARS)}
 
 
-def git(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(
-        ["git", "--git-dir", str(repo), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+def git_bytes(repo: Path, *args: str, env: dict[str, str] | None = None) -> bytes:
+    proc = subprocess.run(["git", "--git-dir", str(repo), *args], capture_output=True, env=env)
     if proc.returncode != 0:
-        raise DeployerError(f"git {' '.join(args)} in {repo}: {proc.stderr.strip()}")
+        why = proc.stderr.decode(errors="replace").strip()
+        raise DeployerError(f"git {' '.join(args)} in {repo}: {why}")
     return proc.stdout
+
+
+def git(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    # replaced, not refused: a byte that is not UTF-8 must never be a traceback
+    return git_bytes(repo, *args, env=env).decode(errors="replace")
 
 
 def hooks_source() -> Path:
@@ -273,31 +274,40 @@ def pre_deploy(cfg: HookConfig, inv: Inventory, sha: str, say: Callable[[str], N
 
 def lint_pushed(repo: Path, old: str, new: str, directory: str, database: str) -> None:
     """Lint the migration files this push adds or changes (the quarantined objects
-    are readable: git gives the hook the environment that sees them)."""
-    from deployer.migrations.files import discover
+    are readable: git gives the hook the environment that sees them). Each is read
+    from git as bytes and named by its path in the repository."""
+    from deployer.migrations.files import parse_all
     from deployer.migrations.lint import lint
 
-    directory = directory.strip("/")
-    if old == ZERO:
-        names = git(repo, "ls-tree", "-r", "--name-only", new, "--", directory).split()
-    else:
-        diff = ["diff", "--name-only", "--diff-filter=AMR", old, new, "--", directory]
-        names = git(repo, *diff).split()
-    names = [n for n in names if n.endswith((".sql", ".py")) and "/" not in n[len(directory) + 1 :]]
+    names = _pushed_migrations(repo, old, new, posixpath.normpath(directory.strip("/")))
     if not names:
         return
     dialect = "postgresql" if database.startswith("postgres") else "sqlite"
-    with tempfile.TemporaryDirectory(prefix="deployer-lint-") as tmp:
-        for name in names:
-            (Path(tmp) / Path(name).name).write_text(git(repo, "show", f"{new}:{name}"))
-        violations = lint(discover(Path(tmp)), dialect)
+    blobs = ((Path(name), git_bytes(repo, "show", f"{new}:{name}")) for name in names)
+    violations = lint(parse_all(blobs), dialect)
     if violations:
-        details = [str(v).replace(tmp + "/", directory + "/") for v in violations]
         raise BadInput(
             f"{len(violations)} unsafe migration statement(s) ({violations[0].rule} in "
             f"{violations[0].migration}); fix them or allow a rule with "
-            "`-- deployer: allow <rule>`\n" + "\n".join(details)
+            "`-- deployer: allow <rule>`\n" + "\n".join(str(v) for v in violations)
         )
+
+
+def _pushed_migrations(repo: Path, old: str, new: str, directory: str) -> list[str]:
+    """The migration files directly in `directory` that the push adds or changes."""
+    from deployer.migrations.files import is_candidate
+
+    if old == ZERO:
+        listing = ["ls-tree", "-r", "-z", "--name-only", new, "--", directory]
+    else:
+        listing = ["diff", "-z", "--name-only", "--diff-filter=AMR", old, new, "--", directory]
+    # -z: names as they are (no quoting), whatever bytes they hold
+    names = [os.fsdecode(n) for n in git_bytes(repo, *listing).split(b"\0") if n]
+    return [
+        n
+        for n in names
+        if (posixpath.dirname(n) or ".") == directory and is_candidate(posixpath.basename(n))
+    ]
 
 
 def post_update(cfg: HookConfig, refs: list[str], out: TextIO) -> int:

@@ -928,33 +928,61 @@ def _check_conflicts(hosts: dict[str, HostConfig], problems: _Problems) -> None:
         claim("deploy_to", (machine, deploy_to), name, "", f"[app] deploy_to {deploy_to}")
 
 
-def _names_this_host(url_host_part: str, h: HostConfig) -> bool:
-    if url_host_part in (h.address.lower(), h.name.lower(), "localhost"):
-        return True
+def _canonical(text: str) -> str:
+    """A host part as compared: an IP in its one written form, a name in lowercase
+    without the root's trailing dot."""
+    text = text.lower().strip("[]").rstrip(".")
     try:
-        return ipaddress.ip_address(url_host_part).is_loopback  # 127.0.0.0/8, ::1
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
     except ValueError:
         return False
+    return True
 
 
 def _check_health_urls(hosts: dict[str, HostConfig], problems: _Problems) -> None:
     """The probe runs on the host itself: a URL naming another machine would report
     that machine's health as this host's, and pass a broken release."""
+    owners: dict[str, str] = {}  # every host's address and name -> the host
+    for name, h in hosts.items():
+        owners.setdefault(_canonical(h.address), name)
+    for name in hosts:
+        owners.setdefault(_canonical(name), name)
     for name, h in hosts.items():
         for r in h.roles:
             if r.health is not None:
-                _check_health_url(name, h, r.health.url, problems)
+                _check_health_url(name, h, r.health.url, owners, problems)
 
 
-def _check_health_url(name: str, h: HostConfig, url: str, problems: _Problems) -> None:
+def _check_health_url(
+    name: str, h: HostConfig, url: str, owners: dict[str, str], problems: _Problems
+) -> None:
     target = url_host(url)
-    if target is not None and not _names_this_host(target, h):
-        problems.add(
-            f"[hosts.{name}] [health] url",
-            f"{url!r} names host {target!r}, not this one: the probe runs on "
-            f"{name} itself, so it would report {target}'s health as {name}'s; use "
-            "{address}, {host}, localhost or 127.0.0.1",
-        )
+    if target is None or _names_this_host(_canonical(target), h, owners):
+        return
+    other = owners.get(_canonical(target))
+    whose = f" ([hosts.{other}])" if other not in (None, name) else ""
+    problems.add(
+        f"[hosts.{name}] [health] url",
+        f"{url!r} names host {target!r}{whose}, not {name} (address {h.address}): the probe "
+        f"runs on {name} itself, so it would report {target}'s health as {name}'s; use "
+        "{address} (or localhost, 127.0.0.1)",
+    )
+
+
+def _names_this_host(target: str, h: HostConfig, owners: dict[str, str]) -> bool:
+    if target == "localhost" or target == _canonical(h.address):
+        return True
+    if _is_ip(target):
+        return ipaddress.ip_address(target).is_loopback  # 127.0.0.0/8, ::1
+    # {host}: the host's name, unless that name is another host's address
+    return target == _canonical(h.name) and owners.get(target) == h.name
 
 
 # --- selection ------------------------------------------------------------------------

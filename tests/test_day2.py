@@ -53,6 +53,42 @@ def test_since_takes_durations_and_iso_times() -> None:
         day2.parse_since("yesterday")
 
 
+OUT_OF_RANGE = [
+    "99999999999d",
+    "1000000d",
+    "0001-01-01T00:00:00+14:00",
+    "9999-12-31T23:59:59-14:00",
+    "0001-01-01T00:00:00",
+    "9" * 400 + "d",
+]
+
+
+@pytest.mark.parametrize("text", OUT_OF_RANGE)
+def test_since_out_of_range_is_bad_input_with_the_accepted_forms(text: str) -> None:
+    with pytest.raises(day2.BadInput, match="expected a time like .* or a duration ago like 30s"):
+        day2.parse_since(text)
+
+
+def test_since_out_of_range_on_the_command_line_is_exit_2_not_a_traceback(tmp_path: Path) -> None:
+    # parsed before any host is reached: a local host is enough
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text(
+        f'[app]\nname = "demo"\ndeploy_to = "{tmp_path}/{{host}}"\n'
+        '[hosts.web1]\ntransport = "local"\n'
+    )
+    for text in ("99999999999d", "9999-12-31T23:59:59-14:00", "9" * 400):
+        proc = subprocess.run(
+            [sys.executable, "-m", "deployer", "-i", str(inventory), "app", "logs",
+             "--since", text],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "DEPLOYER_STATE_DIR": str(tmp_path / "state")},
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert f"--since {text[:12]}" in proc.stderr.replace("'", "")
+        assert "a duration ago like 30s, 10m, 1h, 2d" in proc.stderr
+
+
 def _stamped(i: int) -> bytes:
     return f"2026-12-01T11:{i // 60:02d}:{i % 60:02d}.000Z [worker 1 pid 7] line {i}".encode()
 

@@ -239,6 +239,46 @@ def test_cli_reports_bad_inventory_with_exit_2_and_no_traceback(tmp_path: Path) 
     assert "Traceback" not in proc.stderr
 
 
+HEALTH_APP = '[app]\nname = "shop"\ndeploy_to = "/srv/{host}"\n'
+
+
+def test_health_url_by_a_host_name_that_is_another_address_is_refused(tmp_path: Path) -> None:
+    # a host named by the IP it had before it moved: {host} now names web1's machine
+    path = write(tmp_path, HEALTH_APP + '[health]\nurl = "http://{host}:3000/"\n'
+                 '[hosts."10.0.0.2"]\naddress = "10.0.0.3"\n'
+                 '[hosts.web1]\naddress = "10.0.0.2"\n')  # fmt: skip
+    with pytest.raises(InventoryError) as e:
+        inventory.load(path)
+    assert e.value.problems == [
+        "[hosts.10.0.0.2] [health] url: 'http://10.0.0.2:3000/' names host '10.0.0.2' "
+        "([hosts.web1]), not 10.0.0.2 (address 10.0.0.3): the probe runs on 10.0.0.2 itself, "
+        "so it would report 10.0.0.2's health as 10.0.0.2's; use {address} (or localhost, "
+        "127.0.0.1)"
+    ]
+    # an IP as a name names that IP, whoever has it
+    path.write_text(path.read_text().replace('address = "10.0.0.2"', 'address = "10.0.0.9"'))
+    with pytest.raises(InventoryError, match=r"\[hosts.10.0.0.2\] \[health\] url: .*use \{address"):
+        inventory.load(path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deployer", "-i", str(path), "hosts"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "[hosts.10.0.0.2] [health] url" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_health_url_naming_the_host_in_another_spelling_is_accepted(tmp_path: Path) -> None:
+    path = write(tmp_path, HEALTH_APP + '[health]\nurl = "http://{host}:3000/"\n'
+                 '[hosts.web1]\naddress = "2001:db8::0:1"\n'
+                 'health = {url = "http://[2001:DB8::1]:3000/"}\n'
+                 '[hosts.web2]\naddress = "web2.example.com"\n'
+                 'health = {url = "http://WEB2.example.com.:3000/"}\n'
+                 '[hosts.web3]\naddress = "10.0.0.3"\n')  # fmt: skip
+    hosts = inventory.load(path).hosts
+    assert [h.health.url for h in hosts.values() if h.health] == [
+        "http://[2001:DB8::1]:3000/", "http://WEB2.example.com.:3000/", "http://web3:3000/",
+    ]  # fmt: skip
+
+
 def test_a_host_overrides_master_and_health_keys(tmp_path: Path) -> None:
     inv = inventory.load(
         write(

@@ -294,6 +294,46 @@ def test_push_with_a_broken_inventory_is_rejected_naming_the_key(local: Pushed) 
     assert local.ref() is None
 
 
+def _with_migrations(local: Pushed) -> None:
+    local.inventory.write_text(
+        local.inventory.read_text()
+        + '[migrations]\ndir = "migrations"\ndatabase = "sqlite:///app.sqlite3"\n'
+    )
+    local.deployer("init", "--repo", str(local.bare), check=True)
+
+
+def _rejected(local: Pushed) -> str:
+    proc = local.push()
+    assert proc.returncode != 0
+    assert "pre-receive hook declined" in proc.stderr, proc.stderr
+    assert "remote: deployer: push to main rejected: " in proc.stderr
+    assert "Traceback" not in proc.stderr and "deployer-lint-" not in proc.stderr, proc.stderr
+    assert local.ref() is None
+    return proc.stderr
+
+
+def test_push_of_a_migration_that_is_not_utf8_is_rejected_naming_it(local: Pushed) -> None:
+    _with_migrations(local)
+    path = "migrations/20261102000000_latin1.sql"
+    target = local.repo / path
+    target.parent.mkdir()
+    target.write_bytes(b"-- phase: expand\n-- up\nINSERT INTO people VALUES (1, 'Jos\xe9');\n")
+    git(local.repo, "add", "-A")
+    git(local.repo, "commit", "-q", "-m", "latin-1")
+    assert f"{path}: not UTF-8 text" in _rejected(local)
+
+
+def test_push_lint_messages_name_the_files_path_in_the_repository(local: Pushed) -> None:
+    _with_migrations(local)
+    commit(local.repo, {"migrations/20261102000000_drop_name.sql": UNSAFE}, "unsafe")
+    assert "migrations/20261102000000_drop_name.sql:3: drop-column" in _rejected(local)
+    commit(local.repo, {"migrations/20261102000000_drop_name.sql": "-- up\nSELECT 1;\n"}, "x")
+    assert "migrations/20261102000000_drop_name.sql: no phase" in _rejected(local)
+    commit(local.repo, {"migrations/20261102000000_drop_name.sql": CREATE}, "fixed")
+    commit(local.repo, {"migrations/2026_bad name.sql": CREATE}, "misnamed")
+    assert "migrations/2026_bad name.sql: not a migration file name" in _rejected(local)
+
+
 def test_init_refuses_a_work_tree_and_a_bad_branch(local: Pushed) -> None:
     proc = local.deployer("init", "--repo", str(local.repo))
     assert proc.returncode == 2 and "is not a bare git repository" in proc.stderr

@@ -216,6 +216,55 @@ def test_unhealthy_canary_is_rolled_back_and_no_other_host_switches(project: Pro
     )
 
 
+class NotHTTPServer:
+    """A TCP server on loopback that answers every connection `hello` and closes."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/health"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"hello\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_health_endpoint_that_is_not_http_fails_saying_what_it_answered(
+    project: Project,
+) -> None:
+    project.deployer("rollout", check=True)
+    before = {h.name: project.current(h) for h in project.hosts}
+    commit(project.repo, {"app.txt": "version 2\n"}, "v2")
+    server = NotHTTPServer()
+    try:
+        with_health(project, server.url)
+        proc = project.deployer("rollout")
+        status = project.deployer("status")
+    finally:
+        server.close()
+    assert proc.returncode == 1, proc.stdout
+    assert "FAILED at switch" in proc.stdout
+    assert "not an HTTP answer: 'hello'" in failure_of(proc.stdout, project.hosts[0].name)
+    assert {h.name: project.current(h) for h in project.hosts} == before
+    # `deployer status` probes the same URL: the app's fault, said as such
+    assert "not an HTTP answer: 'hello'" in status.stdout + status.stderr, status
+    for out in (proc, status):
+        assert "internal error" not in out.stdout + out.stderr, out
+        assert "Traceback" not in out.stdout + out.stderr, out
+
+
 def test_host_lost_between_prepare_and_switch(sshd_fleet, project: Project) -> None:
     project.deployer("rollout", check=True)
     before = {h.name: project.current(h) for h in project.hosts}
@@ -267,6 +316,31 @@ def with_migrations(project: Project) -> None:
         "[ssh]", '[migrations]\ndatabase = "sqlite:///app.sqlite3"\n\n[ssh]', 1
     )
     project.inventory.write_text(text)
+
+
+def test_migration_that_is_not_utf8_is_named_by_rollout_and_migrate(project: Project) -> None:
+    """A guard: these paths named the file already; pre-receive did not (test_push.py)."""
+    with_migrations(project)
+    commit(project.repo, MIGRATIONS, "schema")
+    project.deployer("rollout", check=True)
+    before = {h.name: project.current(h) for h in project.hosts}
+    name = "20240102000000_latin1.sql"
+    (project.repo / "migrations" / name).write_bytes(
+        b"-- phase: expand\n-- up\nINSERT INTO people (fname) VALUES ('Jos\xe9');\n"
+    )
+    commit(project.repo, {}, "latin-1")
+    proc = project.deployer("rollout")
+    assert proc.returncode == 1, proc.stdout
+    assert "FAILED at expand" in proc.stdout
+    assert f"migrations/{name}: not UTF-8 text" in proc.stdout
+    assert {h.name: project.current(h) for h in project.hosts} == before
+    db = f"sqlite:///{project.repo.parent / 'local.sqlite3'}"  # the checkout, on this machine
+    for args in (["lint", "--dialect", "sqlite"], ["status", "--database", db]):
+        local = project.deployer("migrate", *args)
+        assert local.returncode == 2, local
+        assert f"migrations/{name}: not UTF-8 text" in local.stderr
+        assert "Traceback" not in local.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
 
 
 WITNESS = """\

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -91,30 +92,35 @@ def discover(directory: Path) -> list[Migration]:
     """Every migration in `directory`, in name (timestamp) order."""
     if not directory.is_dir():
         raise BadInput(f"--dir {directory}: no such migrations directory")
+    paths = [p for p in sorted(directory.iterdir()) if p.is_file() and is_candidate(p.name)]
+    return parse_all((p, p.read_bytes()) for p in paths)
+
+
+def is_candidate(name: str) -> bool:
+    """A file name that is meant as a migration (`_helpers.py` is not)."""
+    return name.endswith((".sql", ".py")) and not name.startswith(("_", "."))
+
+
+def parse_all(files: Iterable[tuple[Path, bytes]]) -> list[Migration]:
+    """Migrations from (path, content) pairs, in name order. Messages name `path`: a
+    pre-receive hook gives the file's path in the repository, not a copy's."""
     found: dict[str, Migration] = {}
-    for path in sorted(directory.iterdir()):
-        if not _is_candidate(path):
-            continue
+    for path, data in files:
         if not FILE_RE.match(path.name):
             raise BadInput(
                 f"{path}: not a migration file name: expected <YYYYMMDDHHMMSS>_<name>"
                 f"{path.suffix} (UTC timestamp, letters, digits, _)"
             )
-        migration = parse_file(path)
+        migration = parse_file(path, data)
         if migration.name in found:
             raise BadInput(f"{path}: {found[migration.name].path.name} has the same name")
         found[migration.name] = migration
     return [found[name] for name in sorted(found)]
 
 
-def _is_candidate(path: Path) -> bool:
-    return (
-        path.is_file() and path.suffix in (".sql", ".py") and not path.name.startswith(("_", "."))
-    )
-
-
-def parse_file(path: Path) -> Migration:
-    data = path.read_bytes()
+def parse_file(path: Path, data: bytes | None = None) -> Migration:
+    """`path`'s migration; `data` is its content when it is not read from `path`."""
+    data = path.read_bytes() if data is None else data
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

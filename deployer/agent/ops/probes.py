@@ -65,7 +65,8 @@ def health(
 
 
 def _probe(url: str, timeout: float) -> tuple[int | None, str]:
-    import urllib.error  # here, not at the top: ~30 ms that only health needs
+    import http.client  # here, not at the top: ~30 ms that only health needs
+    import urllib.error
     import urllib.request
 
     try:
@@ -76,6 +77,15 @@ def _probe(url: str, timeout: float) -> tuple[int | None, str]:
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         return None, f"no answer ({reason})"
+    except http.client.HTTPException as e:
+        # the app answered, but not in HTTP: its fault, a failing probe like a 500
+        return None, _not_http(e)
+
+
+def _not_http(e: Exception) -> str:
+    line = getattr(e, "line", None)  # BadStatusLine: the first line the app wrote
+    said = repr(line.strip()[:80]) if isinstance(line, str) else f"{type(e).__name__}: {e}"
+    return f"not an HTTP answer: {said}"
 
 
 def status(
