@@ -282,6 +282,7 @@ def break_locks(fleet: FleetSession, force: bool) -> list[str]:
 
     Who broke whose lock goes into the history.
     """
+    private_state(fleet.state_dir)  # where that history goes: refused before any lock is broken
     app = fleet.inventory.app.name
     controller = ControllerLock(fleet.state_dir, app)
     said: list[str] = []

@@ -20,6 +20,7 @@ from deployer import migrating
 from deployer.deploy_hooks import DeployHooks, performer
 from deployer.errors import BadInput, DeployerError, StepFailed
 from deployer.fleet import supervise
+from deployer.history import private_state
 from deployer.hostapi import calls
 from deployer.hostapi.answers import HostState
 from deployer.hostapi.exits import EXIT_FAILED, EXIT_OK
@@ -286,6 +287,7 @@ def run_rollout(
 ) -> Outcome:
     """The rollout between the controller's deploy hooks (deployer.deploy_hooks):
     pre-deploy before any lock, post-deploy, post-rollback or on-failure after."""
+    private_state(fleet.state_dir)  # the lock and history's: refused before a hook or a host
     inv = fleet.inventory
     hooks = DeployHooks(
         inv.path, fleet.reporter.say, "rollout", inv.app.name, inv.destination, plan.hosts
@@ -543,6 +545,7 @@ def run_rollback(
     migrations: bool = False,
 ) -> tuple[Plan, Outcome | None]:
     """The rollback, then the controller's post-rollback or on-failure hook."""
+    private_state(fleet.state_dir)  # the lock and history's: refused before a hook or a host
     inv = fleet.inventory
     hooks = DeployHooks(
         inv.path, fleet.reporter.say, "rollback", inv.app.name, inv.destination, fleet.names
