@@ -474,19 +474,26 @@ def secrets() -> None:
 @click.argument("key")
 @hosts_option
 @click.option("--reload", "reload_", is_flag=True, help="Reload the masters to use it now.")
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Set an empty value (refused otherwise: a typo, or an unset variable piped in).",
+)
 @click.pass_context
-def secrets_set(ctx: click.Context, key: str, patterns: str | None, reload_: bool) -> None:
+def secrets_set(
+    ctx: click.Context, key: str, patterns: str | None, reload_: bool, allow_empty: bool
+) -> None:
     """Set KEY to a value read from stdin (or a hidden prompt on a terminal)."""
     from deployer import fleet
 
     check_env_name(key)
-    if sys.stdin.isatty():
-        import getpass
-
-        value = getpass.getpass(f"{key}: ")
-    else:
-        value = sys.stdin.read()
-        value = value[:-1] if value.endswith("\n") else value
+    check_settable(key)
+    value = read_secret(key)
+    if not value and not allow_empty:
+        raise BadInput(
+            f"secrets set {key}: the value is empty (nothing on stdin?); no host was changed "
+            "(give --allow-empty to set an empty value)"
+        )
     with open_fleet(ctx, patterns) as session:
         failures = fleet.secrets(session, "set", key, value, reload_)
     sys.exit(session.exit_code if failures else 0)
@@ -533,10 +540,29 @@ def secrets_list(ctx: click.Context, patterns: str | None, as_json: bool) -> Non
 
 
 def check_env_name(key: str) -> None:
-    import re
+    from deployer.hostapi import workerenv
 
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+    if not workerenv.is_name(key):
         raise BadInput(f"KEY {key!r}: expected an environment variable name (letters, digits, _)")
+
+
+def check_settable(key: str) -> None:
+    """A name the master or deployer sets is no secret's: refused before any host."""
+    from deployer.hostapi import workerenv
+
+    why = workerenv.reserved(key)
+    if why:
+        raise BadInput(f"KEY {key}: {why}; a secret may not set it, pick another name")
+
+
+def read_secret(key: str) -> str:
+    """The value from a hidden prompt on a terminal, else stdin (one final newline off)."""
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass(f"{key}: ")
+    value = sys.stdin.read()
+    return value[:-1] if value.endswith("\n") else value
 
 
 @cli.command()

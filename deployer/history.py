@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from deployer.errors import DeployerError
+from deployer.private import opener, private_dir
 
 STATE_ENV = "DEPLOYER_STATE_DIR"
 SHOWN_BAD_LINES = 10  # a warning names this many bad line numbers, then counts the rest
@@ -24,6 +25,18 @@ def state_dir(inventory_path: str, destination: str | None = None) -> Path:
     env = os.environ.get(STATE_ENV)
     base = Path(env) if env else Path(inventory_path).resolve().parent / ".deployer"
     return base / "destinations" / destination if destination else base
+
+
+def private_state(state: Path, *below: str) -> Path:
+    """`state` (a state_dir()) and `below` it, made or checked as private.private_dir:
+    mode 0700, a symlink or another user's directory refused. A destination's
+    directory is checked from the base down: a link at `.deployer` is one too."""
+    top = state.parent.parent if state.parent.name == "destinations" else state
+    fix = f"move it away, or set ${STATE_ENV}"
+    path = private_dir(top, fix)
+    for part in (*state.relative_to(top).parts, *below):
+        path = private_dir(path / part, fix)
+    return path
 
 
 # --- what a record may hold ------------------------------------------------------------
@@ -108,10 +121,15 @@ class History:
         self.path = directory / "history.jsonl"
 
     def append(self, entry: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_state(self.path.parent)
         # One write of one line in append mode: concurrent writers never interleave.
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+        try:
+            with open(self.path, "a", opener=opener) as fh:
+                fh.write(json.dumps(entry, sort_keys=True) + "\n")
+        except OSError as e:
+            raise DeployerError(
+                f"{self.path}: cannot write the deploy history: {e.strerror}"
+            ) from None
 
     def read(self, limit: int | None = None) -> Entries:
         """The newest `limit` good records, one per deploy id (a deploy writes one when

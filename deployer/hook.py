@@ -350,22 +350,22 @@ def start_rollout(cfg: HookConfig, sha: str) -> Run:
     """`deployer rollout` in a session of its own, so the pusher's disconnect (SIGHUP,
     SIGPIPE on the hook's stdout) never reaches it; its output goes to the log."""
     from deployer.deploy_hooks import performer
-    from deployer.history import state_dir
+    from deployer.history import private_state, state_dir
+    from deployer.private import opener, private_dir
 
     deploy_id = runlog.new_id(sha)
-    logs = cfg.repo / "deployer" / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    # a rollout log says who deployed what, when, from where: for our user only
+    logs = private_dir(cfg.repo / "deployer" / "logs")
     log = logs / f"{deploy_id}.log"
     # `deployer logs` finds logs through the controller's state dir.
-    index = state_dir(str(cfg.inventory), cfg.destination) / "logs"
-    index.mkdir(parents=True, exist_ok=True)
+    index = private_state(state_dir(str(cfg.inventory), cfg.destination), "logs")
     (index / log.name).symlink_to(log)
     argv = [sys.executable, "-P", "-m", "deployer", "-i", str(cfg.inventory)]
     argv += ["-d", cfg.destination] if cfg.destination else []
     argv += ["rollout", sha]
     argv += ["--repo", str(cfg.repo), "--deploy-id", deploy_id, "--log-file", str(log)]
     argv += ["--pre-deploy-done"]  # pre-receive ran it for this revision
-    with open(log, "wb") as fh:
+    with open(log, "wb", opener=opener) as fh:
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from deployer.errors import BadInput, HostSelectionError, InventoryError
-from deployer.hostapi import checks, options
+from deployer.hostapi import checks, options, workerenv
 from deployer.hostapi.checks import (
     Checker,
     Invalid,
@@ -339,8 +339,6 @@ HOST_KEYS = {"address": host_address, "transport": choice("ssh", "local")}
 OVERRIDES: dict[str, type] = {"master": MasterConfig, "health": HealthConfig}
 # What a [roles.NAME] table (and a host's [hosts.NAME.roles.ROLE]) may hold.
 ROLE_KEYS = (*OVERRIDES, "env")
-# What the master itself sets for every worker: [env] may not.
-RESERVED_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
 SECTIONS: dict[str, type] = {
     "app": AppConfig,
     "master": MasterConfig,
@@ -895,8 +893,9 @@ def _env(table: Any, where: str, problems: _Problems) -> dict[str, str]:
         problems.add(where, str(e))
         return {}
     for name in env:
-        if name in RESERVED_ENV or name.startswith("DEPLOYER_"):
-            problems.add(f"{where} {name}", "set by the master for every worker; pick another name")
+        why = workerenv.reserved(name)
+        if why:
+            problems.add(f"{where} {name}", f"{why}; pick another name")
     return env
 
 

@@ -45,6 +45,7 @@ from typing import IO, Any, BinaryIO
 
 from deployer.errors import DeployerError, TransportError
 from deployer.hostapi import answers
+from deployer.private import not_ours
 from deployer.transport import CHUNK, CommandTimeout, HostKeyRefused, SSHHost, Stream
 
 HEADER_MAX = 1 << 16
@@ -67,10 +68,9 @@ def _base_dir() -> Path | None:
         st = os.lstat(base)
     except OSError:
         return None
-    # somebody else's directory (or a link to one) would give them our sessions
-    if not os.path.isdir(base) or os.path.islink(base):
-        return None
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+    # somebody else's directory (or a link to one) would give them our sessions; one
+    # opened up may have been used already, so it is not tightened, just not used
+    if not_ours(st) or st.st_mode & 0o077:
         return None
     return base
 

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deployer.errors import DeployerError, LockHeld, StepFailed
+from deployer.history import private_state
 from deployer.hostapi import calls
 from deployer.hostapi.answers import LockOwner
 from deployer.hostapi.calls import AgentCall
+from deployer.private import FILE_MODE
 
 if TYPE_CHECKING:
     from deployer.session import FleetSession
@@ -106,12 +108,12 @@ class ControllerLock:
     def acquire(self, owner: Owner, wait: float = 0.0) -> LockOwner | None:
         """Take the lock, waiting up to `wait`; a holder that is provably gone (see
         stale_reason) is replaced, and returned so that the caller can say so."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_state(self.path.parent)
         end = time.monotonic() + wait
         replaced = None
         while True:
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
             except FileExistsError:
                 holder = self.holder()
                 if holder is None:
@@ -280,6 +282,7 @@ def break_locks(fleet: FleetSession, force: bool) -> list[str]:
 
     Who broke whose lock goes into the history.
     """
+    private_state(fleet.state_dir)  # where that history goes: refused before any lock is broken
     app = fleet.inventory.app.name
     controller = ControllerLock(fleet.state_dir, app)
     said: list[str] = []

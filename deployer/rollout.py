@@ -20,6 +20,7 @@ from deployer import migrating
 from deployer.deploy_hooks import DeployHooks, performer
 from deployer.errors import BadInput, DeployerError, StepFailed
 from deployer.fleet import supervise
+from deployer.history import private_state
 from deployer.hostapi import calls
 from deployer.hostapi.answers import HostState
 from deployer.hostapi.exits import EXIT_FAILED, EXIT_OK
@@ -288,6 +289,7 @@ def run_rollout(
     """The rollout between the controller's deploy hooks (deployer.deploy_hooks):
     pre-deploy before any lock (unless the push's pre-receive ran it for this very
     revision), post-deploy, post-rollback or on-failure after."""
+    private_state(fleet.state_dir)  # the lock and history's: refused before a hook or a host
     inv = fleet.inventory
     hooks = DeployHooks(
         inv.path, fleet.reporter.say, "rollout", inv.app.name, inv.destination, plan.hosts
@@ -546,6 +548,7 @@ def run_rollback(
     migrations: bool = False,
 ) -> tuple[Plan, Outcome | None]:
     """The rollback, then the controller's post-rollback or on-failure hook."""
+    private_state(fleet.state_dir)  # the lock and history's: refused before a hook or a host
     inv = fleet.inventory
     hooks = DeployHooks(
         inv.path, fleet.reporter.say, "rollback", inv.app.name, inv.destination, fleet.names

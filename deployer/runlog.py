@@ -47,11 +47,11 @@ def read_verdict(log: Path) -> int | None:
 
 def create(state: Path, deploy_id: str) -> tuple[Path, TextIO]:
     """A new log in the state dir's logs/, readable by this user alone."""
-    logs = state / "logs"
-    logs.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = logs / f"{deploy_id}.log"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    return path, open(fd, "w", encoding="utf-8", errors="replace", buffering=1)
+    from deployer.history import private_state
+    from deployer.private import opener
+
+    path = private_state(state, "logs") / f"{deploy_id}.log"
+    return path, open(path, "x", encoding="utf-8", errors="replace", buffering=1, opener=opener)
 
 
 QUIET = 10.0  # seconds: a log this long unwritten, with no rollout holding the lock, is over

@@ -1057,7 +1057,7 @@ def test_controller_lock_file_details(tmp_path: Path) -> None:
     me = lock.Owner("shop", "r")
     started = time.monotonic()
     held.acquire(me)
-    assert stat.S_IMODE(held.path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(held.path.stat().st_mode) == 0o600  # for its user only (issue 23.6)
     assert json.loads(held.path.read_text()) == me.to_dict()
     with pytest.raises(LockHeld) as e:
         lock.ControllerLock(tmp_path, "shop").acquire(lock.Owner("shop", "r2"))

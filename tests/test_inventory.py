@@ -213,6 +213,22 @@ def test_bad_inventory_names_the_key(
         assert fragment in message, f"{case}: {fragment!r} not in:\n{message}"
 
 
+def test_reserved_names_are_refused_in_every_env_table(tmp_path: Path) -> None:
+    """One list (hostapi.workerenv) for [env], a role's env and a host's env."""
+    text = GOOD.replace("[hosts.web1]", '[env]\nLISTEN_FDS = "2"\nOK = "1"\n\n[hosts.web1]')
+    text = text.replace('address = "10.0.0.3"\n', 'address = "10.0.0.3"\nroles = ["web"]\n')
+    text += '[hosts.web2.env]\nNOTIFY_SOCKET = "/run/x"\n'
+    text += '[roles.web.env]\nDEPLOYER_RELEASE = "x"\nLISTEN_FDNAMES = "y"\n'
+    with pytest.raises(InventoryError) as e:
+        inventory.load(write(tmp_path, text))
+    message = str(e.value)
+    for where in ("[env] LISTEN_FDS", "[hosts.web2.env] NOTIFY_SOCKET",
+                  "[roles.web.env] LISTEN_FDNAMES"):  # fmt: skip
+        assert f"{where}: set by the master for every worker; pick another name" in message
+    assert "[roles.web.env] DEPLOYER_RELEASE: DEPLOYER_* names are deployer's own" in message
+    assert "OK" not in message
+
+
 def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
     text = GOOD.replace('name = "shop"', "name = 3") + '\n[rollout]\nbatch = "0%"\ncanary = -1\n'
     with pytest.raises(InventoryError) as e:

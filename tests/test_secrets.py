@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,3 +131,90 @@ def test_secret_names_are_checked_and_values_never_echoed(project: Project) -> N
     gone = project.deployer("secrets", "unset", "A", check=True)
     assert "A removed" in gone.stdout
     assert project.deployer("secrets", "list", check=True).stdout == "no secrets\n"
+
+
+def secrets_on(host: SSHTestHost) -> dict[str, str] | None:
+    """The host's secrets file as a dict; None if there is none."""
+    import json
+
+    path = host.root / "shared" / ".deployer-secrets.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+@pytest.mark.parametrize("key", ["LISTEN_FDS", "LISTEN_PID", "NOTIFY_SOCKET", "DEPLOYER_TOKEN"])
+def test_the_controller_refuses_a_reserved_name_before_any_host(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost], key: str
+) -> None:
+    # no `setup`: a call that reached a host would fail there, not with this message
+    project = make_project(tmp_path, ssh_hosts[:1], {"app.py": APP}, extra=extra(free_port()))
+    proc = run_with_stdin(project, "1\n", "secrets", "set", key)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    mine = "DEPLOYER_* names are deployer's own"
+    why = mine if key.startswith("DEPLOYER_") else "set by the master for every worker"
+    assert f"KEY {key}: {why}" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == "" and secrets_on(project.hosts[0]) is None
+
+
+def test_an_empty_value_is_refused_unless_asked_for(project: Project) -> None:
+    """`deployer secrets set KEY < /dev/null` (an unset CI variable piped in) once blanked
+    the secret on every host."""
+    project.deployer("setup", check=True)
+    assert run_with_stdin(project, "kept\n", "secrets", "set", "TOKEN").returncode == 0
+    for stdin in ("", "\n"):
+        proc = run_with_stdin(project, stdin, "secrets", "set", "TOKEN")
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "secrets set TOKEN: the value is empty" in proc.stderr
+        assert "--allow-empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert all(secrets_on(h) == {"TOKEN": "kept"} for h in project.hosts)
+    proc = run_with_stdin(project, "", "secrets", "set", "TOKEN", "--allow-empty")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert all(secrets_on(h) == {"TOKEN": ""} for h in project.hosts)
+
+
+def test_the_agent_refuses_a_reserved_name_itself(tmp_path: Path) -> None:
+    """The controller refuses these first; the agent does not rely on it."""
+    from deployer.agent.ops.common import AgentError
+    from deployer.agent.ops.secrets import secrets
+    from deployer.hostapi.layout import Layout
+
+    layout = Layout.at(tmp_path)
+    layout.shared.mkdir(parents=True)
+    for key in ("LISTEN_FDS", "NOTIFY_SOCKET", "DEPLOYER_READY_FD"):
+        with pytest.raises(AgentError, match=f"secrets set {key}: .*pick another name"):
+            secrets(layout, "set", key)
+    assert not layout.secrets.exists()
+
+
+def test_reserved_names_in_a_hosts_secrets_file_reach_no_worker_and_no_exec(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost], port: int
+) -> None:
+    """A secrets file that holds a reserved name anyway (hand-edited, an older
+    deployer): a delay-ready worker gets no NOTIFY_SOCKET from the master, so a
+    planted one would reach it; the master and exec leave it out and say so."""
+    host = ssh_hosts[0]
+    text = extra(port).replace("workers = 2\n", 'workers = 1\nready = "delay:0.2"\n')
+    project = make_project(tmp_path, [host], {"app.py": APP}, extra=text)
+    try:
+        project.deployer("setup", check=True)
+        planted = {"NOTIFY_SOCKET": "/nonexistent/notify", "DEPLOYER_PLANTED": "x", "KEPT": "k"}
+        path = host.root / "shared" / ".deployer-secrets.json"
+        path.write_text(json.dumps(planted))
+        path.chmod(0o600)
+        shutil.chown(path, host.user, host.user)  # the tests run as root; the master does not
+        project.deployer("rollout", check=True)
+        assert get(host, port, "KEPT") == digest("k")
+        assert get(host, port, "NOTIFY_SOCKET") == digest("")
+        assert get(host, port, "DEPLOYER_PLANTED") == digest("")
+        logs = "".join(p.read_text() for p in (host.root / "log").glob("master*.log"))
+        assert "ignored DEPLOYER_PLANTED, NOTIFY_SOCKET (reserved" in logs
+
+        script = f"import os; print([os.environ.get(k) for k in {sorted(planted)!r}])"
+        proc = project.deployer("exec", "--", "python3", "-c", script, check=True)
+        assert "[None, 'k', None]" in proc.stdout
+        assert "ignored DEPLOYER_PLANTED, NOTIFY_SOCKET (reserved" in proc.stdout + proc.stderr
+        # the operator can still see and remove them
+        assert "NOTIFY_SOCKET: all hosts" in project.deployer("secrets", "list").stdout
+        project.deployer("secrets", "unset", "NOTIFY_SOCKET", check=True)
+        assert "NOTIFY_SOCKET" not in json.loads(path.read_text())
+    finally:
+        stop_masters([host])

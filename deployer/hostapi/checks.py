@@ -13,6 +13,8 @@ import signal
 from collections.abc import Callable
 from typing import Any, NamedTuple, Union
 
+from deployer.hostapi import workerenv
+
 Checker = Callable[[Any], Any]
 Command = Union[str, tuple[str, ...]]  # evaluated: hosts run 3.9 (no `X | Y`)
 
@@ -198,14 +200,11 @@ def ready(v: Any) -> Readiness:
     return fail(f"one of {READY_MODES}", v)
 
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
 def env(v: Any) -> dict[str, str]:
     """A table of NAME = "value" (numbers become strings)."""
     if (
         isinstance(v, dict)
-        and all(isinstance(k, str) and _ENV_NAME.fullmatch(k) for k in v)
+        and all(isinstance(k, str) and workerenv.is_name(k) for k in v)
         and all(
             isinstance(x, (str, int, float)) and not isinstance(x, bool) and "\0" not in str(x)
             for x in v.values()

@@ -22,7 +22,6 @@ self-upgrade (to_state, from_state; see upgrade.py).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import selectors
 import signal
@@ -32,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from deployer.hostapi.workerenv import EnvFileError, dropped_note, read_env_file
 from deployer.master import listener as listener_mod
 from deployer.master.config import MasterConfig
 from deployer.master.control import Connection, ControlServer
@@ -426,23 +426,19 @@ class Arbiter(Reloads, ControlHandlers):
     def env_file(self) -> dict[str, str]:
         """The variables in env_file (`deployer secrets`), read at every spawn: a
         reload gives the workers the current ones. A bad file is logged by its
-        place, never its content (it holds secrets)."""
+        place, never its content (it holds secrets); a reserved name in it (LISTEN_FDS,
+        DEPLOYER_*, ...) is logged and left out, never passed to a worker."""
         path = self.cfg.env_file
         if not path:
             return {}
         try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
+            found = read_env_file(path)
+        except EnvFileError as e:
+            self.log.master(f"{e}; workers start without its variables")
             return {}
-        except (OSError, ValueError) as e:
-            why = e.strerror if isinstance(e, OSError) else "not valid JSON"
-            self.log.master(f"env_file {path}: {why}; workers start without its variables")
-            return {}
-        if not isinstance(data, dict):
-            self.log.master(f"env_file {path}: not a JSON object; workers start without it")
-            return {}
-        return {str(k): str(v) for k, v in data.items()}
+        if found.dropped:
+            self.log.master(dropped_note(path, found.dropped))
+        return found.values
 
     def launch(
         self, slot: Slot, spec: Spec, stdout: int, stderr: int, ready_w: int | None

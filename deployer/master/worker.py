@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployer.hostapi.workerenv import MASTER_SETS
 from deployer.master.log import new_tail
 from deployer.master.readiness import READY_FD_ENV, ReadyPipe
 
@@ -44,7 +45,7 @@ CAUGHT_SIGNALS = (
     signal.SIGTTOU,
 )
 # Variables that belong to the master's own supervisor, never to a worker.
-MASTER_ONLY_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", READY_FD_ENV)
+MASTER_ONLY_ENV = (*MASTER_SETS, READY_FD_ENV)
 
 _libc: ctypes.CDLL | None = None
 

@@ -64,7 +64,6 @@ _WHERE = {
     "releases": "release",
     "state": "release",
     "switch": "release",
-    "_ENV_NAME": "secrets",
     "WRAPPER": "setup",
     "_config_changes": "setup",
     "_own_zipapp": "setup",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import sys
@@ -14,6 +13,7 @@ from typing import Any
 from deployer.agent.ops.common import AgentError
 from deployer.hostapi import answers
 from deployer.hostapi.layout import Layout
+from deployer.hostapi.workerenv import EnvFileError, dropped_note, read_env_file
 
 _LOG_STAMP = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z) ")  # master.log.timestamp()
 
@@ -226,14 +226,16 @@ def _ino(f: Any) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def app_env(layout: Layout) -> dict[str, str]:
+def app_env(layout: Layout) -> tuple[dict[str, str], str | None]:
     """The app's environment as its workers get it: master.toml's `env`, then the
-    `env_file` secrets over it. A message names a file, never a value in it."""
+    `env_file` secrets over it; and a note if the secrets file held reserved names
+    (LISTEN_FDS, DEPLOYER_*, ...), left out as the master leaves them out. A message
+    names a file, never a value in it."""
     from deployer.hostapi.options import ConfigError
     from deployer.master.config import load_layout_file
 
     if not os.path.lexists(layout.master_config):
-        return {}
+        return {}, None
     try:
         values = load_layout_file(layout.master_config)
     except ConfigError as e:
@@ -241,19 +243,13 @@ def app_env(layout: Layout) -> dict[str, str]:
     env = {str(k): str(v) for k, v in (values.get("env") or {}).items()}
     path = values.get("env_file")
     if not path:
-        return env
+        return env, None
     try:
-        with open(path) as fh:
-            secrets = json.load(fh)
-    except FileNotFoundError:
-        return env
-    except (OSError, ValueError) as e:
-        why = e.strerror if isinstance(e, OSError) else "not valid JSON"
-        raise AgentError(f"env_file {path}: {why}") from None
-    if not isinstance(secrets, dict):
-        raise AgentError(f"env_file {path}: not a JSON object")
-    env.update({str(k): str(v) for k, v in secrets.items()})
-    return env
+        found = read_env_file(path)
+    except EnvFileError as e:
+        raise AgentError(str(e)) from None
+    env.update(found.values)
+    return env, (dropped_note(path, found.dropped) if found.dropped else None)
 
 
 def exec_in_current(layout: Layout, argv: Any) -> None:
@@ -267,12 +263,15 @@ def exec_in_current(layout: Layout, argv: Any) -> None:
     release = os.path.realpath(layout.current)
     if not os.path.isdir(release):
         raise AgentError(f"{layout.current} points to {release}, which is not there")
-    env = {**os.environ, **app_env(layout)}
+    app, note = app_env(layout)
+    env = {**os.environ, **app}
     env.update(DEPLOYER_RELEASE=release, DEPLOYER_ROOT=str(layout.root), PWD=release)
     os.chdir(release)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(1, 2)
+    if note:  # in the command's output, where the operator looks
+        print(f"deployer: {note}", file=sys.stderr, flush=True)
     for fd in os.listdir("/proc/self/fd"):  # the zipapp's memfd and the like stay here
         if int(fd) > 2:
             with contextlib.suppress(OSError):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 
 from deployer.agent.ops.common import AgentError
-from deployer.hostapi import answers, trust
+from deployer.hostapi import answers, trust, workerenv
 from deployer.hostapi.layout import Layout
 
 
@@ -27,9 +26,10 @@ def secrets(layout: Layout, action: str, key: str | None) -> answers.Secrets:
         raise AgentError(f"{path} is not a JSON object: fix or remove it") from None
     changed = False
     if action in ("set", "unset"):
-        if not key or not _ENV_NAME.fullmatch(key):
+        if not key or not workerenv.is_name(key):
             raise AgentError(f"secrets {action}: {key!r} is not a variable name")
         if action == "set":
+            _check_settable(key)
             value = sys.stdin.read()
             value = value[:-1] if value.endswith("\n") else value
             if "\0" in value:
@@ -43,4 +43,9 @@ def secrets(layout: Layout, action: str, key: str | None) -> answers.Secrets:
     return answers.Secrets(sorted(values), changed)
 
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+def _check_settable(key: str) -> None:
+    """A reserved name is refused here too, not only by the controller: another
+    client of the agent (or an older controller) must not plant one."""
+    why = workerenv.reserved(key)
+    if why:
+        raise AgentError(f"secrets set {key}: {why}; pick another name")
