@@ -594,7 +594,75 @@ def disconnect() -> None:
 
 @cli.group()
 def app() -> None:
-    """The app on the hosts: its logs."""
+    """The app on the hosts: reload, stop, start, scale, remove; its logs."""
+
+
+def _lifecycle(ctx: click.Context, patterns: str | None, action: str, *args: Any) -> None:
+    from deployer import lifecycle
+
+    with open_fleet(ctx, patterns) as session:
+        outcome = getattr(lifecycle, action)(session, *args)
+    sys.exit(outcome.exit_code)
+
+
+@app.command("reload")
+@hosts_option
+@click.pass_context
+def app_reload(ctx: click.Context, patterns: str | None) -> None:
+    """Replace every worker, one at a time, batch by batch with health checks (the
+    rollout's path, without a new release): new env, secrets, a stuck worker."""
+    _lifecycle(ctx, patterns, "reload")
+
+
+@app.command("restart")
+@hosts_option
+@click.pass_context
+def app_restart(ctx: click.Context, patterns: str | None) -> None:
+    """The same as `app reload`: workers replaced one at a time, no request lost."""
+    _lifecycle(ctx, patterns, "reload")
+
+
+@app.command("stop")
+@hosts_option
+@click.pass_context
+def app_stop(ctx: click.Context, patterns: str | None) -> None:
+    """Stop the masters (workers drained); they stay down, a reboot too, until
+    `deployer app start` or the next rollout."""
+    _lifecycle(ctx, patterns, "stop")
+
+
+@app.command("start")
+@hosts_option
+@click.pass_context
+def app_start(ctx: click.Context, patterns: str | None) -> None:
+    """Start the masters that do not run, on the current release; health checked."""
+    _lifecycle(ctx, patterns, "start")
+
+
+@app.command("scale")
+@click.argument("workers", type=click.IntRange(1, 10_000))
+@hosts_option
+@click.pass_context
+def app_scale(ctx: click.Context, workers: int, patterns: str | None) -> None:
+    """WORKERS per master (with roles: name one with --roles), kept in the hosts'
+    master.toml (`config --diff` shows it against the inventory; setup resets it)."""
+    _lifecycle(ctx, patterns, "scale", workers)
+
+
+@app.command("remove")
+@hosts_option
+@click.option("--purge", is_flag=True, help="Also delete deploy_to: releases, shared, secrets.")
+@click.option("--yes", is_flag=True, help="--purge without asking.")
+@click.pass_context
+def app_remove(ctx: click.Context, patterns: str | None, purge: bool, yes: bool) -> None:
+    """Stop the masters, disable and delete their systemd units and master.toml;
+    with --purge, delete deploy_to too."""
+    if purge and not yes:
+        if not sys.stdin.isatty():
+            raise BadInput("remove --purge deletes deploy_to on every selected host: add --yes")
+        click.confirm("Delete deploy_to (releases, shared files, secrets) on these hosts?",
+                      abort=True)  # fmt: skip
+    _lifecycle(ctx, patterns, "remove", purge)
 
 
 @app.command("logs")

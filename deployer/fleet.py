@@ -256,8 +256,11 @@ def role_problems(role: RoleConfig, s: answers.HostStatus) -> list[str]:
     st, m = s.state, s.master
     problems = []
     if role.master is not None:
-        if not st.master.running:
-            problems.append("master not running")
+        if not st.master.running and st.master.stopped:
+            problems.append("stopped by `deployer app stop` (`deployer app start` starts it)")
+        elif not st.master.running:
+            hint = " (`deployer app start` starts it)" if st.current else ""
+            problems.append("master not running" + hint)
         elif m is None:
             problems.append(f"master does not answer: {s.master_error}")
         else:

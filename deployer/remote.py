@@ -318,5 +318,8 @@ class RemoteHost:
         socket = str(self._master_config(role).socket)
         return self._master(calls.master_scale(socket, workers), None, self._master_timeout(role))
 
+    def lifecycle(self, action: str, role: str | None = None) -> answers.Lifecycle:
+        return self.call(calls.lifecycle(action, role))
+
     def stop_master(self, role: str | None = None) -> Result:
         return self._master(calls.master_stop(str(self._master_config(role).socket)), None, 120)

@@ -120,12 +120,18 @@ class Outcome:
 def switch_host(fleet: FleetSession, remote: RemoteHost, release: str, watch: float = 0) -> None:
     """Flip `current` once, then for each role on the host reload its master and
     check its health, one role after the other; then watch them all: one host's switch."""
-    say = fleet.reporter.say
     t0 = time.monotonic()
     remote.switch(release)
     fleet.switched_to[remote.name] = release
-    say(f"switch: current -> {release}", remote.name)
-    t1 = time.monotonic()
+    fleet.reporter.say(f"switch: current -> {release}", remote.name)
+    serve_host(fleet, remote, watch, f"switch {time.monotonic() - t0:.2f}s, ")
+
+
+def serve_host(fleet: FleetSession, remote: RemoteHost, watch: float, timed: str = "") -> None:
+    """Every role's master on the host picks up `current` (reloaded, or started), its
+    health checked, one role after the other; then all watched for `watch` seconds.
+    A rollout's switch does this after the flip; `deployer app reload` alone."""
+    say = fleet.reporter.say
     # which masters run: one state for every role of the host
     state = remote.state() if remote.config.masters else None
     for role in remote.config.roles:
@@ -138,8 +144,7 @@ def switch_host(fleet: FleetSession, remote: RemoteHost, release: str, watch: fl
         who = "" if role.name is None else f"{role.name}: "
         probes = f", {result.probes} probe(s)" if result else " (no [health] configured)"
         say(
-            f"{who}healthy{probes}; switch {t1 - t0:.2f}s, reload {t3 - t2:.2f}s, "
-            f"health {t4 - t3:.2f}s",
+            f"{who}healthy{probes}; {timed}reload {t3 - t2:.2f}s, health {t4 - t3:.2f}s",
             remote.name,
         )
     watched = remote.watch(watch) if watch > 0 else None
@@ -154,8 +159,13 @@ def reload(fleet: FleetSession, remote: RemoteHost, role: str | None, state: Hos
         return
     say = fleet.reporter.say
     who = master_label(role)
-    if not state.master_of(role).running:
-        say(f"{who} not running: starting it", remote.name)
+    master = state.master_of(role)
+    if not master.running:
+        if master.stopped:  # a deploy (or `app start`) is the operator's word to run it again
+            remote.lifecycle("start", role)
+            say(f"{who} was stopped by `deployer app stop`: starting it", remote.name)
+        else:
+            say(f"{who} not running: starting it", remote.name)
         remote.start_master(on_line=lambda s: say(f"{who}: {s}", remote.name), role=role)
         supervise(remote, say, role)  # where systemd runs, its unit takes the master over
         return

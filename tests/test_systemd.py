@@ -144,7 +144,8 @@ def test_a_roles_unit_runs_that_roles_master_toml() -> None:
             "--config", toml,
         ]  # fmt: skip
         assert f"reload --wait --config {toml}\n" in text
-        assert units.conditions(text) == ["/srv/shop/current", toml]
+        stopped = f"!/srv/shop/run/master-{role}.stopped"
+        assert units.conditions(text) == ["/srv/shop/current", toml, stopped]
         assert f"Description=deployer master of shop (role {role}) in /srv/shop" in text
         assert f"SyslogIdentifier=deployer-shop-{role}" in text
         assert "/srv/shop/master.toml" not in text

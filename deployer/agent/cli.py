@@ -16,7 +16,7 @@ import sys
 from deployer import __version__
 from deployer.agent import ops
 from deployer.hostapi import answers
-from deployer.hostapi.calls import LOCK_ACTIONS, SECRET_ACTIONS
+from deployer.hostapi.calls import LIFECYCLE_ACTIONS, LOCK_ACTIONS, SECRET_ACTIONS
 from deployer.hostapi.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from deployer.hostapi.layout import Layout
 from deployer.hostapi.trust import UntrustedPath
@@ -69,6 +69,8 @@ def _parser(session: bool = False, only: str | None = None) -> argparse.Argument
     sp.add_argument("--install", action="store_true", help="write this zipapp into the layout")
     sp.add_argument("--master-toml", help="the master's options file, written if it changed")
     with_root("state")
+    sp = with_root("lifecycle")
+    sp.add_argument("action", choices=LIFECYCLE_ACTIONS)
     sp = with_root("unit")
     sp.add_argument("--app", required=True, help="the app's name (names the unit)")
     sp.add_argument("--supervisor", choices=("auto", "systemd", "none"), default="auto")
@@ -171,6 +173,8 @@ def run_op(args: argparse.Namespace) -> tuple:
         return ops.state(layout)._replace(bundle=_bundle_id())
     if args.op == "unit":
         return ops.unit(layout, args.app, args.supervisor)
+    if args.op == "lifecycle":
+        return ops.lifecycle(layout, args.action)
     if args.op == "prepare":
         return ops.receive_and_prepare(
             layout, args.receive, args.revision, args.release, args.shared, args.build

@@ -47,6 +47,15 @@ class MasterState(NamedTuple):
     running: bool
     pid: int | None = None
     socket: str | None = None
+    stopped: bool = False  # `deployer app stop` keeps it down (layout.stopped)
+
+
+class Lifecycle(NamedTuple):
+    """agent op `lifecycle`: the stop mark set or cleared, or a role's files removed."""
+
+    action: str  # "stop" | "start" | "remove"
+    changed: bool
+    removed: list[str] = []  # paths removed (remove)
 
 
 class HostState(NamedTuple):

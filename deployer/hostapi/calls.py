@@ -132,6 +132,16 @@ def unit(app: str, supervisor: str, deadline: float = 300.0, role: str | None = 
     return AgentCall("unit", args, answers.UnitResult, deadline=deadline)
 
 
+LIFECYCLE_ACTIONS = ("stop", "start", "remove", "purge")
+
+
+def lifecycle(action: str, role: str | None = None) -> AgentCall:
+    """ "stop": mark `role`'s master stopped (it stays down, a reboot too); "start": clear
+    the mark; "remove": its master.toml, unit record and mark gone; "purge": deploy_to
+    itself gone (the master stopped and the unit removed first, by their own calls)."""
+    return AgentCall("lifecycle", (action, *_role(role)), answers.Lifecycle)
+
+
 def state(role: str | None = None) -> AgentCall:
     """The releases, and the master of `role` (None: the implicit one)."""
     return AgentCall("state", _role(role), answers.HostState)

@@ -7,6 +7,7 @@
   repo/                               bare git repo: object cache for delta transfer
   run/master.sock, run/master.pid     resident master (run/master-<role>.sock ... per role)
   run/deploy.lock/                    the host's deploy lock (atomic mkdir)
+  run/master.stopped                  `deployer app stop`: the master stays down
   log/                                master and worker logs
   history.jsonl                       what was deployed here
   master.toml                         the master's options (written by `deployer setup`;
@@ -135,6 +136,12 @@ class Layout:
     @property
     def pidfile(self) -> Path:
         return self._master_file(self.run, ".pid")
+
+    @property
+    def stopped(self) -> Path:
+        """`deployer app stop` was here: the master stays down, even after a reboot
+        (its unit's ConditionPathExists=!), until `deployer app start` or a rollout."""
+        return self._master_file(self.run, ".stopped")
 
     @property
     def tools(self) -> Path:

@@ -141,9 +141,9 @@ def boot_argv(layout: Layout, python: str) -> list[str]:
 
 
 def boot_conditions(layout: Layout) -> list[str]:
-    """The files the unit needs to start (ConditionPathExists=): without them it is
-    skipped at boot, not failed."""
-    return [str(layout.current), str(layout.master_config)]
+    """The files the unit needs to start (ConditionPathExists=): without them (or with
+    the stop mark of `deployer app stop`) it is skipped at boot, not failed."""
+    return [str(layout.current), str(layout.master_config), f"!{layout.stopped}"]
 
 
 def _plain(value: str, what: str) -> str:

@@ -80,6 +80,7 @@ _WHERE = {
     "_write_record": "units",
     "_boot_problem": "units",
     "boot_status": "units",
+    "lifecycle": "units",
     "unit": "units",
 }
 

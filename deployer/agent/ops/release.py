@@ -72,12 +72,13 @@ def state(layout: Layout) -> answers.HostState:
 
 
 def master_state(layout: Layout) -> answers.MasterState:
+    stopped = os.path.lexists(layout.stopped)
     try:
         pid = int(layout.pidfile.read_text().strip())
         os.kill(pid, 0)
     except (OSError, ValueError):
-        return answers.MasterState(running=False)
-    return answers.MasterState(running=True, pid=pid, socket=str(layout.socket))
+        return answers.MasterState(running=False, stopped=stopped)
+    return answers.MasterState(True, pid, str(layout.socket), stopped)
 
 
 def receive(layout: Layout, revisions: list[str]) -> dict[str, Any]:

@@ -300,3 +300,33 @@ def _boot_problem(layout: Layout, path: Path) -> str | None:
         if not needed.is_file():
             return f"runs the master with {needed}, which is missing"
     return None
+
+
+def lifecycle(layout: Layout, action: str) -> answers.Lifecycle:
+    """The host's part of `deployer app stop|start|remove`: the stop mark, which keeps
+    the master down through a reboot (its unit's condition), and removing what setup
+    wrote for a role (`remove`) or deploy_to itself (`purge`)."""
+    mark = layout.stopped
+    if action == "stop":
+        changed = trust.write_file(mark, b"deployer app stop\n", 0o600)
+        return answers.Lifecycle(action, changed)
+    if action == "start":
+        changed = os.path.lexists(mark)
+        with contextlib.suppress(FileNotFoundError):
+            mark.unlink()
+        return answers.Lifecycle(action, changed)
+    if action == "remove":
+        removed = []
+        for path in (layout.master_config, _unit_record(layout), mark, layout.pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(str(path))
+        return answers.Lifecycle(action, bool(removed), removed)
+    if action == "purge":
+        running = [r for r in layout.master_roles() if master_state(layout.for_role(r)).running]
+        if running:
+            who = ", ".join("the master" if r is None else f"role {r}'s master" for r in running)
+            raise AgentError(f"{layout.root}: {who} still runs: not removed")
+        shutil.rmtree(layout.root)
+        return answers.Lifecycle(action, True, [str(layout.root)])
+    raise AgentError(f"lifecycle: unknown action {action!r}")
