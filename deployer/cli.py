@@ -846,6 +846,8 @@ def migrate(ctx: click.Context, args: tuple[str, ...]) -> None:
     local = "--local" in argv or any(a.split("=")[0] == "--database" for a in argv)
     argv = [a for a in argv if a != "--local"]
     remote = argv and argv[0] in REMOTE_COMMANDS and not local
+    if argv[:1] == ["lint"] and not local and Path(ctx.obj["inventory_path"]).exists():
+        argv = _lint_as_configured(ctx, argv)
     if remote and Path(ctx.obj["inventory_path"]).exists():
         with open_fleet(ctx, None) as session:
             if session.inventory.migrations is not None:
@@ -853,6 +855,26 @@ def migrate(ctx: click.Context, args: tuple[str, ...]) -> None:
                 sys.stderr.write(stderr)
                 sys.exit(code)
     sys.exit(migrate_main(argv))
+
+
+def _lint_as_configured(ctx: click.Context, argv: list[str]) -> list[str]:
+    """`migrate lint` with the inventory's [migrations]: its dir, and the dialect of
+    its database, every file checked without connecting (the database is often only
+    reachable from the hosts)."""
+    from deployer.migrating import dialect
+
+    migrations = load_inventory(ctx).migrations
+    if migrations is None or any(a.split("=")[0] == "--dialect" for a in argv):
+        return argv
+    extra = ["--dialect", dialect(migrations.database)]
+    if not any(a.split("=")[0] == "--dir" for a in argv):
+        extra += ["--dir", migrations.dir]
+    click.echo(
+        f"lint: every file in {migrations.dir}/ for {extra[1]} ([migrations] database;"
+        " not connecting)",
+        err=True,
+    )
+    return [*argv, *extra]
 
 
 def verbatim_master_args(args: list[str]) -> list[str] | None:

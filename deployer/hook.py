@@ -276,15 +276,15 @@ def lint_pushed(repo: Path, old: str, new: str, directory: str, database: str) -
     """Lint the migration files this push adds or changes (the quarantined objects
     are readable: git gives the hook the environment that sees them). Each is read
     from git as bytes and named by its path in the repository."""
+    from deployer.migrating import dialect
     from deployer.migrations.files import parse_all
     from deployer.migrations.lint import lint
 
     names = _pushed_migrations(repo, old, new, posixpath.normpath(directory.strip("/")))
     if not names:
         return
-    dialect = "postgresql" if database.startswith("postgres") else "sqlite"
     blobs = ((Path(name), git_bytes(repo, "show", f"{new}:{name}")) for name in names)
-    violations = lint(parse_all(blobs), dialect)
+    violations = lint(parse_all(blobs), dialect(database))
     if violations:
         raise BadInput(
             f"{len(violations)} unsafe migration statement(s) ({violations[0].rule} in "

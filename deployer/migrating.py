@@ -73,6 +73,11 @@ def run_migrations(fleet: FleetSession, phase: str, release: str, deferred: bool
 REMOTE_COMMANDS = ("status", "up", "down", "accept")
 
 
+def dialect(database: str) -> str:
+    """The SQL dialect lint checks for a [migrations] database URL."""
+    return "postgresql" if database.startswith("postgres") else "sqlite"
+
+
 def on_host(
     fleet: FleetSession, args: list[str], on_line: Callable[[str], None]
 ) -> tuple[int, str]:

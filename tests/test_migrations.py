@@ -749,3 +749,34 @@ def test_placeholders_for_psycopg() -> None:
 def test_bad_input_from_the_api_too(mdir: Path, tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="--phase"):
         Runner(mdir, f"sqlite:///{tmp_path / 'x.db'}").up(phase="sideways")
+
+
+def test_migrate_lint_takes_the_inventorys_migrations(tmp_path: Path) -> None:
+    """`deployer migrate lint` as the README runs it: no --database (the inventory's
+    database is only reachable from the hosts): its dir and dialect, every file."""
+    (tmp_path / "inventory.toml").write_text(
+        '[app]\nname = "shop"\ndeploy_to = "/srv/shop"\n'
+        '[migrations]\ndir = "db/migrations"\ndatabase = "postgresql://shop@db1.invalid/shop"\n'
+        '[hosts.web1]\naddress = "10.0.0.11"\n'
+    )
+    found = tmp_path / "db" / "migrations"
+    found.mkdir(parents=True)
+    (found / "20261101000000_create.sql").write_text(
+        "-- phase: expand\n-- up\nCREATE TABLE people (id INTEGER PRIMARY KEY, name TEXT);\n"
+    )
+
+    def lint() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "deployer", "migrate", "lint"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    clean = lint()
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "lint: every file in db/migrations/ for postgresql" in clean.stderr
+    (found / "20261102000000_drop.sql").write_text(
+        "-- phase: expand\n-- up\nALTER TABLE people DROP COLUMN name;\n"
+    )
+    unsafe = lint()
+    assert unsafe.returncode == 1, unsafe.stdout + unsafe.stderr
+    assert "20261102000000_drop" in unsafe.stdout and "required" not in unsafe.stderr
