@@ -28,7 +28,11 @@ from deployer.transport import (
 # OSC (retitle the window) ending in BEL, clear screen, cursor up, a C1 CSI (U+009B)
 # and a form feed: each would act on a terminal
 ESCAPES = r"\033]0;owned\007\033[2J\033[1Afake: rollout ok\302\23331m\014"
-BUILD_MB = 200
+# A build printing more than the controller may hold (it once kept it all: 329 MB for
+# 200 MB). 120 MB: above the bound below, and a rollout of it fits the timeout on a
+# loaded 2-core machine (200 MB did not, beside another suite).
+BUILD_MB = 120
+PEAK_MB = 100  # measured ~55 MB
 
 
 def test_build_output_reaches_the_terminal_with_visible_escapes(
@@ -93,7 +97,8 @@ def peak_rss_mb(project: Project, *args: str) -> tuple[int, float]:
     return int(code), int(kb) / 1024
 
 
-def test_a_build_printing_200_mb_keeps_the_controller_small(
+@pytest.mark.timeout(600)
+def test_a_build_printing_more_than_the_bound_keeps_the_controller_small(
     tmp_path: Path, ssh_hosts: list[SSHTestHost]
 ) -> None:
     build = f"yes {'x' * 40} | head -c {BUILD_MB * 1000 * 1000}"
@@ -103,7 +108,7 @@ def test_a_build_printing_200_mb_keeps_the_controller_small(
     print(f"controller peak RSS with a {BUILD_MB} MB build: {peak:.0f} MB")
     assert code == 0
     assert project.current(project.hosts[0]) is not None
-    assert peak < 200, f"{peak:.0f} MB"
+    assert peak < PEAK_MB < BUILD_MB, f"{peak:.0f} MB"
 
 
 @pytest.mark.parametrize("kind", ["local", "ssh"])
