@@ -605,38 +605,41 @@ def _lifecycle(ctx: click.Context, patterns: str | None, action: str, *args: Any
     sys.exit(outcome.exit_code)
 
 
-@app.command("reload")
-@hosts_option
-@click.pass_context
-def app_reload(ctx: click.Context, patterns: str | None) -> None:
-    """Replace every worker, one at a time, batch by batch with health checks (the
-    rollout's path, without a new release): new env, secrets, a stuck worker."""
-    _lifecycle(ctx, patterns, "reload")
+# `deployer app ACTION`: the lifecycle actions that take only the host selection
+_LIFECYCLE = {
+    "reload": (
+        "reload",
+        """Replace every worker, one at a time, batch by batch with health
+    checks (the rollout's path, without a new release): new env, secrets, a stuck worker.""",
+    ),
+    "restart": (
+        "reload",
+        """The same as `app reload`: workers replaced one at a time, no
+    request lost.""",
+    ),
+    "stop": (
+        "stop",
+        """Stop the masters (workers drained); they stay down, a reboot too,
+    until `deployer app start` or the next rollout.""",
+    ),
+    "start": (
+        "start",
+        """Start the masters that do not run, on the current release; health
+    checked.""",
+    ),
+}
 
 
-@app.command("restart")
-@hosts_option
-@click.pass_context
-def app_restart(ctx: click.Context, patterns: str | None) -> None:
-    """The same as `app reload`: workers replaced one at a time, no request lost."""
-    _lifecycle(ctx, patterns, "reload")
+def _lifecycle_command(name: str, action: str, doc: str) -> None:
+    def command(ctx: click.Context, patterns: str | None) -> None:
+        _lifecycle(ctx, patterns, action)
+
+    command.__doc__ = doc
+    app.command(name)(hosts_option(click.pass_context(command)))
 
 
-@app.command("stop")
-@hosts_option
-@click.pass_context
-def app_stop(ctx: click.Context, patterns: str | None) -> None:
-    """Stop the masters (workers drained); they stay down, a reboot too, until
-    `deployer app start` or the next rollout."""
-    _lifecycle(ctx, patterns, "stop")
-
-
-@app.command("start")
-@hosts_option
-@click.pass_context
-def app_start(ctx: click.Context, patterns: str | None) -> None:
-    """Start the masters that do not run, on the current release; health checked."""
-    _lifecycle(ctx, patterns, "start")
+for _name, (_action, _doc) in _LIFECYCLE.items():
+    _lifecycle_command(_name, _action, _doc)
 
 
 @app.command("scale")

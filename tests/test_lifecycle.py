@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from master_helpers import control, free_port, pid_alive
-from rollout_helpers import APP, Project, make_project, master_extra, stop_masters
+from rollout_helpers import APP, Project, master_extra, serving
 from sshd import SSHTestHost
 
 from deployer.loadgen import Load
@@ -26,14 +26,11 @@ def port() -> int:
 @pytest.fixture
 def deployed(tmp_path: Path, ssh_hosts: list[SSHTestHost], port: int) -> Iterator[Project]:
     hosts = ssh_hosts[:2]
-    project = make_project(tmp_path, hosts, {"app.py": APP}, extra=master_extra(port))
     try:
-        project.deployer("setup", check=True)
-        project.deployer("rollout", check=True)
-        yield project
+        with serving(tmp_path, hosts, {"app.py": APP}, master_extra(port)) as project:
+            yield project
     finally:
-        stop_masters(hosts)
-        for h in hosts:
+        for h in hosts:  # the units setup installed in the login user's home
             record = h.root / ".deployer" / "unit.json"
             if record.exists():
                 unit = json.loads(record.read_text())
