@@ -8,38 +8,15 @@ from __future__ import annotations
 import io
 import os
 import pwd
-import subprocess
 import zipfile
 from pathlib import Path
 
 import pytest
 from rollout_helpers import Project, commit, git, make_repo
 from sshd import SSHTestHost, inventory_toml
+from users import OTHER, as_user, needs_root
 
-OTHER = "deployer-other"
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates a second unix user")
-
-
-@pytest.fixture(scope="module")
-def other() -> pwd.struct_passwd:
-    """A second, unprivileged local user (the one who must not get in)."""
-    try:
-        return pwd.getpwnam(OTHER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER],
-            check=True,
-            capture_output=True,
-        )
-        return pwd.getpwnam(OTHER)
-
-
-def as_user(user: pwd.struct_passwd, *argv: str) -> None:
-    subprocess.run(
-        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", *argv],
-        check=True,
-    )
+pytestmark = needs_root
 
 
 def project_at(tmp_path: Path, hosts: list[SSHTestHost], deploy_to: str) -> Project:
