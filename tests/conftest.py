@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import shutil
 from collections.abc import Iterator
@@ -14,6 +15,13 @@ import pytest
 # tests/ is on sys.path (rootdir conftest, no __init__.py): import as `sshd`
 from master_helpers import Masters, Releases
 from sshd import SSHD, SSHDFleet, SSHTestHost
+from users import other_user
+
+
+@pytest.fixture(scope="session")
+def other() -> pwd.struct_passwd:
+    """A second, unprivileged local user (the one who must not get in); needs root."""
+    return other_user()
 
 
 @pytest.fixture(scope="session", autouse=True)

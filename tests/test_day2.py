@@ -240,6 +240,13 @@ def test_app_logs_n_merges_the_hosts_by_time(tmp_path: Path, ssh_hosts: list[SSH
     assert proc.returncode == 2 and "--since 'last tuesday'" in proc.stderr
 
 
+def _as_at_a_terminal() -> None:
+    """SIGINT as a terminal's foreground command has it. A suite started in the
+    background of a script (`pytest ... &`: no job control) inherits SIGINT ignored,
+    and Python, like any program, then leaves it ignored: Ctrl-C could not be tested."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Follow:
     """`deployer app logs -f` running; its stdout lines collected as they come."""
 
@@ -249,6 +256,7 @@ class Follow:
             [sys.executable, "-m", "deployer", "-i", str(project.inventory), "app", "logs",
              "-f", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            preexec_fn=_as_at_a_terminal,
         )  # fmt: skip
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)

@@ -8,38 +8,15 @@ from __future__ import annotations
 import io
 import os
 import pwd
-import subprocess
 import zipfile
 from pathlib import Path
 
 import pytest
 from rollout_helpers import Project, commit, git, make_repo
 from sshd import SSHTestHost, inventory_toml
+from users import OTHER, as_user, needs_root
 
-OTHER = "deployer-other"
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates a second unix user")
-
-
-@pytest.fixture(scope="module")
-def other() -> pwd.struct_passwd:
-    """A second, unprivileged local user (the one who must not get in)."""
-    try:
-        return pwd.getpwnam(OTHER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER],
-            check=True,
-            capture_output=True,
-        )
-        return pwd.getpwnam(OTHER)
-
-
-def as_user(user: pwd.struct_passwd, *argv: str) -> None:
-    subprocess.run(
-        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", *argv],
-        check=True,
-    )
+pytestmark = needs_root
 
 
 def project_at(tmp_path: Path, hosts: list[SSHTestHost], deploy_to: str) -> Project:
@@ -85,6 +62,25 @@ def test_deploy_to_pre_created_by_another_user_is_refused(
         proc = project.deployer(*args)
         assert proc.returncode != 0 and "run `deployer setup`" in proc.stdout + proc.stderr
     assert sorted(os.listdir(planted)) == before and os.listdir(victim) == []
+
+
+def test_deploy_to_she_owns_is_refused_even_if_nobody_else_may_write_it(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost], other: pwd.struct_passwd
+) -> None:
+    """Hers, writable only by her and the deploy user's own group (0775, as an admin
+    might hand it over): no mode check refuses it, only the owner check. Whoever owns
+    deploy_to can chmod it and swap what the agent and the master write there."""
+    hosts = ssh_hosts[:1]
+    tmp = shared_tmp(hosts)
+    hers = tmp / hosts[0].name
+    hers.mkdir()
+    os.chown(hers, other.pw_uid, pwd.getpwnam(hosts[0].user).pw_gid)
+    hers.chmod(0o775)
+    project = project_at(tmp_path, hosts, f"{tmp}/{{host}}")
+    proc = project.deployer("setup")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{hers} is owned by {OTHER} (uid {other.pw_uid})" in proc.stdout
+    assert os.listdir(hers) == []  # no layout made in her directory
 
 
 def test_a_parent_another_user_owns_is_refused(
@@ -173,11 +169,15 @@ def test_shared_paths_never_pass_through_a_symlink_of_the_repo(
 ) -> None:
     hosts = ssh_hosts[:1]
     root = hosts[0].root
-    outside = tmp_path / "outside"
+    # the deploy user's own files beside deploy_to: nothing but the check keeps the
+    # agent (as that user) from replacing x.txt and deleting sub/ through the links
+    outside = root.parent / "outside"
     (outside / "sub").mkdir(parents=True)
     (outside / "x.txt").write_text("keep me\n")
     (outside / "sub" / "y.txt").write_text("keep me too\n")
-    outside.chmod(0o777)
+    deploy = pwd.getpwnam(hosts[0].user)
+    for path in (outside, outside / "sub", outside / "x.txt", outside / "sub" / "y.txt"):
+        os.chown(path, deploy.pw_uid, deploy.pw_gid)
     project = project_at(tmp_path, hosts, str(root.parent / "{host}"))
     project.inventory.write_text(
         project.inventory.read_text().replace(

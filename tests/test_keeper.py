@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
+import shutil
 import signal
 import stat
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from rollout_helpers import Project, commit, make_project
 from sshd import SSHDFleet, SSHTestHost, _sshd_descendants
+from users import as_user, needs_root
 
 from deployer import keeper
 
@@ -218,3 +223,92 @@ def test_commands_connect_directly_while_no_keeper_answers(
     assert keeper_pid(project, monkeypatch) is None
     for leftover in (log, path.with_suffix(".lock")):  # this test's own, kept by no keeper
         leftover.unlink()
+
+
+# --- another local user ------------------------------------------------------------------
+
+# Her client: she asks the keeper to stop (any answer at all would be one too many).
+# Run by the system's python3: the venv's may live where she cannot go.
+HER_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+try:
+    s.connect(sys.argv[1])
+    s.sendall(b'{"stop": true}\\n')
+    reply = s.makefile("rb").readline()
+except PermissionError:
+    print("refused: permission denied")
+except OSError:
+    print("no answer")
+else:
+    print("answered: " + reply.decode().strip() if reply else "no answer")
+"""
+
+
+@pytest.fixture
+def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An XDG_RUNTIME_DIR another user can pass through (pytest's tmp_path is root's
+    alone): then only what the keeper itself does stands between her and its socket."""
+    d = Path(tempfile.mkdtemp(prefix="deployer-rt-"))
+    d.chmod(0o755)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(d))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def a_keeper_in(
+    runtime: Path, tmp_path: Path, ssh_hosts, keepers: list[int], monkeypatch
+) -> tuple[Path, int]:
+    """A keeper a command started, its socket in `runtime`: the socket and its pid."""
+    project = persisting(make_project(tmp_path, ssh_hosts[:1], {"app.txt": "v1\n"}), 60)
+    project.deployer("setup", check=True)
+    path = keeper_socket(project, monkeypatch)
+    assert path is not None and path.parent == runtime / "deployer"
+    pid = keeper.pid_of(path)
+    assert pid is not None
+    keepers.append(pid)
+    return path, pid
+
+
+@needs_root
+def test_the_keepers_socket_and_its_directory_are_its_users_alone(
+    runtime: Path, tmp_path: Path, ssh_hosts, keepers, monkeypatch
+) -> None:
+    path, _ = a_keeper_in(runtime, tmp_path, ssh_hosts, keepers, monkeypatch)
+    for where, is_kind, mode in ((path.parent, stat.S_ISDIR, 0o700), (path, stat.S_ISSOCK, 0o600)):
+        st = os.lstat(where)
+        assert is_kind(st.st_mode) and st.st_uid == os.getuid(), where
+        assert stat.S_IMODE(st.st_mode) == mode, f"{where}: {stat.S_IMODE(st.st_mode):04o}"
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("opened", "she_gets"),
+    [
+        (["socket"], "refused: permission denied"),  # the directory's mode alone
+        (["directory"], "refused: permission denied"),  # the socket's mode alone
+        (["directory", "socket"], "no answer"),  # the keeper's uid check (SO_PEERCRED) alone
+    ],
+    ids=["directory-mode-alone", "socket-mode-alone", "peer-uid-check-alone"],
+)
+def test_another_user_never_gets_the_keepers_sessions(
+    runtime: Path,
+    tmp_path: Path,
+    ssh_hosts,
+    keepers,
+    monkeypatch,
+    other: pwd.struct_passwd,
+    opened: list[str],
+    she_gets: str,
+) -> None:
+    """Each protection is tried alone: the others are opened up (as root) first, the
+    one tried is left as the keeper made it."""
+    path, pid = a_keeper_in(runtime, tmp_path, ssh_hosts, keepers, monkeypatch)
+    if "directory" in opened:
+        path.parent.chmod(0o755)
+    if "socket" in opened:
+        path.chmod(0o666)
+    said = as_user(other, "/usr/bin/python3", "-c", HER_CLIENT, str(path)).stdout
+    assert said == f"{she_gets}\n"
+    assert keeper.pid_of(path) == pid  # her stop request did not stop it
