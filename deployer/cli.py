@@ -112,13 +112,22 @@ def hosts(ctx: click.Context, patterns: str | None, as_json: bool) -> None:
         return
     columns = ["name", "address", "port", "user", "transport"]
     columns += ["roles"] if any(r["roles"] for r in rows) else []
-    cells = [columns] + [
+    cells = [
         ["-" if not r[c] else ",".join(r[c]) if c == "roles" else str(r[c]) for c in columns]
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    for row in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    for line in table(columns, cells):
+        click.echo(line)
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A plain text table: the header row, then the rows, columns padded to fit."""
+    cells = [header, *rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    return lines
 
 
 def open_fleet(
@@ -364,23 +373,27 @@ def history(ctx: click.Context, limit: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(found.records, indent=2))
         return
-    for e in found.records:
-        click.echo(printable(history_line(e)))
+    rows = [[printable(cell) for cell in history_row(e)] for e in found.records]
+    for line in table(HISTORY_COLUMNS, rows):
+        click.echo(line)
 
 
-def history_line(e: dict) -> str:
-    """One history record as a line; what a record lacks is left out, not "None"."""
-    when = e.get("started") or e.get("since") or "-"
+HISTORY_COLUMNS = ["id", "action", "revision", "by", "started", "hosts", "result", "took"]
+
+
+def history_row(e: dict) -> list[str]:
+    """One history record's cells; what a record lacks shows as "-", not "None"."""
+    when = str(e.get("started") or e.get("since") or "-")
+    who = str(e.get("performer") or e.get("user") or "-")
     if e.get("action") == "unlock":
         broke = "; ".join(e.get("broke") or []) or "nothing"
-        return f"{e['id']}  unlock  {e.get('user') or '-'}  {when}  {broke}"
+        return [str(e["id"]), "unlock", "-", who, when, "-", f"broke {broke}", "-"]
     what = str(e.get("revision") or e.get("release") or "-")[:12]
     step = f" at {e['failed_step']}" if e.get("failed_step") else ""
-    took = f"  {e['duration_s']}s" if e.get("duration_s") is not None else ""
-    hosts = f"  {len(e['hosts'])} host(s)" if e.get("hosts") else ""
+    took = f"{e['duration_s']}s" if e.get("duration_s") is not None else "-"
+    hosts = str(len(e["hosts"])) if e.get("hosts") else "-"
     result = f"{e.get('result') or '-'}{step}"
-    who = e.get("performer") or e.get("user") or "-"
-    return f"{e['id']}  {e.get('action')}  {what}  {who}  {when}{hosts}  {result}{took}"
+    return [str(e["id"]), str(e.get("action")), what, who, when, hosts, result, took]
 
 
 @cli.command()
