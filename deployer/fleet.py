@@ -198,7 +198,7 @@ def status(fleet: FleetSession, timeout: float) -> list[dict[str, Any]]:
         each = timeout / max(1, len(roles))  # the roles are asked one after the other
         return row(remote, [(r, remote.status(each, STATUS_WINDOW, r.name)) for r in roles])
 
-    results, failures = fleet.each_within(fleet.names, one, timeout + 2)
+    results, failures = fleet.each_within(fleet.names, one, timeout, grace=2)
     return [
         results[n] if n in results else {"host": n, "ok": False, "problems": [failures[n]]}
         for n in fleet.names
