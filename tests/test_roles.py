@@ -320,6 +320,19 @@ def test_the_shop_example_has_a_staging_overlay_and_a_post_deploy_hook(tmp_path:
     assert log.read_text().endswith("shop (staging) 20261201000000-abcdef0 by ann: ok in 4.20s\n")
 
 
+def test_the_shop_post_deploy_hook_says_when_it_runs_as_the_readme_does() -> None:
+    """The hook's comment and the README's "Deploy hooks" table agree (issue 24.6i):
+    post-deploy runs after a rollout that went well, so its result is only ever ok."""
+    readme = (REPO / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `post-deploy` |"))
+    assert "after a rollout that went well" in row, row
+    hook = (REPO / "examples" / "shop" / ".deployer" / "hooks" / "post-deploy").read_text()
+    comment = " ".join(line.lstrip("# ") for line in hook.splitlines() if line.startswith("#"))
+    assert "after a rollout that went well" in comment, comment
+    assert 'DEPLOYER_RESULT is always "ok"' in comment
+    assert "after every rollout" not in comment and "rolled-back" not in comment
+
+
 def test_drift_and_doctor_per_role(shop: Project, ssh_hosts: list[SSHTestHost]) -> None:
     p = shop
     host1, _, host3 = ssh_hosts
