@@ -71,6 +71,13 @@ def selected(ctx: click.Context, inv: Any, patterns: str | None) -> list[Any]:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+verbose_option = click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Say each worker's reload progress (spawned, ready, draining, stopped), not one "
+    "line per host and role; a failed reload says it anyway.",
+)
 
 
 def timeout_option(text: str) -> Any:
@@ -232,6 +239,7 @@ def setup(ctx: click.Context, patterns: str | None) -> None:
 @click.option(
     "--pre-deploy-done", is_flag=True, hidden=True, help="pre-receive ran the pre-deploy hook."
 )
+@verbose_option
 @click.pass_context
 def rollout(
     ctx: click.Context,
@@ -245,6 +253,7 @@ def rollout(
     deploy_id: str | None,
     log_file: str | None,
     pre_deploy_done: bool,
+    verbose: bool,
 ) -> None:
     """Deploy REV (default: HEAD of the repo) to the selected hosts, batch by batch."""
     from deployer import runlog
@@ -259,6 +268,7 @@ def rollout(
             f"--deploy-id {deploy_id!r}: expected an id like 20260101120000-abc1234-0042"
         )
     with open_fleet(ctx, patterns, lock_wait) as session:
+        session.verbose = verbose
         inv = session.inventory
         repo = repo_path or (str(expand_path(inv.app.repo, inv.path)) if inv.app.repo else ".")
         source = Source(repo)
@@ -289,6 +299,7 @@ def rollout(
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--migrations", is_flag=True, help="Also run down the left releases' expand ones.")
 @click.option("--force", is_flag=True, help="Go back past contract migrations anyway.")
+@verbose_option
 @click.pass_context
 def rollback(
     ctx: click.Context,
@@ -297,12 +308,14 @@ def rollback(
     dry_run: bool,
     migrations: bool,
     force: bool,
+    verbose: bool,
 ) -> None:
     """Switch hosts back to their previous release, batch by batch with health checks."""
     from deployer.rollout import run_rollback
 
     check_release(to)
     with open_fleet(ctx, patterns) as session:
+        session.verbose = verbose
         plan, outcome = run_rollback(session, to, dry_run, force, migrations)
     if outcome is None:
         click.echo(plan.render())

@@ -38,6 +38,7 @@ class FleetSession:
         self.reporter = reporter or reporter_for()
         self.state_dir = state_dir
         self.lock_wait = lock_wait
+        self.verbose = False  # say each worker's reload progress, not one line a reload
         from deployer import keeper
 
         self.pool = HostPool(relay=keeper.open_session)  # for hosts with [ssh] persist
