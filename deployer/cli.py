@@ -358,10 +358,11 @@ def status_line(r: dict) -> str:
 
 
 def role_summary(role: dict) -> str:
-    """`web: master pid 12 4/4 ready, health ok` (no name for the implicit role)."""
+    """`web: master pid 12 4/4 ready on RELEASE, health ok` (no name for the implicit
+    role): each role's release, as `rollout --roles` may leave them different."""
     m = role["master"]
     master = (
-        f"master pid {m['pid']} {m['ready']}/{m['configured']} ready"
+        f"master pid {m['pid']} {m['ready']}/{m['configured']} ready on {m['release']}"
         if m
         else ("master running" if role["master_running"] else "no master")
     )

@@ -260,6 +260,7 @@ def row(
         roles.append(
             {
                 "role": role.name,
+                "release": answer.state.release_of(role.name),  # the one it was switched to
                 "master": None if answer.master is None else answer.master._asdict(),
                 "master_running": answer.state.master.running,
                 "health": answer.health,
@@ -288,6 +289,14 @@ def row(
     }
 
 
+def role_release(role: RoleConfig, st: answers.HostState) -> str:
+    """What the role's workers should run, said for a problem line."""
+    wanted = st.release_of(role.name)
+    if wanted == st.current:
+        return f"current is {st.current}"
+    return f"the role was switched to {wanted} (current is {st.current})"
+
+
 def role_problems(role: RoleConfig, s: answers.HostStatus) -> list[str]:
     """What is wrong with one role's master and health on a host."""
     st, m = s.state, s.master
@@ -300,8 +309,10 @@ def role_problems(role: RoleConfig, s: answers.HostStatus) -> list[str]:
         else:
             if m.ready < m.configured:
                 problems.append(f"{m.ready} of {m.configured} workers ready ({m.state})")
-            if st.current is not None and m.release != st.current:
-                problems.append(f"workers run {m.release}, current is {st.current}")
+            # a role's own release: `rollout --roles R` moves `current` for R only
+            wanted = st.release_of(role.name)
+            if st.current is not None and m.release not in (st.current, wanted):
+                problems.append(f"workers run {m.release}, {role_release(role, st)}")
             if m.recent_crashes:
                 minutes = STATUS_WINDOW / 60
                 problems.append(

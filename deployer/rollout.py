@@ -122,7 +122,7 @@ def switch_host(fleet: FleetSession, remote: RemoteHost, release: str, watch: fl
     check its health, one role after the other; then watch them all: one host's switch."""
     say = fleet.reporter.say
     t0 = time.monotonic()
-    remote.switch(release)
+    remote.switch(release, [r.name for r in remote.config.roles])
     fleet.switched_to[remote.name] = release
     say(f"switch: current -> {release}", remote.name)
     t1 = time.monotonic()

@@ -164,6 +164,16 @@ def test_roles_selects_hosts_and_masters(shop: Project, ssh_hosts: list[SSHTestH
         after[host1.name]["web"]["master"]["release"]
         == before[host1.name]["web"]["master"]["release"]
     )
+    # a documented command leaves the fleet healthy: each role's workers run the
+    # release that role was switched to, and status says each (issue 24.6f)
+    web_release = before[host1.name]["web"]["master"]["release"]
+    proc = p.deployer("status")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(f"{host1.name}: ok: {v2}"))
+    assert "web: master pid" in line and f"ready on {web_release}" in line, line
+    assert f"ready on {v2}" in line.split("worker: ")[1], line
+    shared = {r["role"]: r for r in json.loads(p.deployer("status", "--json").stdout)[0]["roles"]}
+    assert shared["web"]["release"] == web_release and shared["worker"]["release"] == v2
     # status --roles web names only the web masters
     rows = json.loads(p.deployer("status", "--json", "--roles", "web").stdout)
     assert [r["host"] for r in rows] == [host1.name, host2.name]
