@@ -102,6 +102,24 @@ def test_release_crashing_at_boot_keeps_old_workers(project: Project, port: int)
     assert result.failed == 0, result.summary()
 
 
+def test_a_master_the_agent_started_is_named_in_ps(project: Project) -> None:
+    """`ps` shows `deployer master: DEPLOY_TO`, not the zipapp's bootstrap code the
+    agent started it with (issue 24.6e); its kernel name (`ps -o comm`) too."""
+    host = project.hosts[0]
+    pid = int((host.root / "run" / "master.pid").read_text())
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert cmdline == f"deployer master: {host.root}\0".encode(), cmdline[:200]
+    assert Path(f"/proc/{pid}/comm").read_text() == "deployer master\n"
+    ps = subprocess.run(
+        ["ps", "-ww", "-o", "args=", "-p", str(pid)], capture_output=True, text=True
+    )
+    assert ps.stdout.strip() == f"deployer master: {host.root}", ps.stdout
+    # still a master to whoever checks a pidfile's pid (daemon.is_master)
+    from deployer.master.daemon import is_master
+
+    assert is_master(pid)
+
+
 def _children(pid: int) -> set[int]:
     out = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()}
