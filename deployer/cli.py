@@ -71,6 +71,13 @@ def selected(ctx: click.Context, inv: Any, patterns: str | None) -> list[Any]:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+verbose_option = click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Say each worker's reload progress (spawned, ready, draining, stopped), not one "
+    "line per host and role; a failed reload says it anyway.",
+)
 
 
 def timeout_option(text: str) -> Any:
@@ -112,13 +119,22 @@ def hosts(ctx: click.Context, patterns: str | None, as_json: bool) -> None:
         return
     columns = ["name", "address", "port", "user", "transport"]
     columns += ["roles"] if any(r["roles"] for r in rows) else []
-    cells = [columns] + [
+    cells = [
         ["-" if not r[c] else ",".join(r[c]) if c == "roles" else str(r[c]) for c in columns]
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    for row in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    for line in table(columns, cells):
+        click.echo(line)
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A plain text table: the header row, then the rows, columns padded to fit."""
+    cells = [header, *rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    return lines
 
 
 def open_fleet(
@@ -223,6 +239,7 @@ def setup(ctx: click.Context, patterns: str | None) -> None:
 @click.option(
     "--pre-deploy-done", is_flag=True, hidden=True, help="pre-receive ran the pre-deploy hook."
 )
+@verbose_option
 @click.pass_context
 def rollout(
     ctx: click.Context,
@@ -236,6 +253,7 @@ def rollout(
     deploy_id: str | None,
     log_file: str | None,
     pre_deploy_done: bool,
+    verbose: bool,
 ) -> None:
     """Deploy REV (default: HEAD of the repo) to the selected hosts, batch by batch."""
     from deployer import runlog
@@ -250,6 +268,7 @@ def rollout(
             f"--deploy-id {deploy_id!r}: expected an id like 20260101120000-abc1234-0042"
         )
     with open_fleet(ctx, patterns, lock_wait) as session:
+        session.verbose = verbose
         inv = session.inventory
         repo = repo_path or (str(expand_path(inv.app.repo, inv.path)) if inv.app.repo else ".")
         source = Source(repo)
@@ -280,6 +299,7 @@ def rollout(
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--migrations", is_flag=True, help="Also run down the left releases' expand ones.")
 @click.option("--force", is_flag=True, help="Go back past contract migrations anyway.")
+@verbose_option
 @click.pass_context
 def rollback(
     ctx: click.Context,
@@ -288,12 +308,14 @@ def rollback(
     dry_run: bool,
     migrations: bool,
     force: bool,
+    verbose: bool,
 ) -> None:
     """Switch hosts back to their previous release, batch by batch with health checks."""
     from deployer.rollout import run_rollback
 
     check_release(to)
     with open_fleet(ctx, patterns) as session:
+        session.verbose = verbose
         plan, outcome = run_rollback(session, to, dry_run, force, migrations)
     if outcome is None:
         click.echo(plan.render())
@@ -336,10 +358,11 @@ def status_line(r: dict) -> str:
 
 
 def role_summary(role: dict) -> str:
-    """`web: master pid 12 4/4 ready, health ok` (no name for the implicit role)."""
+    """`web: master pid 12 4/4 ready on RELEASE, health ok` (no name for the implicit
+    role): each role's release, as `rollout --roles` may leave them different."""
     m = role["master"]
     master = (
-        f"master pid {m['pid']} {m['ready']}/{m['configured']} ready"
+        f"master pid {m['pid']} {m['ready']}/{m['configured']} ready on {m['release']}"
         if m
         else ("master running" if role["master_running"] else "no master")
     )
@@ -364,23 +387,27 @@ def history(ctx: click.Context, limit: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(found.records, indent=2))
         return
-    for e in found.records:
-        click.echo(printable(history_line(e)))
+    rows = [[printable(cell) for cell in history_row(e)] for e in found.records]
+    for line in table(HISTORY_COLUMNS, rows):
+        click.echo(line)
 
 
-def history_line(e: dict) -> str:
-    """One history record as a line; what a record lacks is left out, not "None"."""
-    when = e.get("started") or e.get("since") or "-"
+HISTORY_COLUMNS = ["id", "action", "revision", "by", "started", "hosts", "result", "took"]
+
+
+def history_row(e: dict) -> list[str]:
+    """One history record's cells; what a record lacks shows as "-", not "None"."""
+    when = str(e.get("started") or e.get("since") or "-")
+    who = str(e.get("performer") or e.get("user") or "-")
     if e.get("action") == "unlock":
         broke = "; ".join(e.get("broke") or []) or "nothing"
-        return f"{e['id']}  unlock  {e.get('user') or '-'}  {when}  {broke}"
+        return [str(e["id"]), "unlock", "-", who, when, "-", f"broke {broke}", "-"]
     what = str(e.get("revision") or e.get("release") or "-")[:12]
     step = f" at {e['failed_step']}" if e.get("failed_step") else ""
-    took = f"  {e['duration_s']}s" if e.get("duration_s") is not None else ""
-    hosts = f"  {len(e['hosts'])} host(s)" if e.get("hosts") else ""
+    took = f"{e['duration_s']}s" if e.get("duration_s") is not None else "-"
+    hosts = str(len(e["hosts"])) if e.get("hosts") else "-"
     result = f"{e.get('result') or '-'}{step}"
-    who = e.get("performer") or e.get("user") or "-"
-    return f"{e['id']}  {e.get('action')}  {what}  {who}  {when}{hosts}  {result}{took}"
+    return [str(e["id"]), str(e.get("action")), what, who, when, hosts, result, took]
 
 
 @cli.command()

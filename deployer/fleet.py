@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -128,14 +129,50 @@ def secrets(
         state = remote.state()
         for role in remote.config.masters:
             if state.master_of(role.name).running:
-                line = f"reload {role.name}" if role.name else "reload"
-                remote.reload_master(
-                    on_line=lambda s, line=line: say(f"{line}: {s}", remote.name), role=role.name
-                )
+                reload_master(remote, role.name, say, fleet.verbose)
                 say(f"{master_label(role.name)}: workers reloaded with it", remote.name)
 
     _, failures = fleet.each(fleet.names, one)
     return failures
+
+
+# a release directory in a master's progress line: said by its name
+RELEASE_PATH = re.compile(r"/\S*/releases/([^/\s]+)")
+DONE = re.compile(r"ok in ([\d.]+)s(?:: release (\S+))?")
+
+
+def reload_master(
+    remote: RemoteHost, role: str | None, say: Callable[[str, str], None], verbose: bool = False
+) -> None:
+    """`role`'s master replaces its workers. A success is one line; each worker's
+    progress (spawned, ready, draining, stopped) is said as it comes with `verbose`,
+    else only if the reload fails, before the failure."""
+    tag = "reload" if role is None else f"reload {role}"
+    kept: list[str] = []
+
+    def line(text: str) -> None:
+        text = RELEASE_PATH.sub(r"\1", text)
+        if verbose:
+            say(f"{tag}: {text}", remote.name)
+        else:
+            kept.append(text)
+
+    try:
+        remote.reload_master(on_line=line, role=role)
+    except BaseException:
+        for text in kept:
+            say(f"{tag}: {text}", remote.name)
+        raise
+    say(f"{tag}: {reload_summary(kept)}", remote.name)
+
+
+def reload_summary(lines: list[str]) -> str:
+    """`2 workers replaced in 3.99s (release NAME)`, from a successful reload's lines."""
+    replaced = sum(1 for t in lines if t.startswith("draining: "))
+    done = next((m for t in reversed(lines) if (m := DONE.match(t))), None)
+    took = f" in {done.group(1)}s" if done else ""
+    release = f" (release {done.group(2)})" if done and done.group(2) else ""
+    return f"{replaced} worker{'' if replaced == 1 else 's'} replaced{took}{release}"
 
 
 def secret_names(fleet: FleetSession) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -198,7 +235,7 @@ def status(fleet: FleetSession, timeout: float) -> list[dict[str, Any]]:
         each = timeout / max(1, len(roles))  # the roles are asked one after the other
         return row(remote, [(r, remote.status(each, STATUS_WINDOW, r.name)) for r in roles])
 
-    results, failures = fleet.each_within(fleet.names, one, timeout + 2)
+    results, failures = fleet.each_within(fleet.names, one, timeout, grace=2)
     return [
         results[n] if n in results else {"host": n, "ok": False, "problems": [failures[n]]}
         for n in fleet.names
@@ -223,6 +260,7 @@ def row(
         roles.append(
             {
                 "role": role.name,
+                "release": answer.state.release_of(role.name),  # the one it was switched to
                 "master": None if answer.master is None else answer.master._asdict(),
                 "master_running": answer.state.master.running,
                 "health": answer.health,
@@ -251,6 +289,14 @@ def row(
     }
 
 
+def role_release(role: RoleConfig, st: answers.HostState) -> str:
+    """What the role's workers should run, said for a problem line."""
+    wanted = st.release_of(role.name)
+    if wanted == st.current:
+        return f"current is {st.current}"
+    return f"the role was switched to {wanted} (current is {st.current})"
+
+
 def role_problems(role: RoleConfig, s: answers.HostStatus) -> list[str]:
     """What is wrong with one role's master and health on a host."""
     st, m = s.state, s.master
@@ -266,8 +312,10 @@ def role_problems(role: RoleConfig, s: answers.HostStatus) -> list[str]:
         else:
             if m.ready < m.configured:
                 problems.append(f"{m.ready} of {m.configured} workers ready ({m.state})")
-            if st.current is not None and m.release != st.current:
-                problems.append(f"workers run {m.release}, current is {st.current}")
+            # a role's own release: `rollout --roles R` moves `current` for R only
+            wanted = st.release_of(role.name)
+            if st.current is not None and m.release not in (st.current, wanted):
+                problems.append(f"workers run {m.release}, {role_release(role, st)}")
             if m.recent_crashes:
                 minutes = STATUS_WINDOW / 60
                 problems.append(

@@ -6,7 +6,7 @@ answer read back as the call's typed record.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,8 +197,9 @@ class RemoteHost:
         call = calls.prepare(revision, release, app.shared, app.build, receive=pack is not None)
         return self.call(call, stdin=pack, on_line=on_line)
 
-    def switch(self, release: str) -> answers.SwitchResult:
-        return self.call(calls.switch(release))
+    def switch(self, release: str, roles: Sequence[str | None] = ()) -> answers.SwitchResult:
+        """`current` -> `release`, recorded as the release of `roles` (those switched)."""
+        return self.call(calls.switch(release, roles))
 
     def prune(self) -> answers.PruneResult:
         return self.call(calls.prune(self.config.app.keep_releases))

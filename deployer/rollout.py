@@ -19,7 +19,7 @@ from typing import Any
 from deployer import migrating
 from deployer.deploy_hooks import DeployHooks, performer
 from deployer.errors import BadInput, DeployerError, StepFailed
-from deployer.fleet import supervise
+from deployer.fleet import reload_master, supervise
 from deployer.history import private_state
 from deployer.hostapi import calls
 from deployer.hostapi.answers import HostState
@@ -121,7 +121,7 @@ def switch_host(fleet: FleetSession, remote: RemoteHost, release: str, watch: fl
     """Flip `current` once, then for each role on the host reload its master and
     check its health, one role after the other; then watch them all: one host's switch."""
     t0 = time.monotonic()
-    remote.switch(release)
+    remote.switch(release, [r.name for r in remote.config.roles])
     fleet.switched_to[remote.name] = release
     fleet.reporter.say(f"switch: current -> {release}", remote.name)
     serve_host(fleet, remote, watch, f"switch {time.monotonic() - t0:.2f}s, ")
@@ -169,8 +169,7 @@ def reload(fleet: FleetSession, remote: RemoteHost, role: str | None, state: Hos
         remote.start_master(on_line=lambda s: say(f"{who}: {s}", remote.name), role=role)
         supervise(remote, say, role)  # where systemd runs, its unit takes the master over
         return
-    tag = "reload" if role is None else f"reload {role}"
-    remote.reload_master(on_line=lambda s: say(f"{tag}: {s}", remote.name), role=role)
+    reload_master(remote, role, say, fleet.verbose)
 
 
 def revert(

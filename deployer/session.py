@@ -38,6 +38,7 @@ class FleetSession:
         self.reporter = reporter or reporter_for()
         self.state_dir = state_dir
         self.lock_wait = lock_wait
+        self.verbose = False  # say each worker's reload progress, not one line a reload
         from deployer import keeper
 
         self.pool = HostPool(relay=keeper.open_session)  # for hosts with [ssh] persist
@@ -112,11 +113,17 @@ class FleetSession:
         return results, failures
 
     def each_within(
-        self, names: Sequence[str], fn: Callable[[RemoteHost], Any], seconds: float
+        self,
+        names: Sequence[str],
+        fn: Callable[[RemoteHost], Any],
+        seconds: float,
+        grace: float = 0.0,
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """fn on every host at once, waiting `seconds` at most: a host that has not
         answered by then (a frozen sshd: even connecting hangs) is a failure, and its
-        thread is left behind (a daemon: it never keeps the command from ending)."""
+        thread is left behind (a daemon: it never keeps the command from ending).
+        `grace`: waited on top for the answer's way back; the message names `seconds`,
+        the time the user gave (`status --timeout`)."""
         results: dict[str, Any] = {}
         failures: dict[str, str] = {}
         done = threading.Condition()
@@ -139,7 +146,7 @@ class FleetSession:
 
         for n in names:
             threading.Thread(target=run, args=(self.remotes[n],), daemon=True).start()
-        end = time.monotonic() + seconds
+        end = time.monotonic() + seconds + grace
         with done:
             while len(results) + len(failures) < len(names) and time.monotonic() < end:
                 done.wait(end - time.monotonic())

@@ -70,6 +70,9 @@ def record(n: int, **fields: object) -> bytes:
 # --- 1. files read back: history and hook logs ------------------------------------------
 
 
+HISTORY_HEADER = ["id", "action", "revision", "by", "started", "hosts", "result", "took"]
+
+
 def test_history_skips_corrupt_records_and_warns_once_naming_file_and_lines(
     tmp_path: Path,
 ) -> None:
@@ -100,7 +103,30 @@ def test_history_skips_corrupt_records_and_warns_once_naming_file_and_lines(
         assert len(warning) == 1, proc.stderr
         assert str(history) in warning[0] and "2, 3, 4, 5, 6, 8, 9, 11" in warning[0]
     assert [e["id"] for e in json.loads(as_json.stdout)] == ["rollout-10", "rollout-1"]
-    assert len(text.stdout.splitlines()) == 2 and "1 host(s)" in text.stdout
+    header, *rows = text.stdout.splitlines()
+    assert header.split() == HISTORY_HEADER
+    assert len(rows) == 2 and rows[1].split()[:2] == ["rollout-1", "rollout"]
+    assert rows[1].split()[5:] == ["1", "ok", "1.5s"], rows  # hosts, result, took
+
+
+def test_history_is_a_table_with_a_header_row(tmp_path: Path) -> None:
+    """`deployer history` (issue 24.6c): a header names the columns; an unlock row and a
+    rollout row line up under it, and what a record lacks shows as "-"."""
+    write_inventory(tmp_path)
+    history = tmp_path / "state" / "history.jsonl"
+    history.parent.mkdir()
+    unlock = {"id": "unlock-2", "action": "unlock", "user": "bob", "broke": ["web1"]}
+    history.write_bytes(record(1, failed_step="health") + json.dumps(unlock).encode() + b"\n")
+    proc = deployer(tmp_path, "history")
+    assert proc.returncode == 0, proc.stderr
+    header, unlocked, rolled = proc.stdout.splitlines()
+    assert header.split() == HISTORY_HEADER
+    assert unlocked.split() == ["unlock-2", "unlock", "-", "bob", "-", "-", "broke", "web1", "-"]
+    assert rolled.split()[5:] == ["1", "ok", "at", "health", "1.5s"], rolled
+    # the columns line up: each starts where the header's does
+    for column in ("action", "started", "result"):
+        at = header.index(column)
+        assert unlocked[at - 1] == " " and unlocked[at] != " " and rolled[at] != " ", proc.stdout
 
 
 def test_rollout_logs_unreadable_or_gone_are_reported_not_a_traceback(tmp_path: Path) -> None:

@@ -48,6 +48,13 @@ CALLS = [
         calls.switch("20260101000000-aaaaaaa"),
         ["agent", "switch", "--root", "/srv/shop", "--release", "20260101000000-aaaaaaa"],
     ),
+    (
+        calls.switch("20260101000000-aaaaaaa", ["web", None]),
+        [
+            "agent", "switch", "--root", "/srv/shop", "--release", "20260101000000-aaaaaaa",
+            "--for-role", "web", "--for-role", "",
+        ],
+    ),
     (calls.prune(5), ["agent", "prune", "--root", "/srv/shop", "--keep", "5"]),
     (
         calls.health("http://127.0.0.1:3000/health", 200, 30.0, 3, 0.5),

@@ -27,6 +27,7 @@ from rollout_helpers import (
     master_extra,
     serving,
     small_disk,
+    stop_masters,
 )
 from sshd import SSHDFleet, SSHTestHost
 
@@ -532,6 +533,37 @@ def test_doctor_names_a_host_whose_sshd_is_down(
     assert "connection refused" in detail
     assert _checks(proc.stdout, "host2")["python"] == ("skip", "not checked: no connection")
     assert took < 20
+
+
+def test_doctor_names_the_owner_of_its_own_address_not_another_hosts_master(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost]
+) -> None:
+    """Two hosts on one machine (127.0.0.x): host1's master listens on host1's address
+    and PORT; on host2's address and PORT a process of another user (this test) does.
+    doctor on host2 names that, never host1's master (issue 24.6g)."""
+    import socket
+
+    host1, host2 = ssh_hosts[:2]
+    port = free_port()
+    p = make_project(tmp_path, [host1, host2], {"app.py": APP}, extra=master_extra(port))
+    try:
+        p.deployer("setup", "--hosts", "host1", check=True)
+        p.deployer("rollout", "--hosts", "host1", check=True)
+        master = int((host1.root / "run" / "master.pid").read_text())
+        with socket.socket() as squatter:
+            squatter.bind((host2.address, port))
+            squatter.listen()
+            proc = p.deployer("doctor", "--hosts", "host2")
+        mine = p.deployer("doctor", "--hosts", "host1")
+    finally:
+        stop_masters([host1])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    status, detail = _checks(proc.stdout, "host2")["listen"]
+    assert status == "FAIL" and f"{host2.address}:{port}" in detail, detail
+    assert "a process of another user" in detail and str(master) not in detail, detail
+    assert (
+        f"served by this app's master (pid {master})" in _checks(mine.stdout, "host1")["listen"][1]
+    )
 
 
 OLD_PYTHON = Path("/root/.pyenv/versions/3.6.15/bin/python3")

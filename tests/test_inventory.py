@@ -333,3 +333,35 @@ def test_host_overrides_are_checked_where_they_are_written(tmp_path: Path) -> No
     with pytest.raises(InventoryError) as e:
         inventory.load(write(tmp_path, alone))
     assert "[hosts.solo.master] command: required key is missing" in str(e.value)
+
+
+def shipped_inventories() -> list[tuple[Path, str | None]]:
+    """Every inventory the repository ships (inventory.example.toml, examples/*/), alone
+    and with each stage overlay beside it (`<stem>.<stage>.toml`)."""
+    bases = [REPO / "inventory.example.toml", *sorted((REPO / "examples").rglob("inventory.toml"))]
+    found: list[tuple[Path, str | None]] = []
+    for base in bases:
+        found.append((base, None))
+        for overlay in sorted(base.parent.glob(f"{base.stem}.*{base.suffix}")):
+            found.append((base, overlay.name[len(base.stem) + 1 : -len(base.suffix)]))
+    return found
+
+
+def test_the_shipped_examples_include_a_stage() -> None:
+    assert (REPO / "examples" / "shop" / "inventory.toml", "staging") in shipped_inventories()
+
+
+@pytest.mark.parametrize(
+    ("path", "stage"),
+    shipped_inventories(),
+    ids=lambda v: str(v.relative_to(REPO)) if isinstance(v, Path) else str(v),
+)
+def test_every_shipped_inventory_loads_as_is(path: Path, stage: str | None) -> None:
+    """What the README and examples show works as written (issue 24.6h), the way a
+    user runs it: `deployer -i PATH [-d STAGE] hosts`."""
+    inv = inventory.load(path, stage)
+    assert inv.hosts, path
+    argv = [sys.executable, "-m", "deployer", "-i", str(path), *(["-d", stage] if stage else [])]
+    proc = subprocess.run([*argv, "hosts"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert all(name in proc.stdout for name in inv.hosts), proc.stdout

@@ -164,6 +164,16 @@ def test_roles_selects_hosts_and_masters(shop: Project, ssh_hosts: list[SSHTestH
         after[host1.name]["web"]["master"]["release"]
         == before[host1.name]["web"]["master"]["release"]
     )
+    # a documented command leaves the fleet healthy: each role's workers run the
+    # release that role was switched to, and status says each (issue 24.6f)
+    web_release = before[host1.name]["web"]["master"]["release"]
+    proc = p.deployer("status")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(f"{host1.name}: ok: {v2}"))
+    assert "web: master pid" in line and f"ready on {web_release}" in line, line
+    assert f"ready on {v2}" in line.split("worker: ")[1], line
+    shared = {r["role"]: r for r in json.loads(p.deployer("status", "--json").stdout)[0]["roles"]}
+    assert shared["web"]["release"] == web_release and shared["worker"]["release"] == v2
     # status --roles web names only the web masters
     rows = json.loads(p.deployer("status", "--json", "--roles", "web").stdout)
     assert [r["host"] for r in rows] == [host1.name, host2.name]
@@ -318,6 +328,19 @@ def test_the_shop_example_has_a_staging_overlay_and_a_post_deploy_hook(tmp_path:
     }
     subprocess.run([shop / ".deployer" / "hooks" / "post-deploy"], env=env, check=True)
     assert log.read_text().endswith("shop (staging) 20261201000000-abcdef0 by ann: ok in 4.20s\n")
+
+
+def test_the_shop_post_deploy_hook_says_when_it_runs_as_the_readme_does() -> None:
+    """The hook's comment and the README's "Deploy hooks" table agree (issue 24.6i):
+    post-deploy runs after a rollout that went well, so its result is only ever ok."""
+    readme = (REPO / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `post-deploy` |"))
+    assert "after a rollout that went well" in row, row
+    hook = (REPO / "examples" / "shop" / ".deployer" / "hooks" / "post-deploy").read_text()
+    comment = " ".join(line.lstrip("# ") for line in hook.splitlines() if line.startswith("#"))
+    assert "after a rollout that went well" in comment, comment
+    assert 'DEPLOYER_RESULT is always "ok"' in comment
+    assert "after every rollout" not in comment and "rolled-back" not in comment
 
 
 def test_drift_and_doctor_per_role(shop: Project, ssh_hosts: list[SSHTestHost]) -> None:

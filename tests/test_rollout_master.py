@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import zipfile
 from collections.abc import Iterator
@@ -56,6 +57,17 @@ def test_rollout_under_load_fails_no_request(project: Project, port: int) -> Non
         # the load really crossed the switch: it saw both releases answer
         assert len([r for r in result.bodies if r != "?"]) >= 2, result.summary()
         assert result.ok > 50
+    # a reload that went well is one line per host, by release name (issue 24.6a)
+    out, v2_name = proc.stdout, project.current(project.hosts[0])
+    for h in project.hosts:
+        said = rf"{h.name} +reload: 2 workers replaced in [\d.]+s \(release {v2_name}\)$"
+        assert re.search(said, out, re.M), out
+    assert "spawned:" not in out and "/releases/" not in out, out
+    # -v: each worker's progress, by release name too
+    back = project.deployer("rollback", "-v", check=True).stdout
+    v1_name = project.current(project.hosts[0])
+    assert re.search(rf"reload: spawned: worker 1 pid \d+ release {v1_name}$", back, re.M), back
+    assert "reload: stopped: worker" in back and "/releases/" not in back, back
 
 
 def test_release_failing_health_on_canary_is_rolled_back(project: Project, port: int) -> None:
@@ -82,8 +94,30 @@ def test_release_crashing_at_boot_keeps_old_workers(project: Project, port: int)
         result = load.stop()
     assert proc.returncode == 1, proc.stdout
     assert "master reload failed" in proc.stdout
+    # a failed reload says what each worker did, before the failure (issue 24.6a)
+    assert "host1 reload: spawned: worker 1 pid" in re.sub(r" +", " ", proc.stdout), proc.stdout
+    progress = [line for line in proc.stdout.splitlines() if " reload: " in line]
+    assert not [line for line in progress if "/releases/" in line], proc.stdout
     assert {h.name: project.current(h) for h in project.hosts} == before
     assert result.failed == 0, result.summary()
+
+
+def test_a_master_the_agent_started_is_named_in_ps(project: Project) -> None:
+    """`ps` shows `deployer master: DEPLOY_TO`, not the zipapp's bootstrap code the
+    agent started it with (issue 24.6e); its kernel name (`ps -o comm`) too."""
+    host = project.hosts[0]
+    pid = int((host.root / "run" / "master.pid").read_text())
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert cmdline == f"deployer master: {host.root}\0".encode(), cmdline[:200]
+    assert Path(f"/proc/{pid}/comm").read_text() == "deployer master\n"
+    ps = subprocess.run(
+        ["ps", "-ww", "-o", "args=", "-p", str(pid)], capture_output=True, text=True
+    )
+    assert ps.stdout.strip() == f"deployer master: {host.root}", ps.stdout
+    # still a master to whoever checks a pidfile's pid (daemon.is_master)
+    from deployer.master.daemon import is_master
+
+    assert is_master(pid)
 
 
 def _children(pid: int) -> set[int]:

@@ -387,7 +387,7 @@ def deployed(tmp_path: Path, ssh_hosts: list[SSHTestHost], port: int) -> Iterato
     project = make_project(tmp_path, hosts, {"app.py": APP}, extra=master_extra(port))
     try:
         project.setup_out = project.deployer("setup", check=True).stdout  # type: ignore[attr-defined]
-        project.deployer("rollout", check=True)
+        project.rollout_out = project.deployer("rollout", check=True).stdout  # type: ignore[attr-defined]
         yield project
     finally:
         stop_masters(hosts)
@@ -425,9 +425,12 @@ def test_setup_installs_a_user_unit_and_a_simulated_reboot_brings_the_master_bac
     assert verify.returncode == 0, verify.stderr
     status = deployed.deployer("status", "--json")
     assert status.returncode == 0, status.stdout  # an enabled unit: the host is ok
-    assert json.loads(status.stdout)[0]["boot"]["comes_back"]
+    boot = json.loads(status.stdout)[0]["boot"]
+    assert boot["comes_back"] and f"{unit.user} lingers" in boot["why"], boot  # status keeps it
     again = deployed.deployer("setup", check=True).stdout
     assert f"user unit {unit.name} up to date ({unit.path}), already enabled" in again, again
+    # lingering was said once, by the setup that installed the unit (issue 24.6b)
+    assert "lingering is off" not in again + deployed.rollout_out, again  # type: ignore[attr-defined]
     assert "master running, nothing to change" in again and "wrote" not in again
 
     # The reboot: the master and every worker die at once, their files stay behind.

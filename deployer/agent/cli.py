@@ -86,6 +86,7 @@ def _parser(session: bool = False, only: str | None = None) -> argparse.Argument
     )
     sp = with_root("switch")
     sp.add_argument("--release", required=True)
+    sp.add_argument("--for-role", action="append", default=[], help="record it as this role's")
     sp = with_root("prune")
     sp.add_argument("--keep", type=int, required=True)
     sp = op("health")
@@ -180,7 +181,7 @@ def run_op(args: argparse.Namespace) -> tuple:
             layout, args.receive, args.revision, args.release, args.shared, args.build
         )
     if args.op == "switch":
-        return ops.switch(layout, args.release)
+        return ops.switch(layout, args.release, args.for_role)
     if args.op == "prune":
         return ops.prune(layout, args.keep)
     if args.op == "status":

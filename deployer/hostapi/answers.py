@@ -71,6 +71,12 @@ class HostState(NamedTuple):
     cpus: int | None = None  # what workers = "auto" means there
     # the master of every role whose toml is on the host ("": master.toml, no [roles])
     masters: dict[str, MasterState] = {}
+    # the release each role was last switched to (layout.role_releases)
+    role_releases: dict[str, str] = {}
+
+    def release_of(self, role: str | None) -> str | None:
+        """What `role`'s workers should run: the release it was last switched to."""
+        return self.role_releases.get(role or "") or self.current
 
     @property
     def release_names(self) -> list[str]:

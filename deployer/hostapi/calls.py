@@ -183,8 +183,13 @@ def prepare(
     return AgentCall("prepare", tuple(args), answers.PrepareResult, deadline=PREPARE_DEADLINE)
 
 
-def switch(release: str) -> AgentCall:
-    return AgentCall("switch", ("--release", release), answers.SwitchResult)
+def switch(release: str, roles: Sequence[str | None] = ()) -> AgentCall:
+    """Point `current` at `release`, and record it as the release of `roles` (None:
+    the implicit one): what their workers should run, whatever later moves `current`."""
+    args = ("--release", release)
+    for role in roles:
+        args += ("--for-role", role or "")
+    return AgentCall("switch", args, answers.SwitchResult)
 
 
 def prune(keep: int) -> AgentCall:

@@ -126,6 +126,12 @@ class Layout:
         return self.root / "history.jsonl"
 
     @property
+    def role_releases(self) -> Path:
+        """The release each role was last switched to ({"web": NAME}; "": no roles):
+        `rollout --roles R` moves `current` for R only, the others keep theirs."""
+        return self.tools / "role-releases.json"
+
+    @property
     def lock(self) -> Path:
         return self.run / "deploy.lock"
 

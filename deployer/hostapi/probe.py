@@ -149,8 +149,42 @@ def _socket_inodes(pid):
     return found
 
 
-def _listening_inodes(port):
-    """Inodes of the TCP sockets listening on `port` (any address)."""
+V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def _unmapped(raw):
+    """An IPv4-mapped IPv6 address as its 4 IPv4 bytes; others as they are."""
+    return raw[12:] if len(raw) == 16 and raw[:12] == V4_MAPPED else raw
+
+
+def _table_address(hex_address):
+    """/proc/net/tcp's local address (32-bit words in host byte order) as bytes."""
+    words = range(0, len(hex_address), 8)
+    return _unmapped(
+        b"".join(int(hex_address[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in words)
+    )
+
+
+def _wanted_address(host):
+    """`host` of a listen spec as bytes; None for every address ("", 0.0.0.0, ::) or
+    a name that does not resolve here (then every listener on the port counts)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            raw = _unmapped(socket.inet_pton(family, host))
+            return raw if any(raw) else None
+        except OSError:
+            continue
+    try:
+        return socket.inet_aton(socket.gethostbyname(host)) if host else None
+    except OSError:
+        return None
+
+
+def _listening_inodes(host, port):
+    """Inodes of the TCP sockets listening on `port` where a bind of `host` clashes
+    (the same address, or either is every address): on a machine with several
+    addresses (hosts on 127.0.0.x), another address's listener is not in the way."""
+    wanted = _wanted_address(host)
     found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -161,7 +195,11 @@ def _listening_inodes(port):
         for row in rows:
             fields = row.split()
             local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+            address, _, port_hex = local.rpartition(":")
+            if state != "0A" or int(port_hex, 16) != port:
+                continue
+            listening = _table_address(address)
+            if wanted is None or not any(listening) or listening == wanted:
                 found.add(inode)
     return found
 
@@ -205,7 +243,7 @@ def listen(root, spec):
             return {"state": "error", "why": e.strerror or str(e)}
     finally:
         s.close()
-    inodes = _listening_inodes(port)
+    inodes = _listening_inodes(host, port)
     if pid is not None and inodes & _socket_inodes(pid):
         return {"state": "ours", "pid": pid}
     held = _holder(inodes) if inodes else None

@@ -18,7 +18,7 @@ from deployer.hostapi import checks
 from deployer.hostapi.exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from deployer.hostapi.options import FLAG_OPTIONS
 from deployer.master import config as config_mod
-from deployer.master import control, daemon, units
+from deployer.master import control, daemon, title, units
 from deployer.master.config import ConfigError, MasterConfig
 
 PROG = "deployer master"
@@ -128,6 +128,7 @@ def dispatch(args: argparse.Namespace, command: list[str]) -> int:
         if args.command == "unit":
             print(units.render(cfg, socket_unit=args.socket_unit), end="")
             return EXIT_OK
+        title.set_title(title.title_for(args.config))  # ps names it, not the bootstrap
         return daemon.serve(cfg, detach=args.command == "start")
     if command:
         raise ConfigError(f"{args.command}: unexpected arguments after --: {' '.join(command)}")

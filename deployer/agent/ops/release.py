@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ def state(layout: Layout) -> answers.HostState:
         master=master_state(layout),
         cpus=os.cpu_count(),
         masters={r or "": master_state(layout.for_role(r)) for r in layout.master_roles()},
+        role_releases=role_releases(layout),
     )
 
 
@@ -280,12 +282,18 @@ def _build(release: Path, command: str, layout: Layout) -> None:
         )
 
 
-def switch(layout: Layout, release: str) -> answers.SwitchResult:
-    """Point `current` at a release atomically: a new symlink renamed over the old one."""
+def switch(layout: Layout, release: str, roles: Sequence[str] = ()) -> answers.SwitchResult:
+    """Point `current` at a release atomically: a new symlink renamed over the old one;
+    record it as the release of `roles` ("": the implicit one)."""
     target = layout.release(release)
     if not target.is_dir():
         raise AgentError(f"release {release} does not exist on this host")
     previous = current_release(layout)
+    if roles:
+        recorded = role_releases(layout)
+        recorded.update(dict.fromkeys(roles, release))
+        data = (json.dumps(recorded, sort_keys=True) + "\n").encode()
+        trust.write_file(layout.role_releases, data)
     tmp = layout.root / f".current-{os.getpid()}"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(Path("releases") / release)
@@ -293,11 +301,23 @@ def switch(layout: Layout, release: str) -> answers.SwitchResult:
     return answers.SwitchResult(previous, release)
 
 
+def role_releases(layout: Layout) -> dict[str, str]:
+    """What each role was last switched to; {} if never recorded (or unreadable: then
+    every role's is `current`, as before roles had their own)."""
+    try:
+        recorded = json.loads(layout.role_releases.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {str(k): str(v) for k, v in recorded.items() if RELEASE_NAME.fullmatch(str(v))}
+
+
 def prune(layout: Layout, keep: int) -> answers.PruneResult:
     """Remove the oldest releases beyond `keep`; never current, never the one before it."""
     names = releases(layout)
     current = current_release(layout)
-    protected = {current}
+    protected = {current, *role_releases(layout).values()}  # a role's workers run it
     if current in names and names.index(current) > 0:
         protected.add(names[names.index(current) - 1])
     removable = [n for n in names if n not in protected]

@@ -121,7 +121,11 @@ def unit(layout: Layout, app: str, supervisor: str) -> answers.UnitResult:
                 raise AgentError(why)
             notes.append(why)
         enabled_now = ok
-    linger = _linger(sd, notes) if sd.scope == "user" else None
+    linger = None
+    if sd.scope == "user":
+        # said once, by the setup that installs the unit; status's boot reason keeps it
+        fresh = written or enabled_now
+        linger = _linger(sd, notes) if fresh else Path(LINGER_DIR, sd.user).exists()
     record = {"supervisor": supervisor, "unit": name, "scope": sd.scope, "path": str(path)}
     record.update(wants=str(wants), user=sd.user, root=sd.root)
     _write_record(layout, record)
