@@ -581,7 +581,7 @@ def _rollback(
     with FleetLocks(fleet, owner, then=calls.state()):
         states, failed = check_agents(fleet, names)
         if failed:
-            raise StepFailed(next(iter(failed)), "state", next(iter(failed.values())))
+            raise fleet.first_error(failed)
         plan = plan_rollback(fleet.inventory, states, to)
         oldest = min(plan.targets.values())
         rows = migrating.applied(fleet)
