@@ -6,9 +6,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from master_helpers import free_port
-from rollout_helpers import APP, make_project, master_extra
+from rollout_helpers import APP, commit, make_project, master_extra, serving
 from sshd import SSHTestHost
+
+
+def summary(out: str) -> str:
+    """The failure summary a failed rollout ends with (after `rollout FAILED at`)."""
+    assert "rollout FAILED at" in out, out
+    return out.split("rollout FAILED at", 1)[1]
 
 
 def test_a_host_without_the_agent_says_so_once_and_exits_2(
@@ -44,3 +51,23 @@ def test_a_port_nothing_listens_on_is_said_to_refuse(
     proc = p.deployer("rollout")
     assert proc.returncode == 1
     assert f"deployer: host1: {refused}" in proc.stderr, proc.stderr
+
+
+SIGNAL = {
+    "notify": 'it must send READY=1 to the datagram socket in $NOTIFY_SOCKET (ready = "notify")',
+    "pipe": 'it must write READY=1 to the pipe whose fd is in $DEPLOYER_READY_FD (ready = "pipe")',
+}
+
+
+@pytest.mark.parametrize("mode", ["notify", "pipe"])
+def test_a_worker_never_ready_is_told_how_its_mode_signals(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost], mode: str
+) -> None:
+    extra = master_extra(free_port()).replace('ready = "notify"', f'ready = "{mode}"')
+    extra = extra.replace("ready_timeout = 10", "ready_timeout = 2")
+    with serving(tmp_path, ssh_hosts[:1], {"app.py": APP}, extra) as p:
+        commit(p.repo, {"release.env": "NEVER_READY=1\n"}, "v2 never says it is ready")
+        proc = p.deployer("rollout")
+    assert proc.returncode == 1, proc.stdout
+    why = summary(proc.stdout)
+    assert f"not ready within ready_timeout (2s): {SIGNAL[mode]}" in why, proc.stdout
