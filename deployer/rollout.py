@@ -168,16 +168,42 @@ def revert(
     before: dict[str, str | None],
     names: Sequence[str],
 ) -> dict[str, str]:
-    """Put hosts back on the release they ran before, the same careful way."""
+    """Put hosts back on the release they ran before, the same careful way. A host
+    that ran none (its first deploy) stays as it is: returns what each such host was
+    left with."""
     targets = [n for n in names if before.get(n)]
-    for n in names:
-        if not before.get(n):
-            fleet.reporter.say("no previous release to go back to: left as is", n)
+    left = {
+        n: left_alone(fleet.remotes[n], fleet.switched_to.get(n))
+        for n in names
+        if not before.get(n)
+    }
+    for n, how in left.items():
+        fleet.reporter.say(f"no previous release to go back to: {how}", n)
     _, failures = fleet.each(targets, lambda r: switch_host(fleet, r, before[r.name] or ""))
     for n in targets:
         if n not in failures:
             fleet.reporter.say(f"rolled back to {before[n]}", n)
-    return failures
+    return left
+
+
+def left_alone(remote: RemoteHost, release: str | None) -> str:
+    """What a host with nothing to go back to is left with, as it is now: `current`
+    where the switch put it, and whether its master (each role's) runs."""
+    where = f"left on {release}" if release else "left with no release"
+    roles = [r.name for r in remote.config.masters]
+    if not roles:
+        return where
+    try:
+        state = remote.state()
+    except DeployerError as e:
+        return f"{where}; whether its master runs is unknown: {e}"
+
+    def runs(role: str | None) -> str:
+        return "running" if state.master_of(role).running else "not running"
+
+    if len(roles) == 1:
+        return f"{where}, its master {runs(roles[0])}"
+    return f"{where}, masters: " + ", ".join(f"{r} {runs(r)}" for r in roles)
 
 
 def record(fleet: FleetSession, entry: dict[str, Any], names: Sequence[str]) -> None:
@@ -456,19 +482,36 @@ def _abort(
 ) -> Outcome:
     if plan.on_failure == "rollback":
         fleet.reporter.say(f"rolling back {', '.join(touched) or 'nothing'}")
-        revert(fleet, before, touched)
-        outcome.rolled_back = bool(touched)
+        left = revert(fleet, before, touched)
+        rolled = [n for n in touched if n not in left]
+        outcome.rolled_back = bool(rolled)
         # what each host's `current` is now, whether or not its reload and health went well
         for n in touched:
             outcome.releases[n] = fleet.switched_to.get(n, before.get(n))
-        still = [n for n in touched if before.get(n) and outcome.releases[n] != before[n]]
-        runs = ", ".join(f"{n} runs {outcome.releases.get(n) or 'no release'}" for n in touched)
-        note = f"switched hosts rolled back ({runs})" + (
-            f"; rollback FAILED on {', '.join(still)}" if still else ""
-        )
+        note = rolled_back_note(outcome.releases, before, rolled, left)
     else:
         note = "halted: " + ", ".join(f"{n} runs {r}" for n, r in outcome.releases.items())
     return _finish(fleet, entry, outcome, failed, "switch", started, note)
+
+
+def rolled_back_note(
+    releases: dict[str, str | None],
+    before: dict[str, str | None],
+    rolled: list[str],
+    left: dict[str, str],
+) -> str:
+    """One sentence per kind of host: those put back (and where that failed), and
+    those with nothing to go back to, as they were left."""
+    parts = []
+    if rolled:
+        runs = ", ".join(f"{n} runs {releases.get(n) or 'no release'}" for n in rolled)
+        still = [n for n in rolled if releases[n] != before[n]]
+        parts.append(
+            f"switched hosts rolled back ({runs})"
+            + (f"; rollback FAILED on {', '.join(still)}" if still else "")
+        )
+    parts += [f"{n} had no previous release: {how}" for n, how in left.items()]
+    return "; ".join(parts) or "no host was switched"
 
 
 def _finish(

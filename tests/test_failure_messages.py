@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from master_helpers import free_port
-from rollout_helpers import APP, commit, make_project, master_extra, serving
+from rollout_helpers import APP, commit, make_project, master_extra, serving, stop_masters
 from sshd import SSHTestHost
 
 
@@ -71,3 +71,29 @@ def test_a_worker_never_ready_is_told_how_its_mode_signals(
     assert proc.returncode == 1, proc.stdout
     why = summary(proc.stdout)
     assert f"not ready within ready_timeout (2s): {SIGNAL[mode]}" in why, proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("switch", "master"), [("FAIL_HEALTH", "running"), ("CRASH_AT_BOOT", "not running")]
+)
+def test_a_failed_first_deploy_says_where_it_left_the_host(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost], switch: str, master: str
+) -> None:
+    h = ssh_hosts[0]
+    files = {"app.py": APP, "release.env": f"{switch}=1\n"}
+    p = make_project(tmp_path, [h], files, extra=master_extra(free_port()))
+    try:
+        p.deployer("setup", check=True)
+        proc = p.deployer("rollout")
+        release = p.current(h)
+        running = p.deployer("status", "--json").stdout
+    finally:
+        stop_masters([h])
+    assert proc.returncode == 1, proc.stdout
+    assert release is not None
+    left = f"left on {release}, its master {master}"
+    assert f"no previous release to go back to: {left}" in proc.stdout
+    assert "rollout FAILED at switch after" in proc.stdout
+    assert f": host1 had no previous release: {left}\n" in proc.stdout, proc.stdout
+    assert "rolled back" not in proc.stdout  # nothing was
+    assert f'"master_running": {"true" if master == "running" else "false"}' in running

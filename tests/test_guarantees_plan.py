@@ -1016,8 +1016,8 @@ def test_a_host_that_never_had_a_release_is_named_so(tmp_path: Path) -> None:
     w.healthy = lambda host, release: host != "web2"
     outcome = w.rollout()
     assert not outcome.ok
-    assert w.history()[0]["note"] == (
-        f"switched hosts rolled back (web1 runs {OLD}, web2 runs {NEW})"
+    assert w.history()[0]["note"] == (  # web2 was not rolled back: said as it is
+        f"switched hosts rolled back (web1 runs {OLD}); web2 had no previous release: left on {NEW}"
     )
 
 
