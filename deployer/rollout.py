@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
-from deployer import migrating
+from deployer import diagnose, migrating
 from deployer.deploy_hooks import DeployHooks, performer
 from deployer.errors import BadInput, DeployerError, StepFailed
 from deployer.fleet import supervise
@@ -30,6 +31,8 @@ from deployer.lock import FleetLocks, Owner
 from deployer.migrating import run_migrations
 from deployer.remote import RemoteHost
 from deployer.session import FleetSession
+
+T = TypeVar("T")
 
 # --- the plan -------------------------------------------------------------------------
 
@@ -130,10 +133,11 @@ def switch_host(fleet: FleetSession, remote: RemoteHost, release: str, watch: fl
     state = remote.state() if remote.config.masters else None
     for role in remote.config.roles:
         t2 = time.monotonic()
+        explained = partial(_explained, remote, release, [role.name])  # a failure's cause
         if state is not None:
-            reload(fleet, remote, role.name, state)
+            explained(partial(reload, fleet, remote, role.name, state))
         t3 = time.monotonic()
-        result = remote.health(role.name)
+        result = explained(partial(remote.health, role.name))
         t4 = time.monotonic()
         who = "" if role.name is None else f"{role.name}: "
         probes = f", {result.probes} probe(s)" if result else " (no [health] configured)"
@@ -142,9 +146,21 @@ def switch_host(fleet: FleetSession, remote: RemoteHost, release: str, watch: fl
             f"health {t4 - t3:.2f}s",
             remote.name,
         )
-    watched = remote.watch(watch) if watch > 0 else None
+    roles = [r.name for r in remote.config.roles]
+    watched = _explained(remote, release, roles, partial(remote.watch, watch)) if watch else None
     if watched is not None:
         say(f"held up for {watched.seconds:g}s: no crash, every worker ready", remote.name)
+
+
+def _explained(
+    remote: RemoteHost, release: str, roles: list[str | None], step: Callable[[], T]
+) -> T:
+    """`step` (a reload, a health check, the watch), whose failure comes with what
+    the masters of `roles` saw of `release`'s workers."""
+    try:
+        return step()
+    except StepFailed as e:
+        raise diagnose.with_cause(remote, roles, release, e) from None
 
 
 def reload(fleet: FleetSession, remote: RemoteHost, role: str | None, state: HostState) -> None:

@@ -3,6 +3,7 @@ says what went wrong where, once, with the exit code DESIGN.md gives it."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from sshd import SSHTestHost
 def summary(out: str) -> str:
     """The failure summary a failed rollout ends with (after `rollout FAILED at`)."""
     assert "rollout FAILED at" in out, out
-    return out.split("rollout FAILED at", 1)[1]
+    plain = re.sub(r"^\d\d:\d\d:\d\d ", "", out, flags=re.MULTILINE)  # the time stamps
+    return plain.split("rollout FAILED at", 1)[1]
 
 
 def test_a_host_without_the_agent_says_so_once_and_exits_2(
@@ -97,3 +99,76 @@ def test_a_failed_first_deploy_says_where_it_left_the_host(
     assert f": host1 had no previous release: {left}\n" in proc.stdout, proc.stdout
     assert "rolled back" not in proc.stdout  # nothing was
     assert f'"master_running": {"true" if master == "running" else "false"}' in running
+
+
+# An app that ignores the socket the master hands it as fd 3: it says it is ready,
+# then (BIND_AFTER seconds later) binds OWN_ADDRESS itself and serves there.
+OWN_SOCKET = r"""
+import http.server, os, socket, time
+notify = os.environ["NOTIFY_SOCKET"]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"READY=1", "\0" + notify[1:] if notify.startswith("@") else notify)
+time.sleep(float(os.environ.get("BIND_AFTER", "0")))
+host, port = os.environ["OWN_ADDRESS"].rsplit(":", 1)
+server = http.server.HTTPServer((host, int(port)), http.server.BaseHTTPRequestHandler)
+print("serving on %s:%d" % server.server_address, flush=True)
+server.serve_forever()
+"""
+FD3 = (
+    "an app under the master must serve the socket it inherits as fd 3 (LISTEN_FDS=1), "
+    "not bind its own"
+)
+
+
+def own_socket_rollout(tmp_path: Path, host: SSHTestHost, env: str) -> tuple[str, str]:
+    """A first rollout of OWN_SOCKET with [env] `env`: its output, and the release."""
+    port = free_port()
+    env = env.replace("PORT", str(port))
+    p = make_project(tmp_path, [host], {"app.py": OWN_SOCKET}, extra=master_extra(port) + env)
+    try:
+        p.deployer("setup", check=True)
+        proc = p.deployer("rollout")
+    finally:
+        stop_masters([host])
+    assert proc.returncode == 1, proc.stdout
+    release = p.current(host)
+    assert release is not None
+    return summary(proc.stdout), release
+
+
+def test_workers_binding_the_masters_address_crash_and_are_shown(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost]
+) -> None:
+    h = ssh_hosts[0]
+    env = f'[env]\nOWN_ADDRESS = "{h.address}:PORT"\nBIND_AFTER = "1"\n'
+    why, release = own_socket_rollout(tmp_path, h, env)
+    assert "health check" in why and "no answer" in why, why
+    assert f"the workers of {release} exited " in why, why
+    assert "time(s), last exited with code 1 at " in why, why
+    assert f"] OSError: [Errno 98] Address already in use\n  {FD3}\n" in why, why
+
+
+def test_workers_serving_elsewhere_are_shown_with_the_fd3_hint(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost]
+) -> None:
+    h = ssh_hosts[0]
+    why, release = own_socket_rollout(tmp_path, h, '[env]\nOWN_ADDRESS = "127.0.0.1:0"\n')
+    assert "health check" in why and "no answer" in why, why
+    assert f"\n  no worker of {release} exited (2 of 2 ready); their last lines:\n" in why, why
+    assert why.count("\n    [worker ") == why.count("] serving on 127.0.0.1:") == 2, why
+    assert f"serving on 127.0.0.1:{why.split('127.0.0.1:')[-1].split()[0]}\n  {FD3}\n" in why
+
+
+def test_a_reload_failing_on_address_in_use_gets_the_fd3_hint(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost]
+) -> None:
+    h = ssh_hosts[0]
+    port = free_port()
+    extra = master_extra(port) + f'[env]\nOWN_ADDRESS = "{h.address}:{port}"\n'
+    with serving(tmp_path, [h], {"app.py": APP}, extra) as p:
+        commit(p.repo, {"app.py": OWN_SOCKET}, "v2 binds the master's address itself")
+        proc = p.deployer("rollout")
+    assert proc.returncode == 1, proc.stdout
+    why = summary(proc.stdout)
+    assert "master reload failed" in why, why
+    assert f"OSError: [Errno 98] Address already in use\n  {FD3}\n" in why, why
