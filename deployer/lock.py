@@ -224,8 +224,7 @@ class FleetLocks:
             name, holder = next(iter(busy.items()))
             raise LockHeld(describe(holder, f"host {name}"))
         if failures:
-            name, why = next(iter(failures.items()))
-            raise StepFailed(name, "lock", why)
+            raise self.fleet.first_error(failures)
 
     def _took_over(self, holder: LockOwner, where: str) -> None:
         """A lock whose holder is gone (killed, its machine lost): ours now. Its

@@ -98,8 +98,8 @@ class RemoteHost:
         except ValueError as e:
             raise StepFailed(self.name, call.op, f"garbled answer: {e}") from None
         if answer is None:
-            code = EXIT_BAD_INPUT if result.exit_code == EXIT_BAD_INPUT else EXIT_FAILED
-            raise StepFailed(self.name, call.op, self._no_answer(call, result), code)
+            why, code = self._no_answer(call, result)
+            raise StepFailed(self.name, call.op, why, code)
         return answer
 
     def _call_then(self, call: AgentCall, then: AgentCall) -> Any:
@@ -151,14 +151,18 @@ class RemoteHost:
         pyz = str(self.layout.pyz)
         return calls.zipapp(self.config.ssh.python, pyz, facts().sha256, *words)
 
-    def _no_answer(self, call: AgentCall, result: Result) -> str:
+    def _no_answer(self, call: AgentCall, result: Result) -> tuple[str, int]:
+        """Why the agent gave no result line, and the exit code that stands for: a host
+        not set up (no agent, another one) is bad configuration, not a failed step."""
         tail = result.stderr_tail(10) or result.stdout[-2000:]
         if result.exit_code == 127 and "cannot open the host agent" in tail:
-            return f"the host agent is not installed at {self.layout.pyz}: run `deployer setup`"
+            missing = f"the host agent is not installed at {self.layout.pyz}: run `deployer setup`"
+            return missing, EXIT_BAD_INPUT
         if result.exit_code == EXIT_BAD_INPUT and tail.startswith("deployer: "):
-            return tail.removeprefix("deployer: ")
+            return tail.removeprefix("deployer: "), EXIT_BAD_INPUT
         what = shlex.join([str(self.layout.pyz), "agent", call.op, *call.args])
-        return f"`{what}` exited with {result.exit_code}: {tail}"
+        code = EXIT_BAD_INPUT if result.exit_code == EXIT_BAD_INPUT else EXIT_FAILED
+        return f"`{what}` exited with {result.exit_code}: {tail}", code
 
     def install(self, bundle: Bundle) -> answers.SetupResult:
         """Check or create the layout, then install the agent zipapp and master.toml:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
-from deployer import migrating
+from deployer import diagnose, migrating
 from deployer.deploy_hooks import DeployHooks, performer
 from deployer.errors import BadInput, DeployerError, StepFailed
 from deployer.fleet import reload_master, supervise
@@ -30,6 +31,8 @@ from deployer.lock import FleetLocks, Owner
 from deployer.migrating import run_migrations
 from deployer.remote import RemoteHost
 from deployer.session import FleetSession
+
+T = TypeVar("T")
 
 # --- the plan -------------------------------------------------------------------------
 
@@ -136,10 +139,11 @@ def serve_host(fleet: FleetSession, remote: RemoteHost, watch: float, timed: str
     state = remote.state() if remote.config.masters else None
     for role in remote.config.roles:
         t2 = time.monotonic()
+        explained = partial(_explained, remote, release, [role.name])  # a failure's cause
         if state is not None:
-            reload(fleet, remote, role.name, state)
+            explained(partial(reload, fleet, remote, role.name, state))
         t3 = time.monotonic()
-        result = remote.health(role.name)
+        result = explained(partial(remote.health, role.name))
         t4 = time.monotonic()
         who = "" if role.name is None else f"{role.name}: "
         probes = f", {result.probes} probe(s)" if result else " (no [health] configured)"
@@ -147,9 +151,21 @@ def serve_host(fleet: FleetSession, remote: RemoteHost, watch: float, timed: str
             f"{who}healthy{probes}; {timed}reload {t3 - t2:.2f}s, health {t4 - t3:.2f}s",
             remote.name,
         )
-    watched = remote.watch(watch) if watch > 0 else None
+    roles = [r.name for r in remote.config.roles]
+    watched = _explained(remote, release, roles, partial(remote.watch, watch)) if watch else None
     if watched is not None:
         say(f"held up for {watched.seconds:g}s: no crash, every worker ready", remote.name)
+
+
+def _explained(
+    remote: RemoteHost, release: str, roles: list[str | None], step: Callable[[], T]
+) -> T:
+    """`step` (a reload, a health check, the watch), whose failure comes with what
+    the masters of `roles` saw of `release`'s workers."""
+    try:
+        return step()
+    except StepFailed as e:
+        raise diagnose.with_cause(remote, roles, release, e) from None
 
 
 def reload(fleet: FleetSession, remote: RemoteHost, role: str | None, state: HostState) -> None:
@@ -177,16 +193,42 @@ def revert(
     before: dict[str, str | None],
     names: Sequence[str],
 ) -> dict[str, str]:
-    """Put hosts back on the release they ran before, the same careful way."""
+    """Put hosts back on the release they ran before, the same careful way. A host
+    that ran none (its first deploy) stays as it is: returns what each such host was
+    left with."""
     targets = [n for n in names if before.get(n)]
-    for n in names:
-        if not before.get(n):
-            fleet.reporter.say("no previous release to go back to: left as is", n)
+    left = {
+        n: left_alone(fleet.remotes[n], fleet.switched_to.get(n))
+        for n in names
+        if not before.get(n)
+    }
+    for n, how in left.items():
+        fleet.reporter.say(f"no previous release to go back to: {how}", n)
     _, failures = fleet.each(targets, lambda r: switch_host(fleet, r, before[r.name] or ""))
     for n in targets:
         if n not in failures:
             fleet.reporter.say(f"rolled back to {before[n]}", n)
-    return failures
+    return left
+
+
+def left_alone(remote: RemoteHost, release: str | None) -> str:
+    """What a host with nothing to go back to is left with, as it is now: `current`
+    where the switch put it, and whether its master (each role's) runs."""
+    where = f"left on {release}" if release else "left with no release"
+    roles = [r.name for r in remote.config.masters]
+    if not roles:
+        return where
+    try:
+        state = remote.state()
+    except DeployerError as e:
+        return f"{where}; whether its master runs is unknown: {e}"
+
+    def runs(role: str | None) -> str:
+        return "running" if state.master_of(role).running else "not running"
+
+    if len(roles) == 1:
+        return f"{where}, its master {runs(roles[0])}"
+    return f"{where}, masters: " + ", ".join(f"{r} {runs(r)}" for r in roles)
 
 
 def record(fleet: FleetSession, entry: dict[str, Any], names: Sequence[str]) -> None:
@@ -465,19 +507,36 @@ def _abort(
 ) -> Outcome:
     if plan.on_failure == "rollback":
         fleet.reporter.say(f"rolling back {', '.join(touched) or 'nothing'}")
-        revert(fleet, before, touched)
-        outcome.rolled_back = bool(touched)
+        left = revert(fleet, before, touched)
+        rolled = [n for n in touched if n not in left]
+        outcome.rolled_back = bool(rolled)
         # what each host's `current` is now, whether or not its reload and health went well
         for n in touched:
             outcome.releases[n] = fleet.switched_to.get(n, before.get(n))
-        still = [n for n in touched if before.get(n) and outcome.releases[n] != before[n]]
-        runs = ", ".join(f"{n} runs {outcome.releases.get(n) or 'no release'}" for n in touched)
-        note = f"switched hosts rolled back ({runs})" + (
-            f"; rollback FAILED on {', '.join(still)}" if still else ""
-        )
+        note = rolled_back_note(outcome.releases, before, rolled, left)
     else:
         note = "halted: " + ", ".join(f"{n} runs {r}" for n, r in outcome.releases.items())
     return _finish(fleet, entry, outcome, failed, "switch", started, note)
+
+
+def rolled_back_note(
+    releases: dict[str, str | None],
+    before: dict[str, str | None],
+    rolled: list[str],
+    left: dict[str, str],
+) -> str:
+    """One sentence per kind of host: those put back (and where that failed), and
+    those with nothing to go back to, as they were left."""
+    parts = []
+    if rolled:
+        runs = ", ".join(f"{n} runs {releases.get(n) or 'no release'}" for n in rolled)
+        still = [n for n in rolled if releases[n] != before[n]]
+        parts.append(
+            f"switched hosts rolled back ({runs})"
+            + (f"; rollback FAILED on {', '.join(still)}" if still else "")
+        )
+    parts += [f"{n} had no previous release: {how}" for n, how in left.items()]
+    return "; ".join(parts) or "no host was switched"
 
 
 def _finish(
@@ -590,7 +649,7 @@ def _rollback(
     with FleetLocks(fleet, owner, then=calls.state()):
         states, failed = check_agents(fleet, names)
         if failed:
-            raise StepFailed(next(iter(failed)), "state", next(iter(failed.values())))
+            raise fleet.first_error(failed)
         plan = plan_rollback(fleet.inventory, states, to)
         oldest = min(plan.targets.values())
         rows = migrating.applied(fleet)

@@ -45,6 +45,7 @@ class FleetSession:
         self.remotes = {h.name: RemoteHost(h, self.pool.get(h)) for h in hosts}
         self.history = History(state_dir)
         self.exit_codes: dict[str, int] = {}  # host -> exit code of its last failure
+        self.errors: dict[str, DeployerError] = {}  # host -> its last failure, as raised
         # host -> the release its `current` was last switched to by this session
         self.switched_to: dict[str, str] = {}
         # the deploy locks held: a deployer.lock.FleetLocks (not imported: lock imports this)
@@ -159,7 +160,15 @@ class FleetSession:
         """Record a host's failure (its exit code counts for the command's); why, for a
         line that names the host once itself."""
         self.exit_codes[name] = error.exit_code
+        self.errors[name] = error
         return str(error).removeprefix(f"{name}: ")
+
+    def first_error(self, failures: dict[str, str]) -> DeployerError:
+        """The first failed host's error as it was raised, for a step that stops there:
+        its message already names the host and the step, its exit code is the host's
+        (wrapping the text again would say the step twice and lose the code)."""
+        name, why = next(iter(failures.items()))
+        return self.errors.get(name) or DeployerError(f"{name}: {why}")
 
     @property
     def exit_code(self) -> int:

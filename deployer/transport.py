@@ -48,6 +48,9 @@ Source = bytes | str | os.PathLike[str]  # file content, or a local path to read
 STDERR_TAIL_LINES = 20
 CHUNK = 64 * 1024
 KEEPALIVE_S = 15
+# A refused connection is a clear answer (no sshd there), retried only this long:
+# sshd restarting refuses for a moment; past that, say so, not a timeout later on.
+REFUSED_RETRY_S = 3.0
 STREAMED_TAIL = 1 << 20  # bytes of a streamed command's output kept for its Result
 MAX_LINE = 1 << 20  # a longer line reaches the line callback in parts
 
@@ -826,6 +829,7 @@ class SSHHost(Transport):
         attempts = 0
         started = time.monotonic()
         delays = Backoff(ssh.retry_deadline if retry else 0.0).delays()
+        refused_since: float | None = None  # refused since then, every attempt
         while True:
             attempts += 1
             conn = self._new_connection()
@@ -850,14 +854,22 @@ class SSHHost(Transport):
                 ) from None
             except (OSError, EOFError, paramiko.SSHException) as e:
                 conn.close()
+                now = time.monotonic()
+                if not _refused(e):
+                    refused_since = None
+                elif refused_since is None:
+                    refused_since = now
                 pause = next(delays, None)
-                if pause is None:
-                    waited = time.monotonic() - started
-                    raise TransportError(
-                        f"{self.name}: cannot connect to {where} "
-                        f"({attempts} attempts over {waited:.1f}s): {_reason(e)}"
-                    ) from None
+                refused_for = 0.0 if refused_since is None else now - refused_since
+                if pause is None or refused_for + pause > REFUSED_RETRY_S:
+                    tries = f"{attempts} attempts over {now - started:.1f}s"
+                    raise TransportError(self._unreachable(where, e, tries)) from None
                 time.sleep(pause)
+
+    def _unreachable(self, where: str, e: BaseException, tries: str) -> str:
+        if _refused(e):
+            return f"{self.name}: connection refused at {where} (no sshd listening? {tries})"
+        return f"{self.name}: cannot connect to {where} ({tries}): {_reason(e)}"
 
     def _close_quietly(self) -> None:
         if self._conn is not None:
@@ -1023,6 +1035,13 @@ def _tcp_socket(host: str, port: int, ssh: Any) -> socket.socket:
     if len(errors) == 1 and isinstance(next(iter(errors.values())), TimeoutError):
         raise next(iter(errors.values()))
     raise paramiko.ssh_exception.NoValidConnectionsError(errors)
+
+
+def _refused(e: BaseException) -> bool:
+    """Every address of the host refused the connection (paramiko wraps them)."""
+    inner = getattr(e, "errors", None)
+    errors = list(inner.values()) if isinstance(inner, dict) and inner else [e]
+    return all(isinstance(x, ConnectionRefusedError) for x in errors)
 
 
 def _reason(e: BaseException) -> str:

@@ -289,7 +289,7 @@ def test_host_lost_between_prepare_and_switch(sshd_fleet, project: Project) -> N
 
 def check_lost_host_outcome(project: Project, proc, before: dict, lost: SSHTestHost) -> None:
     assert proc.returncode == 1, proc.stdout
-    assert "cannot connect" in failure_of(proc.stdout, lost.name)
+    assert "connection refused at" in failure_of(proc.stdout, lost.name)  # its sshd is gone
     assert "rolling back" in proc.stdout
     assert {h.name: project.current(h) for h in project.hosts} == before
     # Released wherever reachable; the lost host keeps a lock whose holder is gone,
@@ -529,7 +529,7 @@ def test_agent_of_another_version_is_refused(project: Project) -> None:
     with zipfile.ZipFile(fake, "a") as zf:
         zf.writestr("deployer/agent/BUNDLE_ID", "0.0.1+old")
     proc = project.deployer("rollout")
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a host not set up for this controller: bad configuration
     # the host checks the zipapp's sha256 before it runs it: the changed one never ran
     assert "is not this controller's" in proc.stdout and "run `deployer setup`" in proc.stdout
     assert project.releases(project.hosts[0]) == []

@@ -106,6 +106,10 @@ def _parser(session: bool = False, only: str | None = None) -> argparse.Argument
     sp.add_argument("--socket", action="append", default=[], help="a master's control socket")
     sp.add_argument("--url", action="append", default=[], help="a health URL, probed every poll")
     sp.add_argument("--expect", type=int, action="append", default=[], help="each --url's status")
+    sp = with_root("workers")
+    sp.add_argument("--socket", required=True, help="the master's control socket")
+    sp.add_argument("--release", required=True, help="whose workers (a release name)")
+    sp.add_argument("--lines", type=int, default=6, help="the last N lines they wrote")
     sp = with_root("secrets")
     sp.add_argument("action", choices=SECRET_ACTIONS)
     sp.add_argument("key", nargs="?")
@@ -190,6 +194,8 @@ def run_op(args: argparse.Namespace) -> tuple:
         if len(args.expect) != len(args.url):
             raise ops.AgentError("watch: give one --expect for each --url")
         return ops.watch(args.seconds, args.socket, list(zip(args.url, args.expect)))
+    if args.op == "workers":
+        return ops.workers(layout, args.socket, args.release, args.lines)
     if args.op == "secrets":
         from deployer.agent.ops.secrets import secrets
 

@@ -210,6 +210,19 @@ class WatchResult(NamedTuple):
     probes: int  # health probes
 
 
+class WorkerReport(NamedTuple):
+    """Agent op `workers`: what a master saw of one release's workers, for a failure
+    that needs its cause (a health check nobody answered)."""
+
+    release: str  # the release's directory name
+    listen: str | None  # the master's listening socket (None: it has none)
+    ready: int  # the release's workers ready now
+    configured: int
+    crashes: int  # the release's worker crashes in the master's crash log
+    last_crash: str | None = None  # how the last one ended
+    lines: list[str] = []  # the last lines they wrote, each "[worker N pid P] text"
+
+
 class Secrets(NamedTuple):
     """The names of the secrets a host holds (never their values)."""
 

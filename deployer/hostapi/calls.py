@@ -220,6 +220,13 @@ def watch(
 SECRET_ACTIONS = ("set", "unset", "list")
 
 
+def workers(socket: str, release: str, lines: int, role: str | None = None) -> AgentCall:
+    """What `role`'s master (on `socket`) saw of `release`'s workers: crashes, how
+    many are ready, and the last `lines` lines they wrote to its log."""
+    args = ("--socket", socket, "--release", release, "--lines", str(lines), *_role(role))
+    return AgentCall("workers", args, answers.WorkerReport, deadline=20.0)
+
+
 def secrets(action: str, key: str | None = None) -> AgentCall:
     """`set KEY` takes the value on stdin: a secret is never on a command line."""
     if action not in SECRET_ACTIONS:

@@ -43,6 +43,7 @@ from deployer.master.readiness import (
     NotifySocket,
     ReadyPipe,
     SystemdNotifier,
+    how_to_signal,
     ready_pipe,
 )
 from deployer.master.reload import ReloadJob, Reloads
@@ -346,8 +347,8 @@ class Arbiter(Reloads, ControlHandlers):
 
     def not_ready_in_time(self, w: Worker) -> None:
         slot = self.slots.get(w.id)
-        reason = (
-            f"not ready within ready_timeout ({self.cfg.ready_timeout:g}s, ready {self.cfg.ready})"
+        reason = f"not ready within ready_timeout ({self.cfg.ready_timeout:g}s): " + how_to_signal(
+            self.cfg.ready.mode
         )
         if slot is not None and slot.replacement is w:
             slot.replacement = None

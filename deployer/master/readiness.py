@@ -25,6 +25,15 @@ CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 READY_FD_ENV = "DEPLOYER_READY_FD"
 
 
+def how_to_signal(mode: str) -> str:
+    """What a worker in `mode` must do to be ready: said when one never was."""
+    if mode == "notify":
+        return 'it must send READY=1 to the datagram socket in $NOTIFY_SOCKET (ready = "notify")'
+    if mode == "pipe":
+        return f'it must write READY=1 to the pipe whose fd is in ${READY_FD_ENV} (ready = "pipe")'
+    return f'ready = "{mode}"'
+
+
 @dataclass
 class Notification:
     pid: int

@@ -46,6 +46,7 @@ _WHERE = {
     "health": "probes",
     "status": "probes",
     "watch": "probes",
+    "workers": "probes",
     "_build": "release",
     "_disk_full": "release",
     "_extract": "release",

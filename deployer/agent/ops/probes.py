@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -193,3 +194,49 @@ def _check_master(socket: str, since: float) -> None:
             f"{status.get('ready')} of {status.get('configured')} workers ready "
             f"(master state {status.get('state')})"
         )
+
+
+WORKER_LABEL = re.compile(r"\[worker \d+ pid (\d+)\] ")  # master/log.py: a worker's line
+LOG_SCAN = 2000  # lines of the log looked through for the workers' last ones
+
+
+def workers(layout: Layout, socket: str, release: str, lines: int) -> answers.WorkerReport:
+    """What the master on `socket` saw of `release`'s workers: its crash log and
+    workers, and the last `lines` lines those wrote to its log (by their pids)."""
+    status = _master_status(socket)
+
+    def ours(entry: dict[str, Any]) -> bool:
+        return os.path.basename(str(entry.get("release") or "")) == release
+
+    crashes = [c for c in status.get("recent_crashes", []) if ours(c)]
+    live = [w for w in status.get("workers", []) if ours(w)]
+    pids = {str(x.get("pid")) for x in crashes + live}
+    last = crashes[-1] if crashes else None
+    return answers.WorkerReport(
+        release=release,
+        listen=status.get("listen"),
+        ready=sum(1 for w in live if w.get("state") == "ready"),
+        configured=status.get("configured", 0),
+        crashes=len(crashes),
+        last_crash=None if last is None else f"{last.get('how')} at {last.get('when')}",
+        lines=_lines_of(layout.master_log, pids, lines),
+    )
+
+
+def _lines_of(log: Any, pids: set[str], count: int) -> list[str]:
+    """The last `count` lines of `log` written by the workers with these pids, without
+    the log's timestamp."""
+    from deployer.agent.ops.day2 import _backlog, _open_log
+
+    f = _open_log(log)
+    if f is None or not pids:
+        return []
+    with f:
+        recent = _backlog(f, os.fstat(f.fileno()).st_size, LOG_SCAN, None)
+    found = []
+    for raw in recent:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        m = WORKER_LABEL.search(line)
+        if m is not None and m.group(1) in pids:
+            found.append(line[m.start() :])
+    return found[-count:]
