@@ -54,8 +54,7 @@ def _locked(fleet: FleetSession, action: str, body: Callable[[], Outcome]) -> Ou
         }  # fmt: skip
         states, failed = check_agents(fleet, fleet.names)
         if failed:
-            name, why = next(iter(failed.items()))
-            raise StepFailed(name, "state", why)
+            raise fleet.first_error(failed)
         outcome = body()
         outcome.releases = {n: s.current for n, s in states.items()}
         seconds = round(time.monotonic() - started, 2)

@@ -127,16 +127,24 @@ def switch_host(fleet: FleetSession, remote: RemoteHost, release: str, watch: fl
     remote.switch(release, [r.name for r in remote.config.roles])
     fleet.switched_to[remote.name] = release
     fleet.reporter.say(f"switch: current -> {release}", remote.name)
-    serve_host(fleet, remote, watch, f"switch {time.monotonic() - t0:.2f}s, ")
+    serve_host(fleet, remote, watch, f"switch {time.monotonic() - t0:.2f}s, ", release)
 
 
-def serve_host(fleet: FleetSession, remote: RemoteHost, watch: float, timed: str = "") -> None:
+def serve_host(
+    fleet: FleetSession,
+    remote: RemoteHost,
+    watch: float,
+    timed: str = "",
+    release: str | None = None,
+) -> None:
     """Every role's master on the host picks up `current` (reloaded, or started), its
     health checked, one role after the other; then all watched for `watch` seconds.
-    A rollout's switch does this after the flip; `deployer app reload` alone."""
+    A rollout's switch does this after the flip; `deployer app reload` alone.
+    `release`: what `current` names (a failure says what its workers did)."""
     say = fleet.reporter.say
     # which masters run: one state for every role of the host
     state = remote.state() if remote.config.masters else None
+    release = release or (state.current if state is not None else None) or ""
     for role in remote.config.roles:
         t2 = time.monotonic()
         explained = partial(_explained, remote, release, [role.name])  # a failure's cause
