@@ -13,6 +13,8 @@
   master.toml                         the master's options (written by `deployer setup`;
                                       master-<role>.toml for each role the host runs)
   .deployer/deployer.pyz              the host agent zipapp
+  .deployer/unit.json                 the systemd unit setup installed (unit-<role>.json)
+  .deployer/role-releases.json        the release each role was last switched to
   bin/deployer                        runs it, for operators: `bin/deployer master status`
 
 The controller builds every host path from this class too (a Layout of the
@@ -124,6 +126,11 @@ class Layout:
     @property
     def history(self) -> Path:
         return self.root / "history.jsonl"
+
+    @property
+    def unit_record(self) -> Path:
+        """What `deployer setup` installed for this role's master's boot (its unit)."""
+        return self.tools / ("unit.json" if self.role is None else f"unit-{self.role}.json")
 
     @property
     def role_releases(self) -> Path:

@@ -77,7 +77,6 @@ _WHERE = {
     "_start_unit": "units",
     "_Systemd": "units",
     "_systemd_booted": "units",
-    "_unit_record": "units",
     "_write_record": "units",
     "_boot_problem": "units",
     "boot_status": "units",

@@ -74,10 +74,6 @@ def _systemd_booted() -> bool:
     return os.path.isdir("/run/systemd/system")  # sd_booted(): systemd is PID 1
 
 
-def _unit_record(layout: Layout) -> Path:
-    return layout.tools / ("unit.json" if layout.role is None else f"unit-{layout.role}.json")
-
-
 def unit(layout: Layout, app: str, supervisor: str) -> answers.UnitResult:
     """The app's systemd unit (`deployer setup`): installed and enabled, so that a
     reboot brings the master back; where systemd runs, started (it takes over a
@@ -154,7 +150,7 @@ def _host_master_config(layout: Layout) -> Any:
 
 
 def _write_record(layout: Layout, record: dict[str, Any]) -> None:
-    trust.write_file(_unit_record(layout), (json.dumps(record, sort_keys=True) + "\n").encode())
+    trust.write_file(layout.unit_record, (json.dumps(record, sort_keys=True) + "\n").encode())
 
 
 def _remove_unit(sd: _Systemd, name: str, path: Path, wants: Path, notes: list[str]) -> bool:
@@ -230,7 +226,7 @@ def _start_unit(
 
 def boot_status(layout: Layout) -> answers.BootStatus:
     """Would the master come back after a reboot: the unit setup recorded, checked."""
-    record_path = _unit_record(layout)
+    record_path = layout.unit_record
     try:
         rec = json.loads(record_path.read_text())
         if not isinstance(rec, dict):
@@ -321,7 +317,7 @@ def lifecycle(layout: Layout, action: str) -> answers.Lifecycle:
         return answers.Lifecycle(action, changed)
     if action == "remove":
         removed = []
-        for path in (layout.master_config, _unit_record(layout), mark, layout.pidfile):
+        for path in (layout.master_config, layout.unit_record, mark, layout.pidfile):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(str(path))
