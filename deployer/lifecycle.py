@@ -34,8 +34,6 @@ from deployer.remote import RemoteHost
 from deployer.rollout import Outcome, check_agents, serve_host, split_batches
 from deployer.session import FleetSession
 
-ACTIONS = ("reload", "stop", "start", "scale", "remove")
-
 
 def _locked(fleet: FleetSession, action: str, body: Callable[[], Outcome]) -> Outcome:
     """`body` under the deploy lock, its outcome recorded in history."""
