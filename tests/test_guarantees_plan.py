@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ class FakeHost:
             raise StepFailed(self.name, "prepare", "build exited with 3")
         self.releases.append(release)
 
-    def switch(self, release: str) -> None:
+    def switch(self, release: str, roles: Sequence[str | None] = ()) -> None:
         self.world.log.append(("switch", self.name, release))
         if (self.name, release) in self.world.switch_fails:
             raise StepFailed(self.name, "switch", "disk full")
