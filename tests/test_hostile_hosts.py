@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import os
 import pwd
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -448,3 +450,28 @@ def test_config_diff_never_reads_a_layout_file_through_a_symlink(
     assert "SECRET-LINE" not in setup and not toml.is_symlink()
     assert "SECRET-LINE" in secret.read_text()
     assert project.deployer("config", "--diff").returncode == 0
+
+
+def test_a_secrets_file_planted_as_a_link_is_refused(
+    tmp_path: Path, ssh_hosts: list[SSHTestHost]
+) -> None:
+    """shared/.deployer-secrets.json as a link to another file of the deploy user's:
+    its keys are never listed, nor handed to workers; `secrets set` writes nothing."""
+    hosts = ssh_hosts[:1]
+    project = project_at(tmp_path, hosts, f"{hosts[0].root.parent}/{{host}}")
+    project.deployer("setup", check=True)
+    secrets = hosts[0].root / "shared" / ".deployer-secrets.json"
+    elsewhere = hosts[0].root.parent / "someone-elses.json"
+    elsewhere.write_text('{"ELSEWHERE_KEY": "x"}')
+    secrets.symlink_to(elsewhere)
+    listed = project.deployer("secrets", "list")
+    out = listed.stdout + listed.stderr
+    assert listed.returncode != 0 and f"{secrets} is a symlink" in out, out
+    assert "ELSEWHERE_KEY" not in out and "Traceback" not in out
+    proc = subprocess.run(
+        [sys.executable, "-m", "deployer", "-i", str(project.inventory), "secrets", "set", "K"],
+        input="v\n", capture_output=True, text=True, cwd=project.repo, timeout=60,
+        env={**os.environ, "DEPLOYER_STATE_DIR": str(project.state)},
+    )  # fmt: skip
+    assert proc.returncode != 0 and "is a symlink" in proc.stdout + proc.stderr
+    assert secrets.is_symlink() and elsewhere.read_text() == '{"ELSEWHERE_KEY": "x"}'

@@ -40,23 +40,35 @@ class EnvFile(NamedTuple):
     dropped: tuple[str, ...]  # reserved names the file held, left out
 
 
+def load_secrets(path: str) -> dict[str, str]:
+    """The secrets file at `path` as it is ({} if missing), read as every layout file
+    is (trust.read_file: never through a link, the deploy user's own, 1 MiB at most):
+    a link planted in shared/ would hand another file's content to the workers."""
+    from pathlib import Path
+
+    from deployer.hostapi import trust
+
+    try:
+        data = json.loads(trust.read_file(Path(path), 1 << 20).decode())
+    except FileNotFoundError:
+        return {}
+    except trust.UntrustedPath as e:
+        raise EnvFileError(f"env_file {e}") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        why = e.strerror if isinstance(e, OSError) else "not valid JSON"
+        raise EnvFileError(f"env_file {path}: {why}") from None
+    if not isinstance(data, dict):
+        raise EnvFileError(f"env_file {path}: not a JSON object")
+    return {str(k): str(v) for k, v in data.items()}
+
+
 def read_env_file(path: str) -> EnvFile:
     """The variables of the secrets file at `path` (none if it is missing).
 
     Reserved names are left out and listed in `dropped`: `deployer secrets set`
     refuses them, so one here was written by hand or by an older deployer, and it
     must reach neither a worker nor a `deployer exec` command."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return EnvFile({}, ())
-    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-        why = e.strerror if isinstance(e, OSError) else "not valid JSON"
-        raise EnvFileError(f"env_file {path}: {why}") from None
-    if not isinstance(data, dict):
-        raise EnvFileError(f"env_file {path}: not a JSON object")
-    values = {str(k): str(v) for k, v in data.items()}
+    values = load_secrets(path)
     dropped = tuple(sorted(k for k in values if reserved(k)))
     return EnvFile({k: v for k, v in values.items() if k not in dropped}, dropped)
 

@@ -16,14 +16,9 @@ def secrets(layout: Layout, action: str, key: str | None) -> answers.Secrets:
     printed, answered or put in a message."""
     path = layout.secrets
     try:
-        with open(path) as f:
-            values = json.load(f)
-        if not isinstance(values, dict):
-            raise ValueError
-    except FileNotFoundError:
-        values = {}
-    except ValueError:
-        raise AgentError(f"{path} is not a JSON object: fix or remove it") from None
+        values = workerenv.load_secrets(str(path))
+    except workerenv.EnvFileError as e:
+        raise AgentError(f"{e}: fix or remove it") from None
     changed = False
     if action in ("set", "unset"):
         if not key or not workerenv.is_name(key):
