@@ -26,6 +26,7 @@ from typing import Any
 from deployer.errors import BadInput, StepFailed
 from deployer.fleet import supervise
 from deployer.hostapi import calls
+from deployer.hostapi.answers import HostState
 from deployer.hostapi.layout import utc_stamp
 from deployer.hostapi.options import to_toml
 from deployer.inventory import master_label
@@ -34,9 +35,13 @@ from deployer.remote import RemoteHost
 from deployer.rollout import Outcome, check_agents, serve_host, split_batches
 from deployer.session import FleetSession
 
+Body = Callable[[dict[str, HostState]], Outcome]  # an action, given each host's state
 
-def _locked(fleet: FleetSession, action: str, body: Callable[[], Outcome]) -> Outcome:
-    """`body` under the deploy lock, its outcome recorded in history."""
+
+def _locked(fleet: FleetSession, action: str, body: Body) -> Outcome:
+    """`body` under the deploy lock, with each host's state as read right after it
+    was taken (one call a host: the agent's version is checked in it); its outcome
+    recorded in history."""
     from deployer.deploy_hooks import performer
 
     inv = fleet.inventory
@@ -53,7 +58,7 @@ def _locked(fleet: FleetSession, action: str, body: Callable[[], Outcome]) -> Ou
         states, failed = check_agents(fleet, fleet.names)
         if failed:
             raise fleet.first_error(failed)
-        outcome = body()
+        outcome = body(states)
         outcome.releases = {n: s.current for n, s in states.items()}
         seconds = round(time.monotonic() - started, 2)
         entry.update(
@@ -71,16 +76,27 @@ def _locked(fleet: FleetSession, action: str, body: Callable[[], Outcome]) -> Ou
     return outcome
 
 
-def _each_master(fleet: FleetSession, fn: Callable[[RemoteHost, str | None], None]) -> Outcome:
-    """`fn(remote, role)` for every role with a master on every host, hosts in parallel."""
+def _each_host(fleet: FleetSession, step: str, fn: Callable[[RemoteHost, HostState], None]) -> Body:
+    """`fn(remote, state)` on every host in parallel; a host that fails fails `step`."""
 
-    def host(remote: RemoteHost) -> None:
+    def body(states: dict[str, HostState]) -> Outcome:
+        _, failed = fleet.each(fleet.names, lambda remote: fn(remote, states[remote.name]))
+        return Outcome(ok=not failed, failed=failed, step=step if failed else None)
+
+    return body
+
+
+def _each_master(
+    fleet: FleetSession, fn: Callable[[RemoteHost, str | None, HostState], None]
+) -> Body:
+    """`fn(remote, role, state)` for every role with a master, hosts in parallel."""
+
+    def host(remote: RemoteHost, state: HostState) -> None:
         for role in remote.config.roles:
             if remote.master_for(role.name) is not None:
-                fn(remote, role.name)
+                fn(remote, role.name, state)
 
-    _, failed = fleet.each(fleet.names, host)
-    return Outcome(ok=not failed, failed=failed, step="master" if failed else None)
+    return _each_host(fleet, "master", host)
 
 
 def reload(fleet: FleetSession) -> Outcome:
@@ -90,7 +106,7 @@ def reload(fleet: FleetSession) -> Outcome:
     keeps its old workers serving."""
     r = fleet.inventory.rollout
 
-    def body() -> Outcome:
+    def body(_states: dict[str, HostState]) -> Outcome:
         for batch in split_batches(fleet.names, r.canary, r.batch):
             _, failed = fleet.each(batch, lambda remote: serve_host(fleet, remote, r.watch))
             if failed:
@@ -104,17 +120,17 @@ def stop(fleet: FleetSession) -> Outcome:
     """Each master drains its workers and exits; the stop mark keeps it down."""
     say = fleet.reporter.say
 
-    def one(remote: RemoteHost, role: str | None) -> None:
+    def one(remote: RemoteHost, role: str | None, state: HostState) -> None:
         remote.lifecycle("stop", role)
         who = master_label(role)
-        if not remote.state().master_of(role).running:
+        if not state.master_of(role).running:
             say(f"{who} not running; marked stopped", remote.name)
             return
         remote.stop_master(role)
         say(f"{who} stopped (its workers drained); stays down until `deployer app start`",
             remote.name)  # fmt: skip
 
-    return _locked(fleet, "stop", lambda: _each_master(fleet, one))
+    return _locked(fleet, "stop", _each_master(fleet, one))
 
 
 def start(fleet: FleetSession) -> Outcome:
@@ -122,9 +138,8 @@ def start(fleet: FleetSession) -> Outcome:
     release `current` names), its health checked."""
     say = fleet.reporter.say
 
-    def one(remote: RemoteHost, role: str | None) -> None:
+    def one(remote: RemoteHost, role: str | None, state: HostState) -> None:
         remote.lifecycle("start", role)
-        state = remote.state()
         who = master_label(role)
         if state.current is None:
             raise StepFailed(remote.name, "start", "no release yet: `deployer rollout` first")
@@ -138,7 +153,7 @@ def start(fleet: FleetSession) -> Outcome:
         if result is not None:
             say(f"{who} healthy, {result.probes} probe(s)", remote.name)
 
-    return _locked(fleet, "start", lambda: _each_master(fleet, one))
+    return _locked(fleet, "start", _each_master(fleet, one))
 
 
 def scale(fleet: FleetSession, workers: int) -> Outcome:
@@ -154,24 +169,20 @@ def scale(fleet: FleetSession, workers: int) -> Outcome:
         raise BadInput(f"scale: name one role with --roles (these hosts run {', '.join(roles)})")
     role = roles[0] if roles else None
 
-    def one(remote: RemoteHost) -> None:
+    def one(remote: RemoteHost, state: HostState) -> None:
         master = remote.master_for(role)
         if master is None:
             return  # the host does not run that role
         scaled = dataclasses.replace(master, workers=workers)
         remote.call(calls.setup(master_toml=to_toml(scaled), role=role))
         who = master_label(role)
-        if remote.state().master_of(role).running:
+        if state.master_of(role).running:
             remote.scale_master(workers, role)
             say(f"{who} scaled to {workers} workers (master.toml too)", remote.name)
         else:
             say(f"{who} not running: master.toml says {workers} workers", remote.name)
 
-    def body() -> Outcome:
-        _, failed = fleet.each(fleet.names, one)
-        return Outcome(ok=not failed, failed=failed, step="scale" if failed else None)
-
-    return _locked(fleet, "scale", body)
+    return _locked(fleet, "scale", _each_host(fleet, "scale", one))
 
 
 def remove(fleet: FleetSession, purge: bool) -> Outcome:
@@ -181,8 +192,7 @@ def remove(fleet: FleetSession, purge: bool) -> Outcome:
     if purge and fleet.role_names and set(fleet.role_names) != set(fleet.inventory.roles):
         raise BadInput("remove --purge deletes deploy_to, every role's: not with --roles")
 
-    def one(remote: RemoteHost) -> None:
-        state = remote.state()
+    def one(remote: RemoteHost, state: HostState) -> None:
         for role in remote.config.roles:
             who = master_label(role.name)
             if state.master_of(role.name).running:
@@ -195,11 +205,7 @@ def remove(fleet: FleetSession, purge: bool) -> Outcome:
                 say(f"  {note}", remote.name)
             remote.lifecycle("remove", role.name)
 
-    def body() -> Outcome:
-        _, failed = fleet.each(fleet.names, one)
-        return Outcome(ok=not failed, failed=failed, step="remove" if failed else None)
-
-    outcome = _locked(fleet, "remove", body)
+    outcome = _locked(fleet, "remove", _each_host(fleet, "remove", one))
     if purge and outcome.ok:  # after the host locks are released: they live in deploy_to
 
         def gone(remote: RemoteHost) -> None:
