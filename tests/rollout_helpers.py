@@ -147,6 +147,23 @@ def make_project(
     return Project(repo, inventory, tmp_path / "state", hosts)
 
 
+def unit_record(host: SSHTestHost, role: str | None = None) -> Path:
+    """Where setup records the unit it installed for `role`'s master on the host."""
+    from deployer.hostapi.layout import Layout
+
+    return Layout.at(host.root, role).unit_record
+
+
+def remove_unit(host: SSHTestHost, role: str | None = None) -> None:
+    """The test user's home is shared by every test: leave no unit of ours behind."""
+    import json
+
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        record = json.loads(unit_record(host, role).read_text())
+        for key in ("wants", "path"):
+            Path(record[key]).unlink(missing_ok=True)
+
+
 def stop_masters(hosts: list[SSHTestHost]) -> None:
     """End the masters the rollouts started (by the pid in each host's pidfile)."""
     pids = []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from master_helpers import control, free_port, pid_alive
-from rollout_helpers import APP, Project, master_extra, serving
+from rollout_helpers import APP, Project, master_extra, remove_unit, serving
 from sshd import SSHTestHost
 
 from deployer.loadgen import Load
@@ -31,11 +31,7 @@ def deployed(tmp_path: Path, ssh_hosts: list[SSHTestHost], port: int) -> Iterato
             yield project
     finally:
         for h in hosts:  # the units setup installed in the login user's home
-            record = h.root / ".deployer" / "unit.json"
-            if record.exists():
-                unit = json.loads(record.read_text())
-                for key in ("wants", "path"):
-                    Path(unit[key]).unlink(missing_ok=True)
+            remove_unit(h)
 
 
 def workers(host: SSHTestHost) -> set[int]:

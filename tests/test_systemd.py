@@ -12,7 +12,6 @@ DEPLOYER_SYSTEMD_ROOT (conftest.py), never in the machine's /etc.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pwd
@@ -47,8 +46,10 @@ from rollout_helpers import (
     make_project,
     make_repo,
     master_extra,
+    remove_unit,
     roles_extra,
     stop_masters,
+    unit_record,
     with_roles,
 )
 from sshd import SSHTestHost
@@ -292,24 +293,10 @@ class Installed:
         return env
 
 
-def unit_record(host: SSHTestHost, role: str | None = None) -> Path:
-    return host.root / ".deployer" / ("unit.json" if role is None else f"unit-{role}.json")
-
-
 def installed(host: SSHTestHost, role: str | None = None) -> Installed:
     record = json.loads(unit_record(host, role).read_text())
     path = Path(record["path"])
     return Installed(record["unit"], path, path.read_text(), record["user"])
-
-
-def remove_unit(host: SSHTestHost, role: str | None = None) -> None:
-    """The test user's home is shared by every test: leave no unit of ours behind."""
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        record = json.loads(unit_record(host, role).read_text())
-        with contextlib.suppress(FileNotFoundError):
-            Path(record["wants"]).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            Path(record["path"]).unlink()
 
 
 class Notifications:
