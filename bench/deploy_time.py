@@ -54,10 +54,17 @@ def inventory_extra(port: int) -> str:
     )
 
 
+SHOW = False  # --show: print each timed command's output
+
+
 def timed(project, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
     began = time.monotonic()
     proc = project.deployer(*args, timeout=900)
-    return time.monotonic() - began, proc
+    seconds = time.monotonic() - began
+    if SHOW:
+        print(f"--- deployer {' '.join(args)}: {seconds:.2f} s, exit {proc.returncode}")
+        print(proc.stdout + proc.stderr, flush=True)
+    return seconds, proc
 
 
 def under_load(project, port: int, *args: str):
@@ -111,7 +118,10 @@ def main() -> int:
     p.add_argument("--hosts", type=int, default=2)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--show", action="store_true", help="print each timed command's output")
     args = p.parse_args()
+    global SHOW
+    SHOW = args.show
     if os.geteuid() != 0:
         print("bench/deploy_time.py: needs root (the sshd hosts' login user)", file=sys.stderr)
         return 2

@@ -268,6 +268,8 @@ def rollout(
             f"--deploy-id {deploy_id!r}: expected an id like 20260101120000-abc1234-0042"
         )
     with open_fleet(ctx, patterns, lock_wait) as session:
+        if not dry_run:
+            session.open_all()  # the handshakes go on while the revision is resolved
         session.verbose = verbose
         inv = session.inventory
         repo = repo_path or (str(expand_path(inv.app.repo, inv.path)) if inv.app.repo else ".")

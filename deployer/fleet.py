@@ -152,15 +152,14 @@ def reload_master(
 
     def line(text: str) -> None:
         text = RELEASE_PATH.sub(r"\1", text)
+        kept.append(text)  # the summary counts them
         if verbose:
             say(f"{tag}: {text}", remote.name)
-        else:
-            kept.append(text)
 
     try:
         remote.reload_master(on_line=line, role=role)
     except BaseException:
-        for text in kept:
+        for text in [] if verbose else kept:
             say(f"{tag}: {text}", remote.name)
         raise
     say(f"{tag}: {reload_summary(kept)}", remote.name)

@@ -177,7 +177,7 @@ class HealthConfig:
     expect_status: int = key(integer(minimum=100, maximum=599), 200)
     timeout: float = key(number(), 30.0)
     passes: int = key(integer(minimum=1, maximum=MAX_PASSES), 3)
-    interval: float = key(number(), 0.5)
+    interval: float = key(number(), 0.2)
 
 
 @dataclass(frozen=True)
@@ -190,14 +190,19 @@ class MigrationsConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    batch: tuple[int | str, ...] = key(batch, (1,))
+    # after the canary, the rest at once: each host's master still replaces its
+    # workers new-before-old, so no host loses capacity (a ramp like [2, "50%"] or
+    # batch = 1 exposes fewer hosts at a time)
+    batch: tuple[int | str, ...] = key(batch, ("100%",))
     canary: int = key(integer(minimum=0, maximum=MAX_HOSTS), 1)
     max_failed: int | str = key(max_failed, 0)
     on_failure: str = key(choice("rollback", "halt"), "rollback")
     parallel: int = key(integer(minimum=1, maximum=MAX_PARALLEL), 10)
-    # seconds each switched batch (the canary too) is watched: a worker crash, a
-    # worker not ready or a failing health probe in that time fails the batch
-    watch: float = key(checks.seconds(0.0, inclusive=True), 10.0)
+    # seconds from its switch the canary batch is watched before any other host
+    # switches: a worker crash, a worker not ready or a failing health probe in that
+    # time fails it. Later batches are looked at again (every crash since their own
+    # switch) as the next ones switch and at the end, not waited for one by one.
+    watch: float = key(checks.seconds(0.0, inclusive=True), 5.0)
 
 
 @dataclass(frozen=True)

@@ -204,8 +204,8 @@ class KeeperStream(Stream):
     def exit_code(self, wait: float) -> tuple[int, str]:
         self.pump.join(wait)
         info = self.ended
-        if info is None:
-            self.host.lost = "the connection to deployer's keeper dropped"
+        if info is None:  # the keeper, not the host: the next connection is as any other
+            self.relay_gone = True
             return -1, "deployer's keeper went away (no exit status received)"
         if info.get("dropped"):
             self.host.lost = "the connection dropped"
@@ -240,9 +240,9 @@ def open_session(host: SSHHost, argv: list[str] | tuple[str, ...]) -> KeeperStre
     except (OSError, ValueError):
         sock.close()
         return None  # a keeper that cannot answer: the command goes direct
-    if not isinstance(reply, dict):
+    if not isinstance(reply, dict) or reply.get("going"):
         sock.close()
-        return None
+        return None  # no keeper that stays: the command goes direct
     if not reply.get("ok"):
         sock.close()
         error = str(reply.get("error", "the keeper could not open the session"))
@@ -363,6 +363,10 @@ class Keeper:
             return
         with self.lock:
             self.persist = float(header.get("persist") or self.persist)
+            going = self.stopping
+        if going:  # no session from a keeper on its way out: the command goes direct
+            conn.sendall(b'{"ok": false, "going": true}\n')
+            return
         host = self.host(header["host"], header["argv"])
         # as in a command of its own: after a drop, one attempt to reconnect, no backoff
         host.lost = None if header.get("retry", True) else host.lost or "the connection dropped"

@@ -32,7 +32,14 @@ from deployer.hostapi.options import to_toml
 from deployer.inventory import master_label
 from deployer.lock import FleetLocks, Owner
 from deployer.remote import RemoteHost
-from deployer.rollout import Outcome, check_agents, serve_host, split_batches
+from deployer.rollout import (
+    Outcome,
+    check_agents,
+    look_again,
+    looked_at,
+    serve_host,
+    split_batches,
+)
 from deployer.session import FleetSession
 
 Body = Callable[[dict[str, HostState]], Outcome]  # an action, given each host's state
@@ -107,8 +114,12 @@ def reload(fleet: FleetSession) -> Outcome:
     r = fleet.inventory.rollout
 
     def body(_states: dict[str, HostState]) -> Outcome:
-        for batch in split_batches(fleet.names, r.canary, r.batch):
-            _, failed = fleet.each(batch, lambda remote: serve_host(fleet, remote, r.watch))
+        batches = split_batches(fleet.names, r.canary, r.batch)
+        for i, batch in enumerate(batches):
+            watch = r.watch if i == 0 else 0.0  # the canary's, as in a rollout
+            _, failed = fleet.each(batch, lambda remote, w=watch: serve_host(fleet, remote, w))
+            on = [n for n in fleet.switched_at if n not in failed]
+            failed.update(look_again(fleet, looked_at(i, len(batches), bool(r.watch), batch, on)))
             if failed:
                 return Outcome(ok=False, failed=failed, step="reload")
         return Outcome(ok=True)

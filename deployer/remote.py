@@ -32,6 +32,9 @@ class RemoteHost:
     # Why the host stopped answering, once it missed a deadline: its further steps
     # (a rollback, cleanup) fail at once instead of each waiting out its own.
     unreachable: str | None = None
+    # where a step says what happened to it beside its answer (a retry): the fleet's
+    # reporter, with the host's name
+    notice: LineCallback | None = None
 
     @property
     def name(self) -> str:
@@ -115,11 +118,16 @@ class RemoteHost:
         the agent's stream and result line, as a one-shot call's Result would hold them."""
         session_argv = calls.session(self.config.ssh.python, self.layout, facts().sha256)
         try:
-            with self.transport.agent_session(session_argv) as session:
-                rid = session.send(call.words(self.layout), stdin)
-                if then is not None:
-                    session.send_ahead(then.words(self.layout))
-                out = session.receive(rid, forward, call.deadline)
+            try:
+                out = self._request(session_argv, call, stdin, forward, then)
+            except SessionEnded as e:
+                if not (e.relay_gone and call.repeatable):
+                    raise
+                # deployer's keeper died with the call in flight, not the host: the same
+                # call again on a fresh session (through a new keeper, or directly)
+                if self.notice is not None:
+                    self.notice(f"deployer's keeper went away during {call.op}: asked again")
+                out = self._request(session_argv, call, stdin, forward)
         except SessionEnded as e:
             if e.lost:  # the connection dropped, or the agent was killed
                 raise StepFailed(
@@ -138,6 +146,21 @@ class RemoteHost:
                 raise StepFailed(self.name, call.op, self.unreachable) from None
             raise
         return Result(self.name, tuple(call.words(self.layout)), 0, out, "")
+
+    def _request(
+        self,
+        session_argv: list[str],
+        call: AgentCall,
+        stdin: Stdin,
+        forward: LineCallback,
+        then: AgentCall | None = None,
+    ) -> str:
+        """One request on an agent session (`then` sent right behind it): its output."""
+        with self.transport.agent_session(session_argv) as session:
+            rid = session.send(call.words(self.layout), stdin)
+            if then is not None:
+                session.send_ahead(then.words(self.layout))
+            return session.receive(rid, forward, call.deadline)
 
     def _open_session(self) -> None:
         """Connect and start the host's agent session ahead of its first call (the
@@ -220,14 +243,15 @@ class RemoteHost:
         url, expect = (None, 200) if health is None else (health.url, health.expect_status)
         return self.call(calls.status(socket, url, expect, timeout, window, role))
 
-    def watch(self, seconds: float) -> answers.WatchResult | None:
+    def watch(self, seconds: float, window: float = 0.0) -> answers.WatchResult | None:
         """Watch every role's master (crashes, workers not ready) and health check on
-        the host for `seconds`, in one call; None if it has none of them."""
+        the host for `seconds`, in one call, counting the crashes of the `window`
+        seconds before; None if it has none of them."""
         sockets = [str(m.socket) for r in self.config.roles if (m := self.master_for(r.name))]
         urls = [(r.health.url, r.health.expect_status) for r in self.config.roles if r.health]
         if not sockets and not urls:
             return None
-        return self.call(calls.watch(seconds, sockets, urls))
+        return self.call(calls.watch(seconds, sockets, urls, window))
 
     def secrets(self, action: str, key: str | None = None, value: str | None = None):
         """`value` (for set) goes on the agent's stdin, never its command line."""

@@ -22,7 +22,7 @@ from deployer.deploy_hooks import DeployHooks, performer
 from deployer.errors import BadInput, DeployerError, StepFailed
 from deployer.fleet import reload_master, supervise
 from deployer.history import private_state
-from deployer.hostapi import calls
+from deployer.hostapi import answers, calls
 from deployer.hostapi.answers import HostState
 from deployer.hostapi.exits import EXIT_FAILED, EXIT_OK
 from deployer.hostapi.layout import release_name, utc_stamp
@@ -33,6 +33,7 @@ from deployer.remote import RemoteHost
 from deployer.session import FleetSession
 
 T = TypeVar("T")
+Masters = HostState | answers.SwitchResult  # which masters of a host run: master_of(role)
 
 # --- the plan -------------------------------------------------------------------------
 
@@ -75,7 +76,9 @@ class Plan:
     max_failed: int
     on_failure: str
     parallel: int
-    watch: float = 0.0  # seconds each switched batch is watched before the next one
+    # seconds from its switch the first batch (the canary) is watched before any other
+    # host switches; later batches are looked at again as the next ones switch
+    watch: float = 0.0
 
     @property
     def hosts(self) -> list[str]:
@@ -96,8 +99,13 @@ class Plan:
         for i, b in enumerate(self.batches, 1):
             label = "canary batch" if i == 1 and len(self.batches) > 1 else f"batch {i}"
             moves = ", ".join(f"{h} -> {self.targets[h]}" for h in b)
-            watch = f"; watch {self.watch:g}s" if self.watch else ""
+            watch = f"; watch {self.watch:g}s from its switch" if self.watch and i == 1 else ""
             lines.append(f"  switch {label}: {moves}; reload master; check health{watch}")
+        if len(self.batches) > 1 or not self.watch:
+            lines.append(
+                "  after each later batch and at the end: every switched host looked at "
+                "again (a crash since its switch, a worker not ready, a failing probe)"
+            )
         if self.action == "rollout":
             lines.append("  3. migrations: contract; prune old releases; record history")
         lines.append(f"  on failure: {self.on_failure} (hosts allowed to fail: {self.max_failed})")
@@ -122,12 +130,13 @@ class Outcome:
 
 def switch_host(fleet: FleetSession, remote: RemoteHost, release: str, watch: float = 0) -> None:
     """Flip `current` once, then for each role on the host reload its master and
-    check its health, one role after the other; then watch them all: one host's switch."""
-    t0 = time.monotonic()
-    remote.switch(release, [r.name for r in remote.config.roles])
+    check its health, one role after the other; then watch them all until `watch`
+    seconds after the flip: one host's switch."""
+    t0 = fleet.switched_at[remote.name] = time.monotonic()
+    flipped = remote.switch(release, [r.name for r in remote.config.roles])
     fleet.switched_to[remote.name] = release
     fleet.reporter.say(f"switch: current -> {release}", remote.name)
-    serve_host(fleet, remote, watch, f"switch {time.monotonic() - t0:.2f}s, ", release)
+    serve_host(fleet, remote, watch, f"switch {time.monotonic() - t0:.2f}s, ", release, flipped)
 
 
 def serve_host(
@@ -136,20 +145,25 @@ def serve_host(
     watch: float,
     timed: str = "",
     release: str | None = None,
+    masters: Masters | None = None,
 ) -> None:
     """Every role's master on the host picks up `current` (reloaded, or started), its
-    health checked, one role after the other; then all watched for `watch` seconds.
+    health checked, one role after the other; then all watched until `watch` seconds
+    after the switch (or this reload) began, every crash since counted.
     A rollout's switch does this after the flip; `deployer app reload` alone.
-    `release`: what `current` names (a failure says what its workers did)."""
+    `release`: what `current` names (a failure says what its workers did);
+    `masters`: which of them run, as the flip answered (else one state call)."""
     say = fleet.reporter.say
-    # which masters run: one state for every role of the host
-    state = remote.state() if remote.config.masters else None
-    release = release or (state.current if state is not None else None) or ""
+    began = fleet.switched_at.setdefault(remote.name, time.monotonic())
+    if masters is None and remote.config.masters:  # one state for every role of the host
+        state = remote.state()
+        masters, release = state, release or state.current
+    release = release or ""
     for role in remote.config.roles:
         t2 = time.monotonic()
         explained = partial(_explained, remote, release, [role.name])  # a failure's cause
-        if state is not None:
-            explained(partial(reload, fleet, remote, role.name, state))
+        if masters is not None and remote.config.masters:
+            explained(partial(reload, fleet, remote, role.name, masters))
         t3 = time.monotonic()
         result = explained(partial(remote.health, role.name))
         t4 = time.monotonic()
@@ -159,10 +173,45 @@ def serve_host(
             f"{who}healthy{probes}; {timed}reload {t3 - t2:.2f}s, health {t4 - t3:.2f}s",
             remote.name,
         )
+    if watch:
+        since = time.monotonic() - began
+        watched = _look(remote, release, round(max(0.0, watch - since), 2), since)
+        if watched is not None:
+            say(f"held up {watch:g}s: no crash, every worker ready", remote.name)
+
+
+def _look(
+    remote: RemoteHost, release: str, seconds: float, since: float
+) -> answers.WatchResult | None:
+    """Watch the host's masters and health URLs for `seconds`, a crash in the `since`
+    seconds before counted too."""
     roles = [r.name for r in remote.config.roles]
-    watched = _explained(remote, release, roles, partial(remote.watch, watch)) if watch else None
-    if watched is not None:
-        say(f"held up for {watched.seconds:g}s: no crash, every worker ready", remote.name)
+    return _explained(remote, release, roles, partial(remote.watch, seconds, since))
+
+
+def look_again(fleet: FleetSession, names: Sequence[str]) -> dict[str, str]:
+    """Each host of `names` looked at once more, at once: a crash since its switch (its
+    master keeps every crash on record, so this watch went on while later batches
+    switched), a worker not ready or a failing health probe fails it. The failures."""
+
+    def look(remote: RemoteHost) -> None:
+        since = time.monotonic() - fleet.switched_at.get(remote.name, time.monotonic())
+        _look(remote, fleet.switched_to.get(remote.name, ""), 0.0, since)
+
+    return fleet.each(names, look)[1]
+
+
+def looked_at(
+    index: int, count: int, watched: bool, batch: Sequence[str], on: list[str]
+) -> list[str]:
+    """Who is looked at again once batch `index` (of `count`) switched, of the hosts
+    `on` the new release: the earlier batches' (their watch ran on beside this
+    switch), and after the last batch this one's too, unless it was the first and
+    `watched` for its full window already."""
+    earlier = [n for n in on if n not in batch]
+    if index < count - 1:
+        return earlier
+    return earlier if index == 0 and watched else on
 
 
 def _explained(
@@ -176,7 +225,7 @@ def _explained(
         raise diagnose.with_cause(remote, roles, release, e) from None
 
 
-def reload(fleet: FleetSession, remote: RemoteHost, role: str | None, state: HostState) -> None:
+def reload(fleet: FleetSession, remote: RemoteHost, role: str | None, state: Masters) -> None:
     """`role`'s master picks up `current`: reloaded, or started if `state` says it
     does not run."""
     if remote.master_for(role) is None:
@@ -449,19 +498,23 @@ def _rollout(
         touched: list[str] = []
         reverted: set[str] = set()  # tolerated failures, already put back
 
-        def switch(remote: RemoteHost) -> None:
+        def switch(remote: RemoteHost, watch: float) -> None:
             touched.append(remote.name)
-            switch_host(fleet, remote, release, plan.watch)
+            switch_host(fleet, remote, release, watch)
 
         def on_new_release() -> list[str]:
             return [n for n in touched if n not in reverted]
 
         try:
-            for batch in plan.batches:
+            for i, batch in enumerate(plan.batches):
                 todo = [n for n in batch if n not in failed]
-                _, bad = fleet.each(todo, switch)
+                watch = plan.watch if i == 0 else 0.0  # the canary's, before any other switches
+                _, bad = fleet.each(todo, lambda r, w=watch: switch(r, w))
                 for n in todo:
                     outcome.releases[n] = release
+                on = [n for n in on_new_release() if n not in bad and n not in failed]
+                again = looked_at(i, len(plan.batches), bool(plan.watch), todo, on)
+                bad.update(look_again(fleet, again))
                 failed.update(bad)
                 if len(failed) > plan.max_failed:
                     return _abort(
@@ -603,16 +656,17 @@ def plan_rollback(inventory: Inventory, states: dict[str, HostState], to: str | 
         reject_missing_release(states, targets)
     r = inventory.rollout
     names = list(targets)
+    # Back to releases these hosts ran: no canary, and no watch to wait out (the
+    # batches keep the fleet's capacity); every host is looked at again at the end.
     return Plan(
         action="rollback",
         app=inventory.app.name,
         revision=None,
         targets=targets,
-        batches=tuple(tuple(b) for b in split_batches(names, r.canary, r.batch)),
+        batches=tuple(tuple(b) for b in split_batches(names, 0, r.batch)),
         max_failed=0,
         on_failure="halt",
         parallel=r.parallel,
-        watch=r.watch,
     )
 
 
@@ -686,12 +740,12 @@ def _rollback(
         }
         outcome = Outcome(ok=False, releases=dict(before))
         fleet.history.append({**entry, "result": "running"})
-        for batch in plan.batches:
-            _, bad = fleet.each(
-                batch, lambda r: switch_host(fleet, r, plan.targets[r.name], plan.watch)
-            )
+        for i, batch in enumerate(plan.batches):
+            _, bad = fleet.each(batch, lambda r: switch_host(fleet, r, plan.targets[r.name]))
             for n in batch:
                 outcome.releases[n] = plan.targets[n]
+            on = [n for n in fleet.switched_to if n not in bad]
+            bad.update(look_again(fleet, looked_at(i, len(plan.batches), False, batch, on)))
             if bad:
                 revert(fleet, before, list(bad))
                 for n in bad:

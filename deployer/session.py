@@ -12,6 +12,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,20 @@ class FleetSession:
 
         self.pool = HostPool(relay=keeper.open_session)  # for hosts with [ssh] persist
         self.remotes = {h.name: RemoteHost(h, self.pool.get(h)) for h in hosts}
+        for remote in self.remotes.values():
+            remote.notice = partial(self._notice, remote.name)
         self.history = History(state_dir)
         self.exit_codes: dict[str, int] = {}  # host -> exit code of its last failure
         self.errors: dict[str, DeployerError] = {}  # host -> its last failure, as raised
         # host -> the release its `current` was last switched to by this session
         self.switched_to: dict[str, str] = {}
+        # host -> when (time.monotonic) that switch, or a reload without one, began
+        self.switched_at: dict[str, float] = {}
         # the deploy locks held: a deployer.lock.FleetLocks (not imported: lock imports this)
         self.locks: Any = None
+
+    def _notice(self, host: str, text: str) -> None:
+        self.reporter.say(text, host)  # the reporter of now: the CLI may replace it
 
     def __enter__(self) -> FleetSession:
         return self

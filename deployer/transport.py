@@ -359,11 +359,21 @@ class CommandTimeout(TransportError):
 class SessionEnded(TransportError):
     """An agent session ended before it answered: the process exited (`exit_code`:
     BOOTSTRAP refused the agent, it is not installed...) or the connection dropped
-    (exit_code -1; `lost` says how)."""
+    (exit_code -1; `lost` says how). `relay_gone`: what went away was the relay of the
+    session (deployer's keeper), not the host's connection or its agent."""
 
-    def __init__(self, message: str, exit_code: int, stdout: str, stderr: str, lost: str = ""):
+    def __init__(
+        self,
+        message: str,
+        exit_code: int,
+        stdout: str,
+        stderr: str,
+        lost: str = "",
+        relay_gone: bool = False,
+    ):
         super().__init__(message)
         self.exit_code, self.stdout, self.stderr, self.lost = exit_code, stdout, stderr, lost
+        self.relay_gone = relay_gone
 
 
 # Pieces of stdout (lines, a long one cut at CHUNK) read ahead of their consumer: a
@@ -381,6 +391,7 @@ class Stream(ABC):
         self.err = _Output(None, STREAMED_TAIL)
         self.eof = False
         self.closed = False  # nobody reads any more: the reader stops waiting to hand on
+        self.relay_gone = False  # its end was the relay's (the keeper died), not the host's
 
     def _pump_lines(self, readline: Callable[[int], bytes]) -> None:
         try:
@@ -606,6 +617,7 @@ class AgentSession:
                     text,
                     self.stream.err.text(),
                     lost,
+                    self.stream.relay_gone,
                 )
             whole = self.at_line_start and raw.endswith(b"\n")
             self.at_line_start = raw.endswith(b"\n")

@@ -22,8 +22,10 @@ import pytest
 
 from deployer import transport
 from deployer.agent.session import serve
+from deployer.errors import StepFailed
 from deployer.hostapi import answers, calls
 from deployer.hostapi.layout import Layout
+from deployer.remote import RemoteHost
 from deployer.transport import CommandTimeout, LocalHost, SessionEnded
 
 REPO = Path(__file__).resolve().parent.parent
@@ -290,7 +292,8 @@ def test_a_session_cut_in_the_middle_of_a_switch_fails_that_host_and_rolls_back(
     victim = project.hosts[2]
 
     def cut_host3(hit: int) -> None:
-        if hit == 3:  # batches of one: host1, host2, then host3's probe, in flight now
+        # batches of one: the first probe once host3 switched is its own, in flight now
+        if not cut and project.current(victim) != before[victim.name]:
             cut.extend(sshd_sessions(sshd_fleet, victim))
             for pid in cut:
                 os.kill(pid, signal.SIGKILL)
@@ -484,3 +487,85 @@ def test_a_stream_reads_at_most_a_few_pieces_ahead_of_its_reader() -> None:
     reader.close()
     pump.join(timeout=3)
     assert not pump.is_alive()
+
+
+# --- a keeper that went away (issue 27) ------------------------------------------------
+
+
+class KeeperGoneOnce(LocalHost):
+    """A host whose first agent session dies in its first call the way one relayed
+    by a SIGKILLed keeper does (no exit status: the relay went away); the sessions
+    after it are real agent sessions."""
+
+    def __init__(self) -> None:
+        super().__init__("web1")
+        self.opened = 0
+
+    def open_stream(self, argv: list[str] | tuple[str, ...]) -> transport.Stream:
+        self.opened += 1
+        if self.opened > 1:
+            return super().open_stream(AGENT + ["session"])
+        reads_then_dies = "import os, sys; sys.stdin.readline(); os.kill(os.getpid(), 9)"
+        stream = super().open_stream([sys.executable, "-c", reads_then_dies])
+        stream.relay_gone = True
+        return stream
+
+
+def one_host(tmp_path: Path, host: LocalHost) -> tuple[RemoteHost, list[str]]:
+    from deployer import inventory
+
+    path = tmp_path / "inventory.toml"
+    path.write_text(
+        f'[app]\nname = "shop"\ndeploy_to = "{tmp_path / "app"}"\n'
+        '[hosts.web1]\naddress = "127.0.0.1"\n'
+    )
+    said: list[str] = []
+    remote = RemoteHost(inventory.load(path).hosts["web1"], host)
+    remote.notice = said.append
+    return remote, said
+
+
+def test_a_repeatable_call_is_asked_again_when_its_keeper_went_away(tmp_path: Path) -> None:
+    host = KeeperGoneOnce()
+    remote, said = one_host(tmp_path, host)
+    try:
+        state = remote.state()
+    finally:
+        host.close()
+    assert state.root == str(tmp_path / "app") and host.opened == 2
+    assert said == ["deployer's keeper went away during state: asked again"]
+
+
+def test_a_call_that_may_have_half_run_is_not_asked_again(tmp_path: Path) -> None:
+    """prepare (a pack on stdin, a build) is not repeatable: its failure says it may
+    or may not have completed, as when the host's own connection drops."""
+    host = KeeperGoneOnce()
+    remote, said = one_host(tmp_path, host)
+    try:
+        with pytest.raises(StepFailed) as e:
+            remote.call(calls.prepare("a" * 40, "20260101000000-aaaaaaa", (), None))
+    finally:
+        host.close()
+    assert "connection lost while running it (it may or may not have completed)" in str(e.value)
+    assert said == [] and host.opened == 1
+
+
+def test_a_retried_record_and_lock_change_nothing_more(tmp_path: Path) -> None:
+    """What makes record and lock repeatable: the host keeps an entry once, and takes
+    its lock again for the owner that holds it."""
+    from deployer.agent import ops
+    from deployer.agent.ops.lock import lock
+
+    layout = Layout.at(str(tmp_path / "app"))
+    entry = {"id": "r1", "result": "ok", "note": "é"}
+    for _ in range(2):
+        ops.record(layout, entry)
+    ops.record(layout, {**entry, "id": "r2"})
+    ops.record(layout, entry)  # an entry like an older one, but after another: written
+    ids = [json.loads(line)["id"] for line in layout.history.read_text().splitlines()]
+    assert ids == ["r1", "r2", "r1"]
+    owner = answers.LockOwner("o1", app="shop")
+    assert lock(layout, "acquire", owner).done
+    assert lock(layout, "acquire", owner) == answers.LockAnswer(True, None)
+    other = lock(layout, "acquire", answers.LockOwner("o2", app="shop"))
+    assert not other.done and other.holder is not None and other.holder.id == "o1"

@@ -134,6 +134,11 @@ ANSWERS = [
     STATE._replace(master=answers.MasterState(False), current=None, releases=[]),
     answers.PrepareResult("20260101000000-aaaaaaa", "/srv/shop/releases/x", 1.5, 1234, "pack"),
     answers.SwitchResult(None, "20260101000000-aaaaaaa"),
+    answers.SwitchResult(
+        "20260101000000-aaaaaaa",
+        "20260102000000-bbbbbbb",
+        {"": answers.MasterState(True, 42, "/s/m.sock"), "worker": answers.MasterState(False)},
+    ),
     answers.PruneResult(["20250101000000-bbbbbbb"], ["20260101000000-aaaaaaa"]),
     answers.HealthResult("http://x/health", 3, 200),
     answers.Recorded(),
@@ -362,7 +367,7 @@ def test_remote_host_builds_every_path_from_the_layout() -> None:
     )
     remote.cpus = 3
     # "auto" workers: the host's own CPU count (from its state), not a guess
-    assert remote._master_timeout(None) == 3 * (60.0 + 1.0) + 30.0 + 30
+    assert remote._master_timeout(None) == 3 * (60.0 + 0.5) + 30.0 + 30
 
 
 def test_a_roles_files_are_named_after_it() -> None:
@@ -382,6 +387,10 @@ def test_a_roles_files_are_named_after_it() -> None:
     assert calls.watch(5.0, ["/s/a.sock", "/s/b.sock"], [("http://h/health", 200)]).args == (
         "--seconds", "5.0", "--socket", "/s/a.sock", "--socket", "/s/b.sock",
         "--url", "http://h/health", "--expect", "200",
+    )  # fmt: skip
+    # a look again: no wait, every crash of the 4.25 s since the host's switch counts
+    assert calls.watch(0, ["/s/a.sock"], [], window=4.251).args == (
+        "--seconds", "0", "--window", "4.25", "--socket", "/s/a.sock",
     )  # fmt: skip
 
 

@@ -120,10 +120,15 @@ def test_replacement_dying_during_its_soak_aborts_the_reload(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("batch", "at_once"),
+    [("2", 2), ("50%", 2), (None, 4)],  # None: the default, every worker at once
+)
 def test_reload_batch_boots_that_many_replacements_at_a_time(
-    masters: Masters, releases: Releases
+    masters: Masters, releases: Releases, batch: str | None, at_once: int
 ) -> None:
-    m = masters.start(cwd=releases.current, workers=4, options=("--reload-batch", "2"))
+    options = () if batch is None else ("--reload-batch", batch)
+    m = masters.start(cwd=releases.current, workers=4, options=options)
     old = worker_pids(m)
     releases.make("r2", BOOT_DELAY="1")
     releases.switch("r2")
@@ -143,7 +148,7 @@ def test_reload_batch_boots_that_many_replacements_at_a_time(
             candidates.discard(worker)  # promoted: it serves in its slot now
         most_booting = max(most_booting, len(booting))
         most_candidates = max(most_candidates, len(candidates))
-    assert most_booting == 2, reload.answers
+    assert most_booting == at_once, reload.answers
     assert most_candidates <= 4, reload.answers
     assert releases_of(m) == {"r2"} and not old & worker_pids(m)
     assert len(m.ready_workers()) == 4

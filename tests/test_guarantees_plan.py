@@ -71,11 +71,13 @@ class FakeHost:
             raise StepFailed(self.name, "prepare", "build exited with 3")
         self.releases.append(release)
 
-    def switch(self, release: str, roles: Sequence[str | None] = ()) -> None:
+    def switch(self, release: str, roles: Sequence[str | None] = ()) -> answers.SwitchResult:
         self.world.log.append(("switch", self.name, release))
         if (self.name, release) in self.world.switch_fails:
             raise StepFailed(self.name, "switch", "disk full")
-        self.current = release
+        previous, self.current = self.current, release
+        masters = {r or "": answers.MasterState(self.master_running) for r in roles}
+        return answers.SwitchResult(previous, release, masters)
 
     def health(self, role: str | None = None) -> answers.HealthResult:
         self.world.log.append(("health", self.name, self.current))
@@ -87,7 +89,7 @@ class FakeHost:
             raise StepFailed(self.name, "health", "got 503, expected 200")
         return answers.HealthResult("http://x/health", 1, 200)
 
-    def watch(self, seconds: float) -> answers.WatchResult:
+    def watch(self, seconds: float, window: float = 0.0) -> answers.WatchResult:
         self.world.log.append(("watch", self.name, seconds))
         if (self.name, self.current) in self.world.watch_fails:
             raise StepFailed(self.name, "watch", "worker 1 crashed (exited with code 3)")
@@ -304,24 +306,38 @@ def test_a_later_batch_failing_rolls_the_earlier_batches_back(tmp_path: Path) ->
     assert sorted(w.switched()[3:]) == [("web1", OLD), ("web2", OLD), ("web3", OLD)]
 
 
-def test_every_batch_is_watched_before_the_next_one(tmp_path: Path) -> None:
-    w = World(tmp_path, 3, "[rollout]\ncanary = 1\nbatch = 2\nwatch = 7.5\n")
+def test_the_canary_is_watched_before_any_other_host_switches(tmp_path: Path) -> None:
+    """Only the canary's watch is waited out; each later batch is looked at again
+    (seconds = 0: every crash since its switch) once the next one switched, and
+    every host at the end."""
+    w = World(tmp_path, 4, "[rollout]\ncanary = 1\nbatch = 1\nwatch = 7.5\n")
     assert w.rollout().ok
-    order = [(e[0], e[1]) for e in w.log if e[0] in ("switch", "watch")]
-    assert order[:2] == [("switch", "web1"), ("watch", "web1")]  # before batch 2 starts
-    assert sorted(order[2:]) == [("switch", "web2"), ("switch", "web3"),
-                                 ("watch", "web2"), ("watch", "web3")]  # fmt: skip
-    assert all(order.index(("switch", h)) < order.index(("watch", h)) for h in ("web2", "web3"))
-    assert {e[2] for e in w.log if e[0] == "watch"} == {7.5}
+    order = [e[:3] if e[0] == "watch" else e[:2] for e in w.log if e[0] in ("switch", "watch")]
+    assert order[:3] == [("switch", "web1"), ("watch", "web1", 7.5), ("switch", "web2")]
+    assert order[3:6] == [("watch", "web1", 0), ("switch", "web3"), ("watch", "web1", 0)]
+    assert order[6] == ("watch", "web2", 0)  # batch 2's watch went on beside batch 3
+    assert order[7] == ("switch", "web4")
+    assert sorted(order[8:]) == [("watch", h, 0) for h in w.hosts]  # the end: every host
 
 
-def test_a_batch_failing_its_watch_is_rolled_back(tmp_path: Path) -> None:
+def test_a_canary_failing_its_watch_switches_no_other_host(tmp_path: Path) -> None:
+    w = World(tmp_path, 3, "[rollout]\nwatch = 5\n")
+    w.watch_fails = {("web1", NEW)}
+    outcome = w.rollout()
+    assert not outcome.ok and outcome.failed.keys() == {"web1"}
+    assert w.currents() == dict.fromkeys(w.hosts, OLD)
+    assert w.switched() == [("web1", NEW), ("web1", OLD)]
+
+
+def test_a_later_batch_failing_when_looked_at_again_rolls_back_all(tmp_path: Path) -> None:
+    """web2 crashes after its health check: seen once web3 switched beside its watch;
+    everything switched goes back."""
     w = World(tmp_path, 3, "[rollout]\ncanary = 1\nbatch = 1\nwatch = 5\n")
     w.watch_fails = {("web2", NEW)}
     outcome = w.rollout()
     assert not outcome.ok and outcome.failed.keys() == {"web2"}
     assert w.currents() == dict.fromkeys(w.hosts, OLD)
-    assert ("web3", NEW) not in w.switched()
+    assert w.switched()[:3] == [("web1", NEW), ("web2", NEW), ("web3", NEW)]
 
 
 def test_halt_leaves_every_host_where_it_is(tmp_path: Path) -> None:
@@ -562,6 +578,8 @@ def test_plan_renders_what_it_will_do(tmp_path: Path) -> None:
         f"  switch canary batch: web1 -> {NEW}; reload master; check health",
         f"  switch batch 2: web2 -> {NEW}; reload master; check health",
         f"  switch batch 3: web3 -> {NEW}; reload master; check health",
+        "  after each later batch and at the end: every switched host looked at again "
+        "(a crash since its switch, a worker not ready, a failing probe)",
         "  3. migrations: contract; prune old releases; record history",
         "  on failure: rollback (hosts allowed to fail: 0)",
     ]
@@ -963,17 +981,26 @@ def test_a_rollback_refuses_hosts_it_cannot_read(tmp_path: Path) -> None:
     assert w.switched() == []
 
 
-def test_a_rollback_watches_each_batch(tmp_path: Path) -> None:
+def test_a_rollback_waits_out_no_watch_and_looks_at_every_host(tmp_path: Path) -> None:
+    """Back to releases that ran: no canary, no watch to wait out; the default batch
+    switches every host at once, and each is looked at again at the end."""
     w = rolled_out(tmp_path, 2)
     w.inventory = w.fleet.inventory = World(tmp_path / "w", 2, "[rollout]\nwatch = 3\n").inventory
-    rollout.run_rollback(w.fleet, None, dry_run=False)
-    assert [e for e in w.log if e[0] == "watch"] == [("watch", "web1", 3.0), ("watch", "web2", 3.0)]
+    plan, _ = rollout.run_rollback(w.fleet, None, dry_run=False)
+    assert plan.batches == (("web1", "web2"),)
+    assert sorted(e for e in w.log if e[0] == "watch") == [
+        ("watch", "web1", 0),
+        ("watch", "web2", 0),
+    ]
 
 
-def test_no_watch_when_watch_is_zero(tmp_path: Path) -> None:
+def test_no_wait_when_watch_is_zero(tmp_path: Path) -> None:
     w = World(tmp_path, 2, ROLLOUT)
     assert w.rollout().ok
-    assert not [e for e in w.log if e[0] == "watch"]
+    assert sorted(e for e in w.log if e[0] == "watch") == [
+        ("watch", "web1", 0),
+        ("watch", "web2", 0),
+    ]
     w = World(tmp_path / "b", 1, "[rollout]\nwatch = 0.5\n")
     assert w.rollout().ok
     assert [e for e in w.log if e[0] == "watch"] == [("watch", "web1", 0.5)]
@@ -1024,8 +1051,12 @@ def test_a_host_that_never_had_a_release_is_named_so(tmp_path: Path) -> None:
 def test_plan_text_of_two_batches_and_a_watch(tmp_path: Path) -> None:
     w = World(tmp_path, 2, "[rollout]\ncanary = 1\nbatch = 1\nwatch = 7.5\n")
     text = rollout.plan_rollout(w.inventory, ["web1", "web2"], SHA).render()
-    assert f"  switch canary batch: web1 -> {NEW}; reload master; check health; watch 7.5s" in text
-    assert f"  switch batch 2: web2 -> {NEW}; reload master; check health; watch 7.5s" in text
+    canary = f"  switch canary batch: web1 -> {NEW}; reload master; check health; watch 7.5s from"
+    assert (
+        f"{canary} its switch\n  switch batch 2: web2 -> {NEW}; reload master; check health\n"
+        in text
+    )
+    assert "after each later batch and at the end: every switched host looked at again" in text
 
 
 def test_missing_release_names_what_each_host_has(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def test_expansion_and_defaults(tmp_path: Path) -> None:
     assert web2.health.url == "http://10.0.0.2:3000/health"
     assert web2.port == 2222 and inv.hosts["web1"].port == 22
     assert inv.app.deploy_to == "/srv/{host}"  # the shared template stays unexpanded
-    assert inv.rollout.batch == (1,) and inv.rollout.on_failure == "rollback"
+    assert inv.rollout.batch == ("100%",) and inv.rollout.on_failure == "rollback"
     assert inv.master.workers == "auto" and inv.ssh.trust_new_hosts is False
 
 
@@ -365,3 +365,21 @@ def test_every_shipped_inventory_loads_as_is(path: Path, stage: str | None) -> N
     proc = subprocess.run([*argv, "hosts"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert all(name in proc.stdout for name in inv.hosts), proc.stdout
+
+
+def test_reload_batch_is_a_count_or_a_share_of_the_workers(tmp_path: Path) -> None:
+    from deployer.hostapi import checks
+
+    assert checks.reload_batch(3) == 3 and checks.reload_batch("50%") == "50%"
+    assert [checks.share_of(b, 4) for b in (1, "25%", "50%", "100%", "10%")] == [1, 1, 2, 4, 1]
+    for bad in (0, "0%", "150%", "half", True, 2.5):
+        with pytest.raises(checks.Invalid, match='or a percentage like "50%"'):
+            checks.reload_batch(bad)
+    with pytest.raises(InventoryError, match=r"\[master\] reload_batch: expected a positive"):
+        inventory.load(
+            write(tmp_path, GOOD.replace("[master]\n", '[master]\nreload_batch = "x"\n'))
+        )
+    # the default is not written into master.toml: an older master reads no "100%"
+    cfg = inventory.load(write(tmp_path, GOOD)).hosts["web1"].master_config()
+    assert cfg is not None and cfg.reload_batch == "100%"
+    assert "reload_batch" not in options.to_toml(cfg)

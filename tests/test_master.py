@@ -95,7 +95,8 @@ def test_twenty_reloads_in_a_loop_under_load_zero_failures(
 def test_next_replacement_boots_while_the_previous_one_soaks(
     masters: Masters, releases: Releases
 ) -> None:
-    m = masters.start(cwd=releases.current, workers=3, options=("--ready-soak", "1"))
+    options = ("--ready-soak", "1", "--reload-batch", "1")
+    m = masters.start(cwd=releases.current, workers=3, options=options)
     answers = m.request({"cmd": "reload"}, timeout=30)
     assert answers[-1]["ok"], answers
     events = [(a["event"], a["worker"]) for a in answers if "worker" in a]
@@ -199,9 +200,9 @@ def test_bad_release_never_ready_times_out_and_is_killed(
 def test_failed_reload_converts_already_replaced_slots_back(
     masters: Masters, releases: Releases
 ) -> None:
-    m = masters.start(cwd=releases.current, workers=3)
+    m = masters.start(cwd=releases.current, workers=3, options=("--reload-batch", "1"))
     # The 3rd worker of this release crashes at boot. It boots once slot 1's
-    # replacement has soaked and slot 1 is converted.
+    # replacement has soaked and slot 1 is converted (one worker at a time).
     releases.make("flaky", CRASH_AFTER_BOOTS="2")
     releases.switch("flaky")
     with Load(m.port, duration=30) as load:

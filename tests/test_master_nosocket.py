@@ -253,7 +253,8 @@ def test_reload_replaces_every_worker_one_at_a_time_and_cuts_no_job(
     rel.make("r1")
     rel.switch("r1")
     env = {"BOOT_DELAY": "0.3", "JOB_SECONDS": "0.2"}  # jobs are in flight at every SIGTERM
-    m = start_consumers(masters, consumer, jobs, workers=3, cwd=rel.current, env=env)
+    extra = ("--reload-batch", "1")
+    m = start_consumers(masters, consumer, jobs, workers=3, cwd=rel.current, env=env, extra=extra)
     old = worker_pids(m)
     wait_jobs(jobs, old, n=1)
     rel.make("r2")

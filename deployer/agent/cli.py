@@ -103,6 +103,9 @@ def _parser(session: bool = False, only: str | None = None) -> argparse.Argument
     sp.add_argument("--expect", type=int, default=200)
     sp = with_root("watch")
     sp.add_argument("--seconds", type=float, required=True)
+    sp.add_argument(
+        "--window", type=float, default=0.0, help="crashes in the seconds before it count too"
+    )
     sp.add_argument("--socket", action="append", default=[], help="a master's control socket")
     sp.add_argument("--url", action="append", default=[], help="a health URL, probed every poll")
     sp.add_argument("--expect", type=int, action="append", default=[], help="each --url's status")
@@ -193,7 +196,8 @@ def run_op(args: argparse.Namespace) -> tuple:
     if args.op == "watch":
         if len(args.expect) != len(args.url):
             raise ops.AgentError("watch: give one --expect for each --url")
-        return ops.watch(args.seconds, args.socket, list(zip(args.url, args.expect)))
+        urls = list(zip(args.url, args.expect))
+        return ops.watch(args.seconds, args.socket, urls, args.window)
     if args.op == "workers":
         return ops.workers(layout, args.socket, args.release, args.lines)
     if args.op == "secrets":

@@ -191,6 +191,23 @@ class PrepareResult(NamedTuple):
 class SwitchResult(NamedTuple):
     previous: str | None
     current: str
+    # each switched role's master as the flip left it ("": the implicit role): the
+    # reload that follows needs no state call of its own
+    masters: dict[str, MasterState] = {}
+
+    def master_of(self, role: str | None) -> MasterState:
+        return self.masters.get(role or "") or MasterState(running=False)
+
+    def to_json(self) -> dict[str, Any]:
+        out = self._asdict()
+        out["masters"] = {r: m._asdict() for r, m in self.masters.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SwitchResult:
+        data = dict(data)
+        data["masters"] = {r: _load(MasterState, m) for r, m in (data.get("masters") or {}).items()}
+        return _load(cls, data)
 
 
 class PruneResult(NamedTuple):

@@ -71,6 +71,10 @@ class AgentCall(NamedTuple):
     # Wall-clock seconds the controller waits for the answer: a host that stops
     # answering (a frozen sshd) fails its step instead of hanging the command.
     deadline: float = 60.0
+    # the same call again changes nothing more (a lookup, a switch to a named
+    # release, a record the host keeps once): retried once on a fresh session when
+    # the keeper relaying it went away before its answer came
+    repeatable: bool = False
 
     def words(self, layout: Layout) -> list[str]:
         """What follows `agent`: the op and its arguments, as the agent's parser reads
@@ -103,7 +107,7 @@ def session(python: str, layout: Layout, digest: str) -> list[str]:
 
 
 def version() -> AgentCall:
-    return AgentCall("version", (), answers.Version, root=False)
+    return AgentCall("version", (), answers.Version, root=False, repeatable=True)
 
 
 def _role(role: str | None) -> tuple[str, ...]:
@@ -144,7 +148,7 @@ def lifecycle(action: str, role: str | None = None) -> AgentCall:
 
 def state(role: str | None = None) -> AgentCall:
     """The releases, and the master of `role` (None: the implicit one)."""
-    return AgentCall("state", _role(role), answers.HostState)
+    return AgentCall("state", _role(role), answers.HostState, repeatable=True)
 
 
 def status(
@@ -163,7 +167,7 @@ def status(
         args += ("--socket", socket)
     if url:
         args += ("--url", url, "--expect", str(expect))
-    return AgentCall("status", args, answers.HostStatus, deadline=timeout)
+    return AgentCall("status", args, answers.HostStatus, deadline=timeout, repeatable=True)
 
 
 def prepare(
@@ -189,32 +193,40 @@ def switch(release: str, roles: Sequence[str | None] = ()) -> AgentCall:
     args = ("--release", release)
     for role in roles:
         args += ("--for-role", role or "")
-    return AgentCall("switch", args, answers.SwitchResult)
+    return AgentCall("switch", args, answers.SwitchResult, repeatable=True)
 
 
 def prune(keep: int) -> AgentCall:
-    return AgentCall("prune", ("--keep", str(keep)), answers.PruneResult)
+    return AgentCall("prune", ("--keep", str(keep)), answers.PruneResult, repeatable=True)
 
 
 def health(url: str, expect: int, timeout: float, passes: int, interval: float) -> AgentCall:
     args = ("--url", url, "--expect", str(expect), "--timeout", str(timeout))
     args += ("--passes", str(passes), "--interval", str(interval))
     # the host keeps `timeout` itself (deployer/agent/ops.py): this is the backstop
-    return AgentCall("health", args, answers.HealthResult, root=False, deadline=timeout + 10)
+    deadline = timeout + 10
+    return AgentCall("health", args, answers.HealthResult, root=False, deadline=deadline,
+                     repeatable=True)  # fmt: skip
 
 
 def watch(
-    seconds: float, sockets: Sequence[str], urls: Sequence[tuple[str, int]] = ()
+    seconds: float,
+    sockets: Sequence[str],
+    urls: Sequence[tuple[str, int]] = (),
+    window: float = 0.0,
 ) -> AgentCall:
     """Watch a switched host for `seconds`: a worker crash reported by one of its
     masters (`sockets`, one per role), a worker not ready, or a failing health
-    probe (`urls`: each with the status it must answer) fails it."""
-    args: tuple[str, ...] = ("--seconds", str(seconds))
+    probe (`urls`: each with the status it must answer) fails it. A crash in the
+    `window` seconds before counts too (the time since the host's switch)."""
+    args: tuple[str, ...] = ("--seconds", str(round(seconds, 2)))
+    if window > 0:
+        args += ("--window", str(round(window, 2)))
     for socket in sockets:
         args += ("--socket", socket)
     for url, expect in urls:
         args += ("--url", url, "--expect", str(expect))
-    return AgentCall("watch", args, answers.WatchResult, deadline=seconds + 10)
+    return AgentCall("watch", args, answers.WatchResult, deadline=seconds + 10, repeatable=True)
 
 
 SECRET_ACTIONS = ("set", "unset", "list")
@@ -224,7 +236,7 @@ def workers(socket: str, release: str, lines: int, role: str | None = None) -> A
     """What `role`'s master (on `socket`) saw of `release`'s workers: crashes, how
     many are ready, and the last `lines` lines they wrote to its log."""
     args = ("--socket", socket, "--release", release, "--lines", str(lines), *_role(role))
-    return AgentCall("workers", args, answers.WorkerReport, deadline=20.0)
+    return AgentCall("workers", args, answers.WorkerReport, deadline=20.0, repeatable=True)
 
 
 def secrets(action: str, key: str | None = None) -> AgentCall:
@@ -235,7 +247,8 @@ def secrets(action: str, key: str | None = None) -> AgentCall:
 
 
 def record(entry: dict[str, Any]) -> AgentCall:
-    return AgentCall("record", ("--entry", json.dumps(entry, sort_keys=True)), answers.Recorded)
+    args = ("--entry", json.dumps(entry, sort_keys=True))
+    return AgentCall("record", args, answers.Recorded, repeatable=True)  # kept once
 
 
 def lock(
@@ -254,7 +267,8 @@ def lock(
     args += ("--force",) if force else ()
     args += ("--take-stale", str(take_stale)) if take_stale is not None else ()
     args += ("--replace", replace) if replace is not None else ()
-    return AgentCall("lock", args, answers.LockAnswer, deadline=LOCK_DEADLINE)
+    # acquire again by the same owner is ours already; release of a released one, done
+    return AgentCall("lock", args, answers.LockAnswer, deadline=LOCK_DEADLINE, repeatable=True)
 
 
 def master_start(layout: Layout) -> tuple[str, ...]:

@@ -140,6 +140,27 @@ def workers(v: Any) -> int | str:
     return fail(f"a positive integer (at most {MAX_WORKERS}) or 'auto'", v)
 
 
+def reload_batch(v: Any) -> int | str:
+    """Workers replaced at a time: a count, or "N%" of the master's workers."""
+    if _is_int(v) and 1 <= v <= MAX_WORKERS:
+        return v
+    if isinstance(v, str) and v.endswith("%"):
+        try:
+            share = float(v[:-1])
+        except ValueError:
+            share = 0.0
+        if 0 < share <= 100:
+            return f"{share:g}%"
+    return fail(f'a positive integer (at most {MAX_WORKERS}) or a percentage like "50%"', v)
+
+
+def share_of(batch: int | str, total: int) -> int:
+    """How many of `total` a reload_batch means (at least 1)."""
+    if isinstance(batch, str):
+        return max(1, math.ceil(total * float(batch[:-1]) / 100))
+    return batch
+
+
 SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH")
 
 

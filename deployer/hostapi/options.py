@@ -129,9 +129,10 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "reload_batch",
-        checks.integer(1, checks.MAX_WORKERS),
-        "workers replaced at a time during a reload",
-        "N",
+        checks.reload_batch,
+        'workers replaced at a time during a reload: N, or "P%" of the workers',
+        "N|P%",
+        omit_default=True,  # an older master reads no "100%"
     ),
     Option(
         "listen_fds",
@@ -223,8 +224,11 @@ class MasterConfig:
     stop_signal: signal.Signals = signal.SIGTERM
     shutdown_timeout: float = 30.0
     ready_timeout: float = 60.0
-    ready_soak: float = 1.0
-    reload_batch: int = 1
+    ready_soak: float = 0.5
+    # all at once, as gunicorn's HUP and unicorn's USR2: a reload takes one boot, not
+    # one a worker; the host briefly runs twice the workers (1 or "25%" where memory
+    # cannot hold that)
+    reload_batch: int | str = "100%"
     listen_fds: int = 1
     nonblocking: bool = False
     supervisor: str = "auto"  # "auto" | "systemd" | "none": see deployer setup

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployer.hostapi import checks
 from deployer.master.control import Connection
 from deployer.master.slots import Slot
 from deployer.master.worker import Spec, Worker
@@ -173,7 +174,7 @@ class Reloads:
         up): at most 2 x reload_batch candidates exist at once. Old workers are
         still stopped only once their own replacement is ready and soaked.
         """
-        batch = self.cfg.reload_batch
+        batch = checks.share_of(self.cfg.reload_batch, len(self.slots))
         booting = sum(1 for s in in_flight if s.replacement and s.replacement.ready_at is None)
         while booting < batch and len(in_flight) < 2 * batch and job.queue:
             slot = self.slots.get(job.queue.pop(0))

@@ -34,6 +34,8 @@ def lock(
             layout.lock.mkdir()
         except FileExistsError:
             holder = _read_owner(info)
+            if holder is not None and holder.id == owner.id:  # a retried call: ours already
+                return answers.LockAnswer(True, None)
             gone = replace is not None and holder is not None and holder.id == replace
             if not gone and (take_stale is None or not _stale(layout, holder, take_stale)):
                 return answers.LockAnswer(False, holder)

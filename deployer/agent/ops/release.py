@@ -298,7 +298,8 @@ def switch(layout: Layout, release: str, roles: Sequence[str] = ()) -> answers.S
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(Path("releases") / release)
     os.replace(tmp, layout.current)
-    return answers.SwitchResult(previous, release)
+    masters = {r: master_state(layout.for_role(r or None)) for r in roles}
+    return answers.SwitchResult(previous, release, masters)
 
 
 def role_releases(layout: Layout) -> dict[str, str]:
@@ -331,7 +332,14 @@ def prune(layout: Layout, keep: int) -> answers.PruneResult:
 
 
 def record(layout: Layout, entry: dict[str, Any]) -> answers.Recorded:
+    """Append `entry` to the host's history; the same entry again (a call retried
+    after its answer was lost) is not written twice."""
     layout.root.mkdir(parents=True, exist_ok=True)
-    with open(layout.history, "a") as fh:
-        fh.write(json.dumps(entry, sort_keys=True) + "\n")
+    line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+    with open(layout.history, "a+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - len(line) - 1))
+        last = fh.read()
+        if not (last.endswith(b"\n" + line) or last == line):
+            fh.write(line)
     return answers.Recorded()
