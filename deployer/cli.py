@@ -626,10 +626,13 @@ def app() -> None:
     """The app on the hosts: reload, stop, start, scale, remove; its logs."""
 
 
-def _lifecycle(ctx: click.Context, patterns: str | None, action: str, *args: Any) -> None:
+def _lifecycle(
+    ctx: click.Context, patterns: str | None, action: str, *args: Any, verbose: bool = False
+) -> None:
     from deployer import lifecycle
 
     with open_fleet(ctx, patterns) as session:
+        session.verbose = verbose
         outcome = getattr(lifecycle, action)(session, *args)
     sys.exit(outcome.exit_code)
 
@@ -638,13 +641,13 @@ def _lifecycle(ctx: click.Context, patterns: str | None, action: str, *args: Any
 _LIFECYCLE = {
     "reload": (
         "reload",
-        """Replace every worker, one at a time, batch by batch with health
-    checks (the rollout's path, without a new release): new env, secrets, a stuck worker.""",
+        """Replace every worker (each old one drains once its replacement is
+    ready), batch by batch with health checks (the rollout's path, without a new
+    release): new env, secrets, a stuck worker.""",
     ),
     "restart": (
         "reload",
-        """The same as `app reload`: workers replaced one at a time, no
-    request lost.""",
+        """The same as `app reload`: every worker replaced, no request lost.""",
     ),
     "stop": (
         "stop",
@@ -660,11 +663,11 @@ _LIFECYCLE = {
 
 
 def _lifecycle_command(name: str, action: str, doc: str) -> None:
-    def command(ctx: click.Context, patterns: str | None) -> None:
-        _lifecycle(ctx, patterns, action)
+    def command(ctx: click.Context, patterns: str | None, verbose: bool) -> None:
+        _lifecycle(ctx, patterns, action, verbose=verbose)
 
     command.__doc__ = doc
-    app.command(name)(hosts_option(click.pass_context(command)))
+    app.command(name)(hosts_option(verbose_option(click.pass_context(command))))
 
 
 for _name, (_action, _doc) in _LIFECYCLE.items():

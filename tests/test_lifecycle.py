@@ -75,9 +75,12 @@ def test_reload_restart_and_scale_replace_workers_with_no_failed_request(
     )  # the canary first, as a rollout switches
 
     again = {h.name: workers(h) for h in hosts}
-    out = under_load(deployed, port, "app", "restart")
+    out = under_load(deployed, port, "app", "restart", "-v")
     assert out.returncode == 0, out.stdout + out.stderr
     assert all(workers(h).isdisjoint(again[h.name]) for h in hosts)
+    for h in hosts:  # -v: each worker's progress, and still the right count at the end
+        assert f"{h.name}        reload: spawned: worker 1 pid" in out.stdout, out.stdout
+        assert f"{h.name}        reload: 2 workers replaced in" in out.stdout, out.stdout
 
     out = under_load(deployed, port, "app", "scale", "3")
     assert out.returncode == 0, out.stdout + out.stderr
