@@ -39,8 +39,9 @@ each of the three scenarios.
     python bench/rollout.py [--runs 3] [--hosts 8] [--seed 5] [--no-capistrano]
                             [--batch SPEC] [--trace] [--json FILE] [--deployer-src DIR]
 
---trace runs the host agent through a wrapper that logs every call (op, wall
-time) and prints calls per host and their mean time per op (diagnostics).
+--trace runs the host agent through a wrapper that copies its agent sessions'
+stdin (one JSON header line a request) and prints the requests per host by op:
+each is a round trip, unless it was sent behind another one (diagnostics).
 --deployer-src runs an uncommitted deployer package instead (experiments).
 
 Needs root (namespaces, veths, sshd). Installs the `capistrano` Debian package
@@ -784,40 +785,42 @@ class Deployer:
         self.state = self.base / f"deployer-state-{run_name}"
 
     def trace_wrapper(self) -> Path:
-        """--trace: python3 for the agent, logging each invocation's op and wall time
-        to <srv>/agent-trace.log, i.e. per host (diagnostics; adds a few ms a call)."""
+        """--trace: python3 for the agent; an agent session's stdin (its requests, one
+        JSON header line each) is copied to <srv>/agent-trace.log on its way, i.e. per
+        host (diagnostics)."""
         path = self.base / "python3-trace"
         log_file = f"{self.fleet.srv}/agent-trace.log"
         path.write_text(
             "#!/bin/sh\n"
-            "t0=$(date +%s.%N)\n"
-            '/usr/bin/python3 "$@"\n'
-            "rc=$?\n"
-            f'echo "$t0 $(date +%s.%N) $2 $3 $rc" >> {log_file}\n'
-            "exit $rc\n"
+            'case "$*" in\n'
+            f'  *" agent session") tee -a {log_file} | /usr/bin/python3 "$@" ;;\n'
+            '  *) exec /usr/bin/python3 "$@" ;;\n'
+            "esac\n"
         )
         path.chmod(0o755)
         return path
 
     def trace_summary(self, net: Network, label: str) -> list[str]:
-        """Agent calls per op since the last summary: count per host, mean and total s."""
-        per_op: dict[str, list[float]] = {}
+        """Agent requests per op since the last summary (each a round trip, unless it
+        was sent behind another one), per host."""
+        per_op: dict[str, int] = {}
         for h in net.hosts:
             f = h.root / "agent-trace.log"
             if not f.exists():
                 continue
-            for line in f.read_text().splitlines():
-                t0, t1, kind, op, _rc = line.split()
-                per_op.setdefault(op if kind == "agent" else kind, []).append(float(t1) - float(t0))
+            for line in f.read_bytes().splitlines():
+                try:  # a request's header may follow the end of a pack on its line
+                    header = json.loads(line[max(0, line.rfind(b'{"id"')) :])
+                except ValueError:
+                    continue  # a request's stdin (a pack)
+                if isinstance(header, dict) and isinstance(header.get("argv"), list):
+                    op = str(header["argv"][0]) if header["argv"] else "?"
+                    per_op[op] = per_op.get(op, 0) + 1
             f.unlink()
         n = len(net.hosts)
-        total = sum(len(v) for v in per_op.values())
-        out = [f"agent calls in {label}: {total / n:.0f} per host"]
-        for op, ts in sorted(per_op.items(), key=lambda kv: -sum(kv[1])):
-            out.append(
-                f"  {op:<10} {len(ts) / n:4.1f}/host  mean {statistics.mean(ts) * 1000:5.0f} ms"
-                f"  max {max(ts) * 1000:5.0f} ms"
-            )
+        out = [f"agent requests in {label}: {sum(per_op.values()) / n:.1f} per host"]
+        for op, count in sorted(per_op.items(), key=lambda kv: -kv[1]):
+            out.append(f"  {op:<10} {count / n:4.1f}/host")
         return out
 
     def command(self, *args: str) -> Timed:

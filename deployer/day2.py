@@ -27,7 +27,7 @@ from deployer.errors import BadInput, DeployerError
 from deployer.fleet import STATUS_WINDOW
 from deployer.hostapi import answers, calls
 from deployer.hostapi.checks import mask_url
-from deployer.hostapi.options import MasterConfig, to_toml, toml_value
+from deployer.hostapi.options import LAYOUT_KEYS, MasterConfig, to_toml, toml_value
 from deployer.inventory import HostConfig, Inventory, RoleConfig
 from deployer.remote import RemoteHost
 from deployer.report import printable
@@ -513,10 +513,6 @@ def render(conf: dict[str, Any]) -> list[str]:
     return lines
 
 
-# master.toml keys the layout sets, not the inventory
-_LAYOUT_KEYS = ("cwd", "socket", "pidfile", "log", "env", "env_file")
-
-
 def _table(
     lines: list[str],
     name: str,
@@ -537,7 +533,7 @@ def _table(
         where = ""
         if origins is not None:
             source = origins.get(f"{section}.{key}")
-            layout = section == "master" and key in _LAYOUT_KEYS
+            layout = section == "master" and key in LAYOUT_KEYS
             where = f"  # {source or ('layout' if layout else 'default')}"
         lines.append(f"{shown} = {toml_value(value)}{where}")
 
@@ -573,8 +569,7 @@ def _probe_error(remote: RemoteHost, result: Result) -> str:
 
 
 def _config_values(text: str, path: str) -> dict[str, Any]:
-    from deployer.hostapi.options import ConfigError
-    from deployer.master.config import load_text
+    from deployer.hostapi.options import ConfigError, load_text
 
     try:
         return load_text(text, path)

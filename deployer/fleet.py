@@ -8,6 +8,7 @@ from typing import Any
 
 from deployer.agent.bundle import build
 from deployer.hostapi import answers, calls
+from deployer.hostapi.options import taken_by
 from deployer.inventory import HostConfig, RoleConfig, master_label
 from deployer.lock import describe
 from deployer.remote import RemoteHost
@@ -94,8 +95,8 @@ def supervise(remote: RemoteHost, say: Callable[[str, str], None], role: str | N
     so that a reboot brings the master back; says what changed, or why it will not."""
     master = remote.master_for(role)
     assert master is not None
-    boot = master.worker_count(remote.cpus or 16) * (master.ready_timeout + master.ready_soak)
-    deadline = boot + master.shutdown_timeout + 90  # where systemd runs, it starts the unit
+    # where systemd runs, setup starts the unit: its master's start, and a minute more
+    deadline = master.reload_bound(remote.cpus or 16) + 60
     call = calls.unit(remote.config.app.name, master.supervisor, deadline, role)
     u: answers.UnitResult = remote.call(call)
     if u.unit is None or u.path is None:  # no systemd here, or supervisor = "none"
@@ -179,11 +180,6 @@ def secret_names(fleet: FleetSession) -> tuple[dict[str, list[str]], dict[str, s
     return {n: results[n] for n in fleet.names if n in results}, failures
 
 
-# master.toml keys a running master cannot take without a restart (bound or named
-# at its start); the others it takes by an in-place upgrade, workers by scaling
-RESTART_KEYS = ("listen", "socket", "pidfile", "log", "cwd")
-
-
 def apply_to_running_master(
     remote: RemoteHost,
     done: answers.SetupResult,
@@ -192,9 +188,9 @@ def apply_to_running_master(
 ) -> None:
     """A new agent and changed options reach the running master with no request lost:
     the new code and options by a re-exec in place, workers by scaling."""
-    changed = {c.split(":", 1)[0] for c in done.config_changes}
-    restart = sorted(changed & set(RESTART_KEYS))
-    live = changed - set(RESTART_KEYS) - {"workers", "supervisor"}  # supervisor: setup's own
+    changed = {c.key for c in done.config_changes}
+    restart = sorted(changed & set(taken_by("restart")))
+    live = changed & set(taken_by("upgrade"))
 
     who = master_label(role)
 

@@ -155,11 +155,15 @@ class RemoteHost:
         forward: LineCallback,
         then: AgentCall | None = None,
     ) -> str:
-        """One request on an agent session (`then` sent right behind it): its output."""
+        """One request on an agent session (`then` sent right behind it): its output.
+        A request this call's words were sent ahead as is not asked again: its answer
+        is read (lock then state, record then unlock: one round trip each)."""
+        words = call.words(self.layout)
         with self.transport.agent_session(session_argv) as session:
-            rid = session.send(call.words(self.layout), stdin)
-            if then is not None:
-                session.send_ahead(then.words(self.layout))
+            if then is None:
+                return session.call(words, stdin, forward, call.deadline)
+            rid = session.send(words, stdin)
+            session.send_ahead(then.words(self.layout))
             return session.receive(rid, forward, call.deadline)
 
     def _open_session(self) -> None:
@@ -318,9 +322,7 @@ class RemoteHost:
 
     def _master_timeout(self, role: str | None) -> float:
         """How long starting or reloading every worker may take, at the worst."""
-        m = self._master_config(role)
-        workers = m.worker_count(self.cpus or 16)  # 16: state() not asked yet
-        return workers * (m.ready_timeout + m.ready_soak) + m.shutdown_timeout + 30
+        return self._master_config(role).reload_bound(self.cpus or 16)  # 16: no state() yet
 
     def start_master(self, on_line: LineCallback | None = None, role: str | None = None) -> Result:
         words = calls.master_start(self.layout.for_role(role))

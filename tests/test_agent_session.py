@@ -492,10 +492,8 @@ def test_a_stream_reads_at_most_a_few_pieces_ahead_of_its_reader() -> None:
 # --- a keeper that went away (issue 27) ------------------------------------------------
 
 
-class KeeperGoneOnce(LocalHost):
-    """A host whose first agent session dies in its first call the way one relayed
-    by a SIGKILLed keeper does (no exit status: the relay went away); the sessions
-    after it are real agent sessions."""
+class LocalAgent(LocalHost):
+    """This machine as host web1, its agent sessions run from the source tree."""
 
     def __init__(self) -> None:
         super().__init__("web1")
@@ -503,10 +501,20 @@ class KeeperGoneOnce(LocalHost):
 
     def open_stream(self, argv: list[str] | tuple[str, ...]) -> transport.Stream:
         self.opened += 1
-        if self.opened > 1:
-            return super().open_stream(AGENT + ["session"])
+        return super().open_stream(AGENT + ["session"])
+
+
+class KeeperGoneOnce(LocalAgent):
+    """A host whose first agent session dies in its first call the way one relayed
+    by a SIGKILLed keeper does (no exit status: the relay went away); the sessions
+    after it are real agent sessions."""
+
+    def open_stream(self, argv: list[str] | tuple[str, ...]) -> transport.Stream:
+        if self.opened:
+            return super().open_stream(argv)
+        self.opened += 1
         reads_then_dies = "import os, sys; sys.stdin.readline(); os.kill(os.getpid(), 9)"
-        stream = super().open_stream([sys.executable, "-c", reads_then_dies])
+        stream = LocalHost.open_stream(self, [sys.executable, "-c", reads_then_dies])
         stream.relay_gone = True
         return stream
 
@@ -569,3 +577,23 @@ def test_a_retried_record_and_lock_change_nothing_more(tmp_path: Path) -> None:
     assert lock(layout, "acquire", owner) == answers.LockAnswer(True, None)
     other = lock(layout, "acquire", answers.LockOwner("o2", app="shop"))
     assert not other.done and other.holder is not None and other.holder.id == "o1"
+
+
+def test_lock_then_state_and_record_then_unlock_cost_one_round_trip_each(tmp_path: Path) -> None:
+    """What the rollout sends ahead, the call that follows reads: no second request."""
+    host = LocalAgent()
+    remote, _ = one_host(tmp_path, host)
+    owner = answers.LockOwner("o1", app="shop")
+    try:
+        assert remote._call_then(calls.lock("acquire", owner), calls.state()).done
+        session = host._idle[-1]
+        sent = session.next_id
+        assert remote.state().root == str(tmp_path / "app")
+        assert session.next_id == sent  # the state sent behind the lock answered
+        remote._call_then(calls.record({"id": "r1"}), calls.lock("release", owner))
+        sent = session.next_id
+        assert remote.lock("release", owner).done
+        assert session.next_id == sent and host.opened == 1
+    finally:
+        host.close()
+    assert not (tmp_path / "app" / "run" / "deploy.lock").exists()

@@ -29,13 +29,31 @@ class Version(NamedTuple):
     python: str
 
 
+class ConfigChange(NamedTuple):
+    """One master option setup changed in master.toml, its values as TOML shows them
+    ("unset" for none)."""
+
+    key: str
+    old: str
+    new: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.old} -> {self.new}"
+
+
 class SetupResult(NamedTuple):
     root: str
     dirs: list[str]
     created: list[str] = []  # directories this call made
     installed: bool = False  # the zipapp on disk changed
     config_changed: bool = False  # master.toml changed
-    config_changes: list[str] = []  # "key: old -> new", each master option it changed
+    config_changes: list[ConfigChange] = []  # each master option it changed
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SetupResult:
+        data = dict(data)
+        data["config_changes"] = [ConfigChange(*c) for c in data.get("config_changes", [])]
+        return _load(cls, data)
 
 
 class ReleaseInfo(NamedTuple):

@@ -41,6 +41,10 @@ class Option:
     # Written to master.toml and the upgrade state only when not at its default, so
     # that a master of an older version reads both still: every option added later.
     omit_default: bool = False
+    # How a running master takes a new value (deployer setup): "upgrade" (re-exec'd
+    # in place with it), "restart" (bound or named at its start: only a restart),
+    # "scale" (workers: by scaling), "setup" (setup's own; nothing for the master).
+    taken_by: str = "upgrade"
 
     @property
     def flag_name(self) -> str:
@@ -86,6 +90,7 @@ OPTIONS: tuple[Option, ...] = (
         checks.workers,
         'integer >= 1, or "auto" (one per CPU)',
         "N|auto",
+        taken_by="scale",
     ),
     Option(
         "listen",
@@ -95,6 +100,7 @@ OPTIONS: tuple[Option, ...] = (
         "HOST:PORT",
         expand=True,
         example="{address}:3000",
+        taken_by="restart",
     ),
     Option(
         "ready",
@@ -157,6 +163,7 @@ OPTIONS: tuple[Option, ...] = (
         "auto|systemd|none",
         flag=False,  # read by `deployer setup`, not by the master
         omit_default=True,
+        taken_by="setup",
     ),
     Option(
         "cwd",
@@ -165,6 +172,7 @@ OPTIONS: tuple[Option, ...] = (
         "DIR",
         inventory=False,
         is_path=True,
+        taken_by="restart",
     ),
     Option(
         "socket",
@@ -173,6 +181,7 @@ OPTIONS: tuple[Option, ...] = (
         "PATH",
         inventory=False,
         is_path=True,
+        taken_by="restart",
     ),
     Option(
         "pidfile",
@@ -181,6 +190,7 @@ OPTIONS: tuple[Option, ...] = (
         "PATH",
         inventory=False,
         is_path=True,
+        taken_by="restart",
     ),
     Option(
         "log",
@@ -189,6 +199,7 @@ OPTIONS: tuple[Option, ...] = (
         "FILE",
         inventory=False,
         is_path=True,
+        taken_by="restart",
     ),
     Option(
         "env",
@@ -210,6 +221,14 @@ OPTIONS: tuple[Option, ...] = (
 BY_KEY = {o.key: o for o in OPTIONS}
 INVENTORY_OPTIONS = tuple(o for o in OPTIONS if o.inventory)
 FLAG_OPTIONS = tuple(o for o in OPTIONS if o.flag)
+
+
+def taken_by(how: str) -> tuple[str, ...]:
+    """The keys a running master takes that way (Option.taken_by), in table order."""
+    return tuple(o.key for o in OPTIONS if o.taken_by == how)
+
+
+LAYOUT_KEYS = frozenset(o.key for o in OPTIONS if not o.inventory)  # the layout sets them
 
 
 @dataclass(frozen=True)
@@ -247,6 +266,13 @@ class MasterConfig:
         if self.workers == "auto":
             return cpus or os.cpu_count() or 1
         return int(self.workers)
+
+    def reload_bound(self, cpus: int | None = None) -> float:
+        """Seconds starting or reloading every worker may take at the worst (one at a
+        time: ready_timeout and soak each), the last one drained, and a margin: what
+        the controller waits for, and the unit's ExecReload is given."""
+        per_worker = self.ready_timeout + self.ready_soak
+        return self.worker_count(cpus) * per_worker + self.shutdown_timeout + 30
 
     def items(self) -> Iterator[tuple[Option, Any]]:
         """The options that are set, in table order."""
@@ -356,3 +382,25 @@ def example_lines() -> list[str]:
         note = ("required: " if o.required else "") + o.help
         lines.append(f"{text:<38} # {note}")
     return lines
+
+
+def load_text(text: str, path: str) -> dict[str, Any]:
+    """The [master] section of master.toml's `text` as checked option values (`path`
+    names it and anchors relative paths): the master's --config, the agent's and the
+    controller's comparisons read it the same way."""
+    try:  # here: only a reader of a file needs it
+        import tomllib
+    except ImportError:  # Python < 3.11: the same parser, vendored
+        from deployer._vendor import tomli as tomllib
+
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
+    section = data.get("master", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [master] must be a table")
+    return from_table(section, f"{path}: [master]", base=str(p.parent.absolute()))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from deployer.hostapi.checks import Invalid, Readiness, from_text
-from deployer.hostapi.options import ConfigError, MasterConfig, from_table
+from deployer.hostapi.options import ConfigError, MasterConfig, load_text
 from deployer.hostapi.options import build as layer
 
 __all__ = [
@@ -52,24 +52,6 @@ def load_layout_file(path: Path) -> dict[str, Any]:
         return load_text(data.decode(), str(path))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not UTF-8: {e}") from None
-
-
-def load_text(text: str, path: str) -> dict[str, Any]:
-    """load_file() of a file's `text` (`path` names it and anchors relative paths)."""
-    try:  # here: only a master reading a file needs it
-        import tomllib
-    except ImportError:  # Python < 3.11: the same parser, vendored
-        from deployer._vendor import tomli as tomllib
-
-    p = Path(path)
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
-    section = data.get("master", {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path}: [master] must be a table")
-    return from_table(section, f"{path}: [master]", base=str(p.parent.absolute()))
 
 
 def build(file_values: dict[str, Any], flag_values: dict[str, Any]) -> MasterConfig:

@@ -23,6 +23,7 @@ import signal
 import time
 from typing import Any
 
+from deployer.hostapi.options import taken_by
 from deployer.master import handover, reexec
 from deployer.master.config import MasterConfig
 from deployer.master.control import Connection
@@ -210,8 +211,7 @@ class ControlHandlers:
             new = MasterConfig.from_dict(config)
         except (TypeError, ValueError, KeyError) as e:
             return {}, f"not a master configuration: {e}"
-        fixed = ("listen", "socket", "pidfile", "log", "cwd")
-        moved = [k for k in fixed if getattr(new, k) != getattr(self.cfg, k)]
+        moved = [k for k in taken_by("restart") if getattr(new, k) != getattr(self.cfg, k)]
         if moved:
             what = ", ".join(
                 f"{k} {shown(getattr(self.cfg, k))} -> {shown(getattr(new, k))}" for k in moved

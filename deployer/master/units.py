@@ -185,10 +185,8 @@ def installed(
     toml = str(layout.master_config)
     start = boot_argv(layout, python)
     reload = [*start[:3], "reload", "--wait", "--config", toml]
-    workers = cfg.worker_count()
-    # ExecReload waits for the whole reload and systemd bounds it by TimeoutStartSec:
-    # every worker replaced (ready_timeout + soak each) and the last one drained.
-    reload_bound = workers * (cfg.ready_timeout + cfg.ready_soak) + cfg.shutdown_timeout + 30
+    # ExecReload waits for the whole reload and systemd bounds it by TimeoutStartSec
+    reload_bound = cfg.reload_bound()
     name = unit_name_of(layout, app)
     who = _plain(app, "app") + ("" if layout.role is None else f" (role {layout.role})")
     lines = [

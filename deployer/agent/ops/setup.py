@@ -37,8 +37,8 @@ def setup(
     )
 
 
-def _config_changes(layout: Layout, new_text: str) -> list[str]:
-    """`key: old -> new` for each master option master.toml is about to change."""
+def _config_changes(layout: Layout, new_text: str) -> list[answers.ConfigChange]:
+    """Each master option master.toml is about to change, with its old and new value."""
     from deployer.hostapi.options import ConfigError, toml_value
     from deployer.master.config import load_layout_file, load_text
 
@@ -55,7 +55,7 @@ def _config_changes(layout: Layout, new_text: str) -> list[str]:
         return "unset" if value is None else toml_value(value)
 
     return [
-        f"{key}: {shown(old.get(key))} -> {shown(new.get(key))}"
+        answers.ConfigChange(key, shown(old.get(key)), shown(new.get(key)))
         for key in dict.fromkeys([*old, *new])
         if old.get(key) != new.get(key)
     ]
