@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
-from deployer.agent.bundle import build
+from deployer.bundle import build
 from deployer.errors import BadInput, DeployerError
 from deployer.fleet import STATUS_WINDOW
 from deployer.hostapi import answers, calls

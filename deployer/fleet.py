@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from deployer.agent.bundle import build
+from deployer.bundle import build
 from deployer.hostapi import answers, calls
 from deployer.hostapi.options import taken_by
 from deployer.inventory import HostConfig, RoleConfig, master_label

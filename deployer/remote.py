@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from deployer.agent.bundle import Bundle, facts
+from deployer.bundle import Bundle, facts
 from deployer.errors import EXIT_BAD_INPUT, EXIT_FAILED, StepFailed, TransportError
 from deployer.hostapi import answers, calls
 from deployer.hostapi.calls import AgentCall

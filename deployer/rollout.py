@@ -311,7 +311,7 @@ def check_agents(
     fleet: FleetSession, names: Sequence[str]
 ) -> tuple[dict[str, HostState], dict[str, str]]:
     """State of each host, refusing an agent of another version than ours."""
-    from deployer.agent.bundle import facts
+    from deployer.bundle import facts
 
     ours = facts().id
 

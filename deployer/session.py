@@ -79,7 +79,7 @@ class FleetSession:
         """Connect to every host and start its agent session now, OPEN_AT_ONCE at a time,
         in the background: every phase then finds them open. Daemon threads: a host
         that hangs in its handshake never keeps the command from ending."""
-        from deployer.agent.bundle import facts
+        from deployer.bundle import facts
 
         facts()  # once, before the threads all want it
         todo = list(self.remotes.values() if names is None else map(self.remotes.get, names))

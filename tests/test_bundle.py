@@ -8,7 +8,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
-from deployer.agent.bundle import ID_FILE, build
+from deployer.bundle import ID_FILE, build
 
 
 def _run_version(pyz: Path) -> dict:

@@ -162,7 +162,7 @@ def test_the_zipapp_digest_does_not_depend_on_what_the_process_holds() -> None:
         "import deployer.cli, deployer.day2",
         "from deployer.hostapi import calls; held = calls.exec_command(['true'])",
     ):
-        code = f"{before}\nfrom deployer.agent.bundle import build\nprint(build().sha256)"
+        code = f"{before}\nfrom deployer.bundle import build\nprint(build().sha256)"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         digests.add(out.stdout)

@@ -222,8 +222,7 @@ class World:
 
 @pytest.fixture(autouse=True)
 def no_bundle_no_git(monkeypatch: pytest.MonkeyPatch) -> None:
-    from deployer import sync
-    from deployer.agent import bundle
+    from deployer import bundle, sync
 
     monkeypatch.setattr(bundle, "build", lambda: type("B", (), {"id": BUNDLE})())
     monkeypatch.setattr(bundle, "facts", lambda: bundle.Facts(BUNDLE, "0" * 64))

@@ -18,7 +18,7 @@ from master_helpers import free_port
 from rollout_helpers import APP, commit, git, make_project, master_extra, stop_masters
 from sshd import SSHTestHost
 
-from deployer.agent import bundle
+from deployer import bundle
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -39,8 +39,9 @@ def test_the_readme_installs_into_a_virtualenv_from_a_checkout() -> None:
 
 
 def test_every_file_the_host_agent_is_built_from_is_package_data() -> None:
-    """What bundle.py ships that is not Python must be named in pyproject.toml, or a
-    wheel leaves it out (setuptools takes only .py files unless told)."""
+    """What the zipapp ships (hostapi/manifest.py) that is not Python must be named
+    in pyproject.toml, or a wheel leaves it out (setuptools takes only .py files
+    unless told)."""
     import tomllib
 
     data = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -51,9 +52,11 @@ def test_every_file_the_host_agent_is_built_from_is_package_data() -> None:
 def test_a_missing_agent_file_is_a_clear_error_not_a_traceback(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(bundle, "HOST_DATA", ("_vendor/tomli/NO-SUCH-FILE",))
+    from deployer.hostapi import manifest
+
+    monkeypatch.setattr(manifest, "HOST_DATA", ("_vendor/tomli/NO-SUCH-FILE",))
     with pytest.raises(bundle.IncompleteInstall, match="NO-SUCH-FILE: No such file"):
-        bundle._sources()
+        manifest.sources()
 
 
 def user_env() -> dict[str, str]:

@@ -27,7 +27,7 @@ from rollout_helpers import stop_masters as stop_host_masters
 from sshd import SSHTestHost
 
 import deployer
-from deployer.agent.bundle import HOST_MODULES, HOST_PACKAGES, build
+from deployer.bundle import HOST_MODULES, HOST_PACKAGES, build
 from deployer.hostapi import answers, calls
 from deployer.hostapi.layout import Layout
 
@@ -55,7 +55,7 @@ ADD_EMAIL = {
 
 
 def host_modules() -> list[str]:
-    """Every module the zipapp ships (deployer/agent/bundle.py), by name."""
+    """Every module the zipapp ships (deployer/bundle.py), by name."""
     root = Path(deployer.__file__).parent
     names = ["deployer"] + [f"deployer.{m[:-3]}" for m in HOST_MODULES if m != "__init__.py"]
     for pkg in HOST_PACKAGES:

@@ -20,7 +20,7 @@ from rollout_helpers import (
 )
 from sshd import SSHTestHost
 
-from deployer.agent.bundle import ID_FILE
+from deployer.bundle import ID_FILE
 
 
 @pytest.fixture

@@ -150,19 +150,18 @@ _parsers: dict[tuple[str | None, bool], argparse.ArgumentParser] = {}
 
 
 def _bundle_id() -> str:
-    """BUNDLE_ID read through this package's own loader (the zipapp's zipimporter).
-
-    Not bundle.running_id(): importing bundle (zipfile, hashlib, dataclasses) and
-    importlib.resources costs ~30 ms, and every rollout asks every host."""
+    """BUNDLE_ID read through this package's own loader (the zipapp's zipimporter),
+    not importlib.resources (~30 ms, and every rollout asks every host); run from a
+    source tree, the id those sources would have."""
     import deployer.agent as package
 
     try:
         path = os.path.join(os.path.dirname(package.__file__), "BUNDLE_ID")
         return package.__loader__.get_data(path).decode()
     except (AttributeError, TypeError, OSError):  # not running from a zipapp: the source tree
-        from deployer.agent.bundle import running_id
+        from deployer.hostapi import manifest
 
-        return running_id()
+        return manifest.bundle_id(manifest.sources())
 
 
 def run_op(args: argparse.Namespace) -> tuple:

@@ -1,4 +1,5 @@
-"""Build the host-side zipapp from the controller's own installed package.
+"""Build the host-side zipapp from the controller's own installed package (the
+files hostapi.manifest lists).
 
 Controller and hosts therefore never run different code: the bundle id is a
 hash of exactly the files shipped, and a rollout refuses an agent whose id
@@ -22,16 +23,19 @@ from functools import cache, cached_property
 from pathlib import Path
 from typing import NamedTuple
 
-import deployer
-from deployer.hostapi.errors import DeployerError
+from deployer.hostapi.manifest import (
+    HOST_DATA,
+    HOST_MODULES,
+    HOST_PACKAGES,
+    ID_FILE,
+    IncompleteInstall,
+    bundle_id,
+)
+from deployer.hostapi.manifest import sources as _sources
 
-# Host side: standard library only (and deployer/_vendor: pure-Python stand-ins for
-# stdlib modules an older host Python lacks). Nothing else is shipped.
-HOST_PACKAGES = ("hostapi", "agent", "master", "migrations", "_vendor")
-HOST_DATA = ("_vendor/tomli/LICENSE",)  # shipped with the vendored code it covers
-HOST_MODULES = ("__init__.py", "hostmain.py")
+__all__ = ["HOST_DATA", "HOST_MODULES", "HOST_PACKAGES", "ID_FILE", "IncompleteInstall"]
+
 MAIN = "import sys\nfrom deployer.hostmain import main\n\nsys.exit(main())\n"
-ID_FILE = "deployer/agent/BUNDLE_ID"
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)  # deterministic zip bytes for identical sources
 
 
@@ -48,26 +52,6 @@ class Bundle:
     def sha256(self) -> str:
         """What the hosts check before they run it (hostapi.calls.BOOTSTRAP)."""
         return hashlib.sha256(self.data).hexdigest()
-
-
-class IncompleteInstall(DeployerError):
-    """This controller's install lacks a file the host agent is built from."""
-
-
-def _sources() -> list[tuple[str, bytes]]:
-    root = Path(deployer.__file__).parent
-    files = [root / m for m in HOST_MODULES]
-    for pkg in HOST_PACKAGES:
-        files += sorted(p for p in (root / pkg).rglob("*.py") if "__pycache__" not in p.parts)
-    files += [root / d for d in HOST_DATA]
-    try:
-        return [(f"deployer/{f.relative_to(root).as_posix()}", f.read_bytes()) for f in files]
-    except OSError as e:
-        raise IncompleteInstall(
-            f"this install of deployer ({root}) cannot build the host agent: {e.filename}:"
-            f" {e.strerror}. The package was installed without its data files; reinstall"
-            " it from a release or a checkout (pip install --force-reinstall PATH)"
-        ) from None
 
 
 _building = threading.Lock()
@@ -119,10 +103,7 @@ def facts() -> Facts:
 @cache
 def _build() -> Bundle:
     sources = _sources()
-    digest = hashlib.sha256()
-    for name, data in sources:
-        digest.update(name.encode() + b"\0" + data + b"\0")
-    bundle_id = f"{deployer.__version__}+{digest.hexdigest()[:12]}"
+    the_id = bundle_id(sources)
     compiled = [(f"{name}c", _pyc(name, data)) for name, data in sources if name.endswith(".py")]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -130,10 +111,10 @@ def _build() -> Bundle:
             ("__main__.py", MAIN.encode()),
             *sources,
             *compiled,
-            (ID_FILE, bundle_id.encode()),
+            (ID_FILE, the_id.encode()),
         ]:
             zf.writestr(zipfile.ZipInfo(name, FIXED_TIME), data, zipfile.ZIP_DEFLATED)
-    return Bundle(bundle_id, buf.getvalue())
+    return Bundle(the_id, buf.getvalue())
 
 
 def _pyc(name: str, source: bytes) -> bytes:
@@ -153,13 +134,3 @@ def _pyc(name: str, source: bytes) -> bytes:
         + importlib.util.source_hash(source)
         + marshal.dumps(code, 2)
     )
-
-
-def running_id() -> str:
-    """The bundle id as seen from inside a running zipapp (or the source tree)."""
-    import importlib.resources
-
-    try:
-        return importlib.resources.files("deployer.agent").joinpath("BUNDLE_ID").read_text()
-    except (FileNotFoundError, OSError):
-        return build().id
