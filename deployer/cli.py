@@ -608,7 +608,7 @@ def unlock(ctx: click.Context, force: bool, patterns: str | None) -> None:
         click.echo(line)
 
 
-# --- day-2: app logs, exec, config, doctor (deployer/day2.py) ---------------------------
+# --- day-2: app logs, exec, config, doctor (applogs, execute, drift, doctor) ---
 
 
 @cli.command()
@@ -723,14 +723,14 @@ def app_logs(
     """The masters' and workers' logs (log/master.log) of the selected hosts, merged
     by time, each line after its host's name. -f follows each log across a reopen
     (SIGUSR1 rotation), like `tail -F`."""
-    from deployer import day2
+    from deployer import applogs
     from deployer.report import Reporter
 
-    stamp = day2.parse_since(since) if since else None
+    stamp = applogs.parse_since(since) if since else None
     if lines is None and stamp is None:
         lines = 50
     with open_fleet(ctx, patterns, reporter=Reporter(sys.stderr)) as session:
-        code = day2.logs(session, lines, stamp, follow, sys.stdout, sys.stderr, until_idle)
+        code = applogs.logs(session, lines, stamp, follow, sys.stdout, sys.stderr, until_idle)
     sys.exit(code)
 
 
@@ -754,7 +754,7 @@ def exec_(
     """Run COMMAND in <deploy_to>/current on each host with the app's environment
     ([env] and the secrets, read on the host); each output line after `HOST: `.
     Exit 0 only if it exited 0 on every host. Put `--` before a COMMAND with options."""
-    from deployer import day2
+    from deployer import execute
     from deployer.report import Reporter
 
     with open_fleet(ctx, patterns, reporter=Reporter(sys.stderr)) as session:
@@ -764,9 +764,9 @@ def exec_(
                     f"--interactive: needs exactly one host, {len(session.names)} selected "
                     f"({', '.join(session.names)}): choose one with --hosts"
                 )
-            code = day2.run_interactive(session, command)
+            code = execute.run_interactive(session, command)
         else:
-            code = day2.run_exec(session, command, parallel, sys.stdout, sys.stderr)
+            code = execute.run_exec(session, command, parallel, sys.stdout, sys.stderr)
     sys.exit(code)
 
 
@@ -789,20 +789,20 @@ def config(
     """The configuration each selected host gets: [app], [master] as its master.toml
     has it, [health], [env] (passwords in URLs masked). --diff: each host's master.toml
     and agent against what `deployer setup` would write now."""
-    from deployer import day2
+    from deployer import drift
     from deployer.report import Reporter, printable
 
     if not diff:
         inv = load_inventory(ctx)
-        confs = [day2.resolved(h, inv) for h in selected(ctx, inv, patterns)]
+        confs = [drift.resolved(h, inv) for h in selected(ctx, inv, patterns)]
         if as_json:
             click.echo(json.dumps(confs, indent=2))
             return
         for i, conf in enumerate(confs):
-            click.echo(("\n" if i else "") + "\n".join(printable(x) for x in day2.render(conf)))
+            click.echo(("\n" if i else "") + "\n".join(printable(x) for x in drift.render(conf)))
         return
     with open_fleet(ctx, patterns, reporter=Reporter(sys.stderr)) as session:
-        rows = day2.drift(session, timeout)
+        rows = drift.drift(session, timeout)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -827,11 +827,11 @@ def doctor(ctx: click.Context, patterns: str | None, as_json: bool, timeout: flo
     """Read-only preflight of each host, one line per check: SSH and host key, Python,
     disk space, the layout, systemd, the listen port, the clock. Works before `deployer
     setup`; exit 1 if any check fails."""
-    from deployer import day2
+    from deployer import doctor
     from deployer.report import Reporter, printable
 
     with open_fleet(ctx, patterns, reporter=Reporter(sys.stderr)) as session:
-        rows = day2.doctor(session, timeout)
+        rows = doctor.doctor(session, timeout)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from deployer.errors import BadInput
+from deployer.hostapi import calls
 from deployer.hostapi.answers import MigrationRow, migration_rows
 from deployer.remote import RemoteHost
 from deployer.session import FleetSession
@@ -57,20 +58,17 @@ def run_migrations(fleet: FleetSession, phase: str, release: str, deferred: bool
         return
     files = _dir(remote, release, m.dir)
     fleet.reporter.say(f"migrations: {phase}{' (deferred)' if deferred else ''} from {files}")
-    args = ["up", "--phase", phase, "--dir", files]
-    if release != "current":
-        args += ["--release", release]
-    if deferred:  # the running release may predate migrations (or a first deploy)
-        args.append("--if-dir-exists")
+    # deferred: the running release may predate migrations (or be a first deploy)
+    words = calls.migrate_up(phase, files, None if release == "current" else release, deferred)
     remote.migrate(
-        *args,
+        words,
         database=m.database,
         cwd=str(remote.layout.shared),  # sqlite:///relative paths live in shared/
         on_line=lambda s: fleet.reporter.say(f"migrate: {s}", remote.name),
     )
 
 
-REMOTE_COMMANDS = ("status", "up", "down", "accept")
+REMOTE_COMMANDS = calls.MIGRATE_COMMANDS
 
 
 def dialect(database: str) -> str:
@@ -87,11 +85,9 @@ def on_host(
     remote = migrations_host(fleet, needs_release=False)
     assert m is not None and remote is not None
     # ours first: an explicit --dir of the operator's comes later and wins
-    where = ["--dir", _dir(remote, "current", m.dir)]
+    where = ("--dir", _dir(remote, "current", m.dir))
     result = remote.migrate(
-        args[0],
-        *where,
-        *args[1:],
+        calls.migrate(args[0], *where, *args[1:]),
         database=m.database,
         cwd=str(remote.layout.shared),
         on_line=on_line,
@@ -107,16 +103,11 @@ def applied(fleet: FleetSession) -> list[MigrationRow]:
     if m is None or remote is None:
         return []
     result = remote.migrate(
-        "status",
-        "--json",
-        "--dir",
-        _dir(remote, "current", m.dir),
+        calls.migrate_status(_dir(remote, "current", m.dir)),
         database=m.database,
         cwd=str(remote.layout.shared),
     )
-    # "missing"/"changed": applied, by a release whose files current no longer has
-    done = ("applied", "missing", "changed")
-    return [r for r in migration_rows(result.stdout) if r.state in done]
+    return [r for r in migration_rows(result.stdout) if r.applied]
 
 
 def check_rollback(rows: list[MigrationRow], target: str, force: bool) -> list[str]:
@@ -145,13 +136,7 @@ def down_expand(fleet: FleetSession, releases: list[str]) -> None:
     for release in sorted(set(releases), reverse=True):
         fleet.reporter.say(f"migrations: down (expand) applied by {release}")
         remote.migrate(
-            "down",
-            "--release",
-            release,
-            "--phase",
-            "expand",
-            "--dir",
-            _dir(remote, release, m.dir),
+            calls.migrate_down(release, "expand", _dir(remote, release, m.dir)),
             database=m.database,
             cwd=str(remote.layout.shared),
             on_line=lambda s: fleet.reporter.say(f"migrate: {s}", remote.name),

@@ -182,11 +182,9 @@ class RemoteHost:
         """Why the agent gave no result line, and the exit code that stands for: a host
         not set up (no agent, another one) is bad configuration, not a failed step."""
         tail = result.stderr_tail(10) or result.stdout[-2000:]
-        if result.exit_code == 127 and "cannot open the host agent" in tail:
-            missing = f"the host agent is not installed at {self.layout.pyz}: run `deployer setup`"
-            return missing, EXIT_BAD_INPUT
-        if result.exit_code == EXIT_BAD_INPUT and tail.startswith("deployer: "):
-            return tail.removeprefix("deployer: "), EXIT_BAD_INPUT
+        refused = calls.bootstrap_refusal(result.exit_code, tail, str(self.layout.pyz))
+        if refused is not None:
+            return refused, EXIT_BAD_INPUT
         what = shlex.join([str(self.layout.pyz), "agent", call.op, *call.args])
         code = EXIT_BAD_INPUT if result.exit_code == EXIT_BAD_INPUT else EXIT_FAILED
         return f"`{what}` exited with {result.exit_code}: {tail}", code
@@ -279,15 +277,16 @@ class RemoteHost:
 
     def migrate(
         self,
-        *args: str,
+        words: tuple[str, ...],
         database: str,
         cwd: str,
         on_line: LineCallback | None = None,
         check: bool = True,
     ) -> Result:
-        """`deployer migrate ARGS` on this host (host-side runner from the zipapp); the
-        database URL goes on stdin, so its password is never on a command line."""
-        argv = self._zipapp("migrate", *args, "--database", "-")
+        """`deployer migrate ...` (`words`: hostapi.calls.migrate*) on this host, the
+        runner of its zipapp; the database URL goes on stdin, so its password is never
+        on a command line."""
+        argv = self._zipapp(*words)
         stdin = (database + "\n").encode()
         try:
             result = self.transport.run(
@@ -298,7 +297,7 @@ class RemoteHost:
             raise StepFailed(self.name, "migrations", self.unreachable) from None
         if check and not result.ok:
             why = result.stderr_tail(15) or result.stdout[-2000:]
-            raise StepFailed(self.name, f"migrations {' '.join(args[:3])}", why)
+            raise StepFailed(self.name, f"migrations {' '.join(words[1:4])}", why)
         return result
 
     # --- the resident master ------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 # Output from the repository or its build reaches terminals (ours, the pusher's):
@@ -110,3 +111,28 @@ def reporter_for(stream: TextIO | None = None) -> Reporter:
     if stream.isatty() and os.environ.get("TERM") != "dumb":
         return LiveReporter()
     return Reporter(stream)
+
+
+# --- lines of many hosts (app logs, exec, doctor) ---
+
+_COLORS = ("36", "33", "32", "35", "34", "91", "96", "93", "92", "95")
+
+
+class Prefixer:
+    """`web1: ` before each line of a host; colored per host on a terminal."""
+
+    def __init__(self, names: Sequence[str], stream: TextIO) -> None:
+        tty = stream.isatty() and os.environ.get("TERM") != "dumb"
+        color = tty and "NO_COLOR" not in os.environ
+        self.prefix = {
+            name: (f"\x1b[{_COLORS[i % len(_COLORS)]}m{name}\x1b[0m: " if color else f"{name}: ")
+            for i, name in enumerate(names)
+        }
+
+    def __call__(self, name: str, text: str) -> str:
+        return self.prefix.get(name, f"{name}: ") + printable(text)
+
+
+def short_error(e: BaseException, name: str) -> str:
+    """A host's failure without the host's name in front (its line already says it)."""
+    return str(e).removeprefix(f"{name}: ")

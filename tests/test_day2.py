@@ -31,9 +31,10 @@ from rollout_helpers import (
 )
 from sshd import SSHDFleet, SSHTestHost
 
-from deployer import day2
+from deployer import applogs, doctor, drift
 from deployer.agent import ops
 from deployer.agent.cli import _parser as agent_parser
+from deployer.errors import BadInput
 from deployer.hostapi import answers, calls
 from deployer.hostapi.layout import Layout
 
@@ -42,16 +43,16 @@ from deployer.hostapi.layout import Layout
 
 def test_since_takes_durations_and_iso_times() -> None:
     now = dt.datetime(2026, 12, 1, 11, 30, 0, 250000, tzinfo=dt.UTC)
-    assert day2.parse_since("10m", now) == "2026-12-01T11:20:00.250Z"
-    assert day2.parse_since("1h", now) == "2026-12-01T10:30:00.250Z"
-    assert day2.parse_since("2d", now) == "2026-11-29T11:30:00.250Z"
-    assert day2.parse_since("90s", now) == "2026-12-01T11:28:30.250Z"
-    assert day2.parse_since("2026-12-01T11:00:00Z") == "2026-12-01T11:00:00.000Z"
-    assert day2.parse_since("2026-12-01 12:00:00+01:00") == "2026-12-01T11:00:00.000Z"
+    assert applogs.parse_since("10m", now) == "2026-12-01T11:20:00.250Z"
+    assert applogs.parse_since("1h", now) == "2026-12-01T10:30:00.250Z"
+    assert applogs.parse_since("2d", now) == "2026-11-29T11:30:00.250Z"
+    assert applogs.parse_since("90s", now) == "2026-12-01T11:28:30.250Z"
+    assert applogs.parse_since("2026-12-01T11:00:00Z") == "2026-12-01T11:00:00.000Z"
+    assert applogs.parse_since("2026-12-01 12:00:00+01:00") == "2026-12-01T11:00:00.000Z"
     local = dt.datetime(2026, 12, 1, 11, 0).astimezone()  # no zone: this machine's time
-    assert day2.parse_since("2026-12-01T11:00") == day2.log_stamp(local)
-    with pytest.raises(day2.BadInput, match="--since 'yesterday'"):
-        day2.parse_since("yesterday")
+    assert applogs.parse_since("2026-12-01T11:00") == applogs.log_stamp(local)
+    with pytest.raises(BadInput, match="--since 'yesterday'"):
+        applogs.parse_since("yesterday")
 
 
 OUT_OF_RANGE = [
@@ -66,8 +67,8 @@ OUT_OF_RANGE = [
 
 @pytest.mark.parametrize("text", OUT_OF_RANGE)
 def test_since_out_of_range_is_bad_input_with_the_accepted_forms(text: str) -> None:
-    with pytest.raises(day2.BadInput, match="expected a time like .* or a duration ago like 30s"):
-        day2.parse_since(text)
+    with pytest.raises(BadInput, match="expected a time like .* or a duration ago like 30s"):
+        applogs.parse_since(text)
 
 
 def test_since_out_of_range_on_the_command_line_is_exit_2_not_a_traceback(tmp_path: Path) -> None:
@@ -159,7 +160,7 @@ def test_the_zipapp_digest_does_not_depend_on_what_the_process_holds() -> None:
     digests = set()
     for before in (
         "",
-        "import deployer.cli, deployer.day2",
+        "import deployer.cli, deployer.execute",
         "from deployer.hostapi import calls; held = calls.exec_command(['true'])",
     ):
         code = f"{before}\nfrom deployer.bundle import build\nprint(build().sha256)"
@@ -172,13 +173,13 @@ def test_the_zipapp_digest_does_not_depend_on_what_the_process_holds() -> None:
 def test_config_masks_passwords_and_names_each_changed_key() -> None:
     expected = '[master]\ncommand = ["app"]\nworkers = 2\nenv = { "A" = "1", "B" = "x" }\n'
     host = '[master]\ncommand = ["app"]\nworkers = 7\nenv = { "A" = "1", "C" = "y" }\n'
-    changes = day2.config_changes(host, expected, "/srv/master.toml")
+    changes = drift.config_changes(host, expected, "/srv/master.toml")
     assert changes == [
         "workers: 7 on the host, 2 from the inventory",
         'env B: unset on the host, "x" from the inventory',
         'env C: "y" on the host, unset from the inventory',
     ]
-    masked = day2._masked({"url": "postgresql://u:hunter2@db/x", "list": ["http://a:b@c/"]})
+    masked = drift._masked({"url": "postgresql://u:hunter2@db/x", "list": ["http://a:b@c/"]})
     assert masked == {"url": "postgresql://u:***@db/x", "list": ["http://a:***@c/"]}
 
 
@@ -574,7 +575,7 @@ def test_the_probe_names_an_old_python_by_its_version(tmp_path: Path) -> None:
     probe = answers.parse_result(subprocess.run(argv, capture_output=True, text=True).stdout,
                                  answers.Probe)  # fmt: skip
     assert probe is not None and probe.python == "3.6.15"
-    check = day2._python(probe, "python3")
+    check = doctor._python(probe, "python3")
     assert (check.status, check.detail) == (
         "FAIL", f"3.6.15 ({OLD_PYTHON}): the host agent needs Python 3.9 or later"
     )  # fmt: skip

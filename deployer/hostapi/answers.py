@@ -322,6 +322,12 @@ class MigrationRow(NamedTuple):
     state: str = "pending"  # applied | partial | pending | changed | missing
     release: str | None = None
 
+    @property
+    def applied(self) -> bool:
+        """In the database: "missing"/"changed" too (applied, by a release whose files
+        are not the ones read now)."""
+        return self.state in ("applied", "missing", "changed")
+
 
 def migration_rows(stdout: str) -> list[MigrationRow]:
     """The migration rows of a `migrate ... --json` output; other lines are skipped."""

@@ -56,6 +56,16 @@ sys.exit(main())
 """
 
 
+def bootstrap_refusal(exit_code: int, stderr: str, pyz: str) -> str | None:
+    """Why BOOTSTRAP did not run the host's zipapp, from its exit code and stderr
+    (no agent at `pyz`, another one, an old Python); None if it ran it."""
+    if exit_code == 127 and "cannot open the host agent" in stderr:
+        return f"the host agent is not installed at {pyz}: run `deployer setup`"
+    if exit_code == 2 and stderr.startswith("deployer: "):
+        return stderr.removeprefix("deployer: ").strip()
+    return None
+
+
 def zipapp(python: str, pyz: str, digest: str, *words: str) -> list[str]:
     """A command of the host's zipapp (`agent ...`, `master ...`, `migrate ...`),
     run only if the zipapp's sha256 is `digest`; pyz "-": it comes on stdin."""
@@ -269,6 +279,38 @@ def lock(
     args += ("--replace", replace) if replace is not None else ()
     # acquire again by the same owner is ours already; release of a released one, done
     return AgentCall("lock", args, answers.LockAnswer, deadline=LOCK_DEADLINE, repeatable=True)
+
+
+# --- migrations: `deployer migrate ...` of the host's zipapp, the database URL on stdin
+# (never on a command line)
+
+MIGRATE_COMMANDS = ("status", "up", "down", "accept")  # what runs on the migrations host
+
+
+def migrate(command: str, *args: str) -> tuple[str, ...]:
+    if command not in MIGRATE_COMMANDS:
+        raise ValueError(f"not a migrate command of the hosts: {command!r}")
+    return ("migrate", command, *args, "--database", "-")
+
+
+def migrate_up(
+    phase: str, files: str, release: str | None = None, if_dir_exists: bool = False
+) -> tuple[str, ...]:
+    """One phase from `files` (a release's migrations dir), recorded as `release`'s;
+    `if_dir_exists`: nothing to do where the release has no such dir."""
+    args = ("--phase", phase, "--dir", files)
+    args += ("--release", release) if release else ()
+    args += ("--if-dir-exists",) if if_dir_exists else ()
+    return migrate("up", *args)
+
+
+def migrate_status(files: str) -> tuple[str, ...]:
+    return migrate("status", "--json", "--dir", files)
+
+
+def migrate_down(release: str, phase: str, files: str) -> tuple[str, ...]:
+    """The down sections of what `release` applied in `phase`, from its own files."""
+    return migrate("down", "--release", release, "--phase", phase, "--dir", files)
 
 
 def master_start(layout: Layout) -> tuple[str, ...]:
