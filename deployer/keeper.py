@@ -43,10 +43,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import IO, Any, BinaryIO
 
+from deployer.agent_session import CHUNK, CommandTimeout, Stream
 from deployer.errors import DeployerError, TransportError
 from deployer.hostapi import answers
 from deployer.private import not_ours
-from deployer.transport import CHUNK, CommandTimeout, HostKeyRefused, SSHHost, Stream
+from deployer.transport import HostKeyRefused, SSHHost
 
 HEADER_MAX = 1 << 16
 START_WAIT = 5.0  # s: a keeper just started must listen within this

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from deployer.agent_session import CommandTimeout, SessionEnded, Stdin
 from deployer.bundle import Bundle, facts
 from deployer.errors import EXIT_BAD_INPUT, EXIT_FAILED, StepFailed, TransportError
 from deployer.hostapi import answers, calls
@@ -17,7 +18,7 @@ from deployer.hostapi.calls import AgentCall
 from deployer.hostapi.layout import Layout
 from deployer.hostapi.options import MasterConfig, to_toml
 from deployer.inventory import HostConfig, RoleConfig
-from deployer.transport import CommandTimeout, Result, SessionEnded, Stdin, Transport
+from deployer.transport import Result, Transport
 
 LineCallback = Callable[[str], None]
 

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from deployer import transport
+from deployer import agent_session
 from deployer.agent.session import serve
+from deployer.agent_session import CommandTimeout, SessionEnded
 from deployer.errors import StepFailed
 from deployer.hostapi import answers, calls
 from deployer.hostapi.layout import Layout
 from deployer.remote import RemoteHost
-from deployer.transport import CommandTimeout, LocalHost, SessionEnded
+from deployer.transport import LocalHost
 
 REPO = Path(__file__).resolve().parent.parent
 # the zipapp's entry point, run from the source tree (what BOOTSTRAP imports on a host)
@@ -422,7 +423,7 @@ def test_a_call_waiting_for_a_session_opened_ahead_gets_its_failure_not_a_second
     assert len(attempts) == 2
 
 
-class _Pieces(transport.Stream):
+class _Pieces(agent_session.Stream):
     """A stream whose stdout is these pieces (as the reader hands them on)."""
 
     def __init__(self, pieces: list[bytes]) -> None:
@@ -448,7 +449,7 @@ def test_an_end_frame_counts_only_as_a_whole_line() -> None:
     fake = answers.end_frame(1) + "\n"
     result = answers.result_line(answers.Recorded(True)) + "\n"
     pieces = [b"x" * 10, fake.encode(), result.encode(), fake.encode()]
-    session = transport.AgentSession("h", _Pieces(pieces))
+    session = agent_session.AgentSession("h", _Pieces(pieces))
     seen: list[str] = []
     out = session.receive(1, seen.append, 5.0)
     assert seen == ["x" * 10 + fake.rstrip("\n"), result.rstrip("\n")]  # look-alike inside
@@ -469,7 +470,7 @@ def test_a_stream_reads_at_most_a_few_pieces_ahead_of_its_reader() -> None:
     reader = os.fdopen(r, "rb")
     pump = threading.Thread(target=stream._pump_lines, args=(reader.readline,), daemon=True)
     pump.start()
-    data = b"y\n" * 1000 + b"z" * (3 * transport.CHUNK) + b"\n" + b"y\n" * 1000
+    data = b"y\n" * 1000 + b"z" * (3 * agent_session.CHUNK) + b"\n" + b"y\n" * 1000
 
     def write() -> None:  # blocks once the pipe is full: the reader stopped reading
         with os.fdopen(w, "wb") as out, contextlib.suppress(BrokenPipeError):
@@ -478,11 +479,11 @@ def test_a_stream_reads_at_most_a_few_pieces_ahead_of_its_reader() -> None:
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
     time.sleep(0.3)
-    assert stream.lines.qsize() == transport.READ_AHEAD  # the rest waits in the pipe
+    assert stream.lines.qsize() == agent_session.READ_AHEAD  # the rest waits in the pipe
     got = [stream.lines.get(timeout=2) for _ in range(1000)]
     assert got == [b"y\n"] * 1000
     long = [stream.lines.get(timeout=2) for _ in range(4)]
-    assert [len(p) for p in long] == [transport.CHUNK] * 3 + [1]  # a long line in pieces
+    assert [len(p) for p in long] == [agent_session.CHUNK] * 3 + [1]  # a long line in pieces
     stream.close()  # nobody reads any more: the reader stops waiting to hand on
     reader.close()
     pump.join(timeout=3)
@@ -499,7 +500,7 @@ class LocalAgent(LocalHost):
         super().__init__("web1")
         self.opened = 0
 
-    def open_stream(self, argv: list[str] | tuple[str, ...]) -> transport.Stream:
+    def open_stream(self, argv: list[str] | tuple[str, ...]) -> agent_session.Stream:
         self.opened += 1
         return super().open_stream(AGENT + ["session"])
 
@@ -509,7 +510,7 @@ class KeeperGoneOnce(LocalAgent):
     by a SIGKILLed keeper does (no exit status: the relay went away); the sessions
     after it are real agent sessions."""
 
-    def open_stream(self, argv: list[str] | tuple[str, ...]) -> transport.Stream:
+    def open_stream(self, argv: list[str] | tuple[str, ...]) -> agent_session.Stream:
         if self.opened:
             return super().open_stream(argv)
         self.opened += 1

@@ -17,13 +17,8 @@ from rollout_helpers import Project, make_project
 from sshd import SSHDFleet, SSHTestHost
 from test_transport import host_config
 
-from deployer.transport import (
-    STREAMED_TAIL,
-    HostKeyRefused,
-    LocalHost,
-    SSHHost,
-    known_hosts_name,
-)
+from deployer.agent_session import STREAMED_TAIL
+from deployer.transport import HostKeyRefused, LocalHost, SSHHost, known_hosts_name
 
 # OSC (retitle the window) ending in BEL, clear screen, cursor up, a C1 CSI (U+009B)
 # and a form feed: each would act on a terminal
