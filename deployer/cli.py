@@ -259,8 +259,9 @@ def rollout(
     from deployer import runlog
     from deployer.hook import LOG_ID
     from deployer.inventory import expand_path
+    from deployer.plan import plan_rollout
     from deployer.report import TeeReporter
-    from deployer.rollout import plan_rollout, run_rollout
+    from deployer.rollout import run_rollout
     from deployer.sync import Source
 
     if deploy_id is not None and not LOG_ID.fullmatch(deploy_id):

@@ -31,6 +31,7 @@ from deployer.hostapi.layout import utc_stamp
 from deployer.hostapi.options import to_toml
 from deployer.inventory import master_label
 from deployer.lock import FleetLocks, Owner
+from deployer.plan import split_batches
 from deployer.remote import RemoteHost
 from deployer.rollout import (
     Outcome,
@@ -38,7 +39,6 @@ from deployer.rollout import (
     look_again,
     looked_at,
     serve_host,
-    split_batches,
 )
 from deployer.session import FleetSession
 

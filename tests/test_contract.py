@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from deployer import inventory, migrating, rollout
+from deployer import inventory, migrating
+from deployer import plan as planning
 from deployer.agent.cli import _parser as agent_parser
 from deployer.errors import BadInput
 from deployer.hostapi import answers, calls, checks, options
@@ -264,33 +265,33 @@ def _inventory(hosts: int, extra: str = "") -> inventory.Inventory:
 
 def test_batches_round_percentages_up() -> None:
     # 30% of 10 hosts is 3; of 11 hosts 3.3 -> 4 (rounded down it would be 3)
-    assert rollout.batch_size("30%", 10) == 3
-    assert rollout.batch_size("30%", 11) == 4
-    assert rollout.batch_size("1%", 3) == 1
-    assert rollout.split_batches(list("abcdefghijk"), 1, ["30%"]) == [
+    assert planning.batch_size("30%", 10) == 3
+    assert planning.batch_size("30%", 11) == 4
+    assert planning.batch_size("1%", 3) == 1
+    assert planning.split_batches(list("abcdefghijk"), 1, ["30%"]) == [
         ["a"], ["b", "c", "d", "e"], ["f", "g", "h", "i"], ["j", "k"]
     ]  # fmt: skip
 
 
 def test_ramp_and_canary() -> None:
     names = [f"h{i}" for i in range(10)]
-    assert rollout.split_batches(names, 1, [1, "30%", "100%"]) == [
+    assert planning.split_batches(names, 1, [1, "30%", "100%"]) == [
         ["h0"], ["h1"], ["h2", "h3", "h4"], ["h5", "h6", "h7", "h8", "h9"]
     ]  # fmt: skip
-    assert rollout.split_batches(names[:3], 0, [2]) == [["h0", "h1"], ["h2"]]
-    assert rollout.split_batches([], 1, [1]) == []
+    assert planning.split_batches(names[:3], 0, [2]) == [["h0", "h1"], ["h2"]]
+    assert planning.split_batches([], 1, [1]) == []
 
 
 def test_allowed_failures_round_down() -> None:
-    assert rollout.allowed_failures("25%", 10) == 2
-    assert rollout.allowed_failures("25%", 3) == 0
-    assert rollout.allowed_failures(1, 3) == 1
+    assert planning.allowed_failures("25%", 10) == 2
+    assert planning.allowed_failures("25%", 3) == 0
+    assert planning.allowed_failures(1, 3) == 1
 
 
 def test_plan_rollout_from_an_inventory() -> None:
     inv = _inventory(7)
     sha = "0123456789abcdef0123456789abcdef01234567"
-    plan = rollout.plan_rollout(inv, list(inv.hosts), sha)
+    plan = planning.plan_rollout(inv, list(inv.hosts), sha)
     release = next(iter(plan.targets.values()))
     assert release.endswith("-0123456") and set(plan.targets.values()) == {release}
     assert plan.batches == (("web1",), ("web2",), ("web3", "web4", "web5"), ("web6", "web7"))
@@ -298,7 +299,7 @@ def test_plan_rollout_from_an_inventory() -> None:
     text = plan.render()
     assert "switch canary batch: web1 -> " + release in text
     assert "hosts allowed to fail: 1" in text
-    override = rollout.plan_rollout(inv, list(inv.hosts), sha, batch=("50%",), canary=0)
+    override = planning.plan_rollout(inv, list(inv.hosts), sha, batch=("50%",), canary=0)
     assert override.batches == (("web1", "web2", "web3", "web4"), ("web5", "web6", "web7"))
 
 
@@ -319,13 +320,13 @@ def test_plan_rollback_goes_to_each_hosts_previous_release() -> None:
     with pytest.raises(
         BadInput, match=r"nothing to roll back to on: web2 \(no release before r3\)"
     ):
-        rollout.plan_rollback(inv, states, None)
+        planning.plan_rollback(inv, states, None)
     states["web2"] = _state("r3", ["r1", "r3"], "r1")
-    plan = rollout.plan_rollback(inv, states, None)
+    plan = planning.plan_rollback(inv, states, None)
     assert plan.targets == {"web1": "r2", "web2": "r1"}
     assert plan.on_failure == "halt" and plan.max_failed == 0
     with pytest.raises(BadInput, match=r"release r2 does not exist on: web2 \(has: r1, r3\)"):
-        rollout.plan_rollback(inv, states, "r2")
+        planning.plan_rollback(inv, states, "r2")
 
 
 def test_check_rollback_refuses_to_pass_a_contract_migration() -> None:

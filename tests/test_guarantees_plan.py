@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from deployer import inventory, lock, migrating, rollout
+from deployer import plan as planning
 from deployer.errors import BadInput, LockHeld, StepFailed
 from deployer.hostapi import answers
 from deployer.hostapi.layout import Layout, release_name
@@ -162,7 +163,11 @@ class FakeHost:
     def locked(self) -> bool:
         return self.holder is not None
 
-    def migrate(self, *args: str, cwd: str, on_line: Callable | None = None, **kw: Any) -> Any:
+    def migrate(
+        self, words: tuple[str, ...], cwd: str, on_line: Callable | None = None, **kw: Any
+    ) -> Any:
+        assert words[0] == "migrate" and words[-2:] == ("--database", "-"), words
+        args = words[1:-2]  # the command and its arguments, as calls.migrate* built them
         self.world.log.append(("migrate", *args))
         self.world.migrate_kw.append(
             {"cwd": cwd, **kw, **({"on_line": on_line} if on_line else {})}
@@ -206,7 +211,7 @@ class World:
         self.fleet.remotes = self.hosts  # type: ignore[assignment]
 
     def rollout(self, **kw: Any) -> rollout.Outcome:
-        plan = rollout.plan_rollout(self.inventory, list(self.hosts), SHA, **kw)
+        plan = planning.plan_rollout(self.inventory, list(self.hosts), SHA, **kw)
         return rollout.run_rollout(self.fleet, plan, Source())
 
     def currents(self) -> dict[str, str | None]:
@@ -234,6 +239,7 @@ def no_bundle_no_git(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(sync, "pack_for_host", pack_for_host)
     # one release name for the whole test, whatever second the plan is made in
+    monkeypatch.setattr(planning, "release_name", lambda sha, when=None: NEW)
     monkeypatch.setattr(rollout, "release_name", lambda sha, when=None: NEW)
 
 
@@ -546,15 +552,15 @@ def test_rollback_past_a_contract_is_refused_unless_forced(tmp_path: Path) -> No
     ],  # fmt: skip
 )
 def test_batch_size_rounds_percentages_up(spec: int | str, total: int, size: int) -> None:
-    assert rollout.batch_size(spec, total) == size
+    assert planning.batch_size(spec, total) == size
 
 
 def test_split_batches_edges() -> None:
     hosts = [f"h{i}" for i in range(5)]
-    assert rollout.split_batches(hosts, 0, []) == [[h] for h in hosts]  # default: one at a time
-    assert rollout.split_batches(hosts, 2, [10]) == [["h0", "h1"], ["h2", "h3", "h4"]]
-    assert rollout.split_batches(hosts, 0, [1, 2]) == [["h0"], ["h1", "h2"], ["h3", "h4"]]
-    assert rollout.split_batches(hosts[:1], 3, [1]) == [["h0"]]
+    assert planning.split_batches(hosts, 0, []) == [[h] for h in hosts]  # default: one at a time
+    assert planning.split_batches(hosts, 2, [10]) == [["h0", "h1"], ["h2", "h3", "h4"]]
+    assert planning.split_batches(hosts, 0, [1, 2]) == [["h0"], ["h1", "h2"], ["h3", "h4"]]
+    assert planning.split_batches(hosts[:1], 3, [1]) == [["h0"]]
 
 
 @pytest.mark.parametrize(
@@ -562,12 +568,12 @@ def test_split_batches_edges() -> None:
     [(0, 5, 0), (2, 5, 2), ("10%", 10, 1), ("19%", 10, 1), ("20%", 10, 2), ("50%", 3, 1)],
 )
 def test_allowed_failures_rounds_down(spec: int | str, total: int, allowed: int) -> None:
-    assert rollout.allowed_failures(spec, total) == allowed
+    assert planning.allowed_failures(spec, total) == allowed
 
 
 def test_plan_renders_what_it_will_do(tmp_path: Path) -> None:
     w = World(tmp_path, 3, ROLLOUT + "parallel = 2\n")
-    plan = rollout.plan_rollout(w.inventory, ["web1", "web2", "web3"], SHA)
+    plan = planning.plan_rollout(w.inventory, ["web1", "web2", "web3"], SHA)
     assert plan.hosts == ["web1", "web2", "web3"] and plan.parallel == 2
     assert plan.render().splitlines() == [
         f"rollout of shop at {SHA} to 3 host(s)",
@@ -582,9 +588,9 @@ def test_plan_renders_what_it_will_do(tmp_path: Path) -> None:
         "  3. migrations: contract; prune old releases; record history",
         "  on failure: rollback (hosts allowed to fail: 0)",
     ]
-    one = rollout.plan_rollout(w.inventory, ["web1"], SHA, canary=0)
+    one = planning.plan_rollout(w.inventory, ["web1"], SHA, canary=0)
     assert "  switch batch 1: web1" in one.render()
-    back = rollout.plan_rollback(
+    back = planning.plan_rollback(
         w.inventory, {"web1": FakeHost(w, "web1", w.inventory.hosts["web1"]).state()}, OLD
     )
     assert back.render().splitlines()[0] == "rollback of shop to 1 host(s)"
@@ -940,7 +946,7 @@ def test_the_locks_and_the_history_name_the_rollout(tmp_path: Path) -> None:
     import getpass
 
     w = World(tmp_path, 2, ROLLOUT)
-    plan = rollout.plan_rollout(w.inventory, list(w.hosts), SHA)
+    plan = planning.plan_rollout(w.inventory, list(w.hosts), SHA)
     assert rollout.run_rollout(w.fleet, plan, Source(), deploy_id="d-42", log="/x.log").ok
     assert {(o.app, o.revision, o.action, o.id) for o in w.owners} == {
         ("shop", SHA, "rollout", "d-42")
@@ -1049,7 +1055,7 @@ def test_a_host_that_never_had_a_release_is_named_so(tmp_path: Path) -> None:
 
 def test_plan_text_of_two_batches_and_a_watch(tmp_path: Path) -> None:
     w = World(tmp_path, 2, "[rollout]\ncanary = 1\nbatch = 1\nwatch = 7.5\n")
-    text = rollout.plan_rollout(w.inventory, ["web1", "web2"], SHA).render()
+    text = planning.plan_rollout(w.inventory, ["web1", "web2"], SHA).render()
     canary = f"  switch canary batch: web1 -> {NEW}; reload master; check health; watch 7.5s from"
     assert (
         f"{canary} its switch\n  switch batch 2: web2 -> {NEW}; reload master; check health\n"
