@@ -257,7 +257,7 @@ def rollout(
 ) -> None:
     """Deploy REV (default: HEAD of the repo) to the selected hosts, batch by batch."""
     from deployer import runlog
-    from deployer.hook import LOG_ID
+    from deployer.githooks import LOG_ID
     from deployer.inventory import expand_path
     from deployer.plan import plan_rollout
     from deployer.report import TeeReporter
@@ -420,16 +420,16 @@ def history_row(e: dict) -> list[str]:
 def logs(ctx: click.Context, deploy_id: str | None, follow: bool) -> None:
     """The log of a rollout (by id or id prefix; default: the newest). With -f, follow
     it to its end and exit with the rollout's own exit code."""
-    from deployer import hook, runlog
+    from deployer import githooks, runlog
     from deployer.history import state_dir
 
     inv = load_inventory(ctx)
     state = state_dir(inv.path, inv.destination)
-    path = hook.log_path(state, deploy_id)
+    path = githooks.log_path(state, deploy_id)
     if not follow:
-        hook.copy_file(path, sys.stdout)
+        githooks.copy_file(path, sys.stdout)
         return
-    hook.follow(path, lambda: runlog.going_on(path, state, inv.app.name), sys.stdout)
+    githooks.follow(path, lambda: runlog.going_on(path, state, inv.app.name), sys.stdout)
     code = runlog.read_verdict(path)
     if code is None:
         raise DeployerError(f"rollout {path.stem} ended without a verdict (killed?): {path}")
@@ -444,15 +444,17 @@ def init(ctx: click.Context, repo: str, branch: str) -> None:
     """Create (or adopt) a bare deploy repository whose pushes to BRANCH deploy."""
     from pathlib import Path
 
-    from deployer import hook
+    from deployer import githooks
 
     repo_path = Path(repo).expanduser().absolute()
     inventory = Path(ctx.obj["inventory_path"]).expanduser().absolute()
-    changes = hook.init(repo_path, inventory, branch, sys.executable, ctx.obj.get("destination"))
+    changes = githooks.init(
+        repo_path, inventory, branch, sys.executable, ctx.obj.get("destination")
+    )
     for line in changes or [f"{repo_path}: already set up, nothing changed"]:
         click.echo(line)
     click.echo("In your app's repository, add the remote (this machine, or over ssh):")
-    for line in hook.remote_lines(repo_path):
+    for line in githooks.remote_lines(repo_path):
         click.echo(f"  {line}")
     click.echo(f"then deploy with: git push deploy {branch}")
 
@@ -479,14 +481,14 @@ def hook(name: str, args: tuple[str, ...]) -> None:
     import os
     from pathlib import Path
 
-    from deployer import hook as hooks
+    from deployer import githooks
 
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    cfg = hooks.HookConfig.read(Path(os.environ.get("GIT_DIR", ".")).absolute())
+    cfg = githooks.HookConfig.read(Path(os.environ.get("GIT_DIR", ".")).absolute())
     if name == "pre-receive":
-        sys.exit(hooks.pre_receive(cfg, sys.stdin.read(), sys.stderr))
+        sys.exit(githooks.pre_receive(cfg, sys.stdin.read(), sys.stderr))
     try:
-        code = hooks.post_update(cfg, list(args), sys.stdout)
+        code = githooks.post_update(cfg, list(args), sys.stdout)
     except BrokenPipeError:
         # The pusher went away; the rollout runs on in its own session.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from deployer.errors import BadInput, DeployerError
-from deployer.hook import clean_env
+from deployer.githooks import clean_env
 from deployer.hostapi.layout import Layout
 from deployer.loadgen import Load, LoadResult
 

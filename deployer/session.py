@@ -1,7 +1,7 @@
 """A fleet session: the selected hosts of an inventory, their connections and
 the reporter, for one command (setup, status, rollout, rollback, unlock...).
 
-    with FleetSession.open(inventory, hosts, state_dir) as fleet:
+    with FleetSession(inventory, hosts, state_dir) as fleet:
         results, failures = fleet.each(fleet.names, lambda host: host.state())
 """
 

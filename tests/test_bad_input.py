@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from rollout_helpers import make_repo
 
-from deployer import hook, inventory
+from deployer import githooks, inventory
 from deployer.errors import InventoryError
 from deployer.report import LiveReporter, Reporter
 
@@ -348,6 +348,6 @@ def test_reporter_and_hook_output_show_control_characters_as_escapes(
     log = tmp_path / "rollout.log"
     log.write_text(f"one {ESC}\ntwo\n")
     pusher = io.StringIO()
-    hook.follow(log, lambda: False, pusher)
+    githooks.follow(log, lambda: False, pusher)
     assert "\x1b" not in pusher.getvalue() and "\x9b" not in pusher.getvalue()
     assert pusher.getvalue().startswith("one \\x1b]0;owned\\x07") and "\ntwo\n" in pusher.getvalue()

@@ -14,7 +14,7 @@ import pytest
 from rollout_helpers import APP, make_project, master_extra, stop_masters
 from sshd import SSHTestHost
 
-from deployer import hook, lock
+from deployer import githooks, lock
 from deployer.errors import BadInput
 from deployer.history import STATE_ENV, History, state_dir
 
@@ -84,8 +84,8 @@ def test_a_pushed_rollouts_log_and_its_directories_are_private(
     repo = tmp_path / "deploy.git"
     (repo / "deployer" / "logs").mkdir(parents=True, mode=0o755)
     state.mkdir(mode=0o755)
-    cfg = hook.HookConfig(repo, tmp_path / "missing-inventory.toml", "main", "staging")
-    run = hook.start_rollout(cfg, "a" * 40)
+    cfg = githooks.HookConfig(repo, tmp_path / "missing-inventory.toml", "main", "staging")
+    run = githooks.start_rollout(cfg, "a" * 40)
     run.proc.wait(timeout=60)  # it fails at once: there is no inventory
     assert mode(run.log) == 0o600
     assert mode(repo / "deployer" / "logs") == 0o700

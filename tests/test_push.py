@@ -343,7 +343,7 @@ def test_init_refuses_a_work_tree_and_a_bad_branch(local: Pushed) -> None:
 
 
 def test_hook_environment_is_sanitized_for_child_processes(local: Pushed) -> None:
-    from deployer.hook import clean_env
+    from deployer.githooks import clean_env
 
     local.deployer("init", "--repo", str(local.bare), check=True)
     dump = local.bare.parent / "hook-env"
@@ -381,7 +381,7 @@ def test_demo_deploys_two_hosts_under_load_with_no_failed_request(tmp_path: Path
 
 def test_log_path_by_id_prefix_or_newest(tmp_path: Path) -> None:
     from deployer.errors import BadInput
-    from deployer.hook import log_path
+    from deployer.githooks import log_path
 
     with pytest.raises(BadInput, match="no rollout logs yet"):
         log_path(tmp_path, None)
