@@ -131,7 +131,7 @@ def _batch_item(text: str) -> int | str:
 
 
 def parse_batch(value: str | None) -> tuple[int | str, ...] | None:
-    from deployer.inventory import Invalid, batch
+    from deployer.inventory.checks import Invalid, batch
 
     if value is None:
         return None
@@ -166,7 +166,7 @@ def lock_wait_check() -> Callable[[Any], float]:
 
 
 def canary_check() -> Callable[[Any], int]:
-    from deployer.inventory import MAX_HOSTS, integer
+    from deployer.inventory.checks import MAX_HOSTS, integer
 
     return integer(0, MAX_HOSTS)
 

@@ -1,388 +1,42 @@
-"""inventory.toml -> typed, validated config, and host selection by glob.
-
-The schema lives on the dataclasses themselves: each field carries a checker in
-its metadata, so the key list, defaults, types and error messages cannot drift
-apart. Validation collects every problem before reporting, so an operator fixes
-a file in one pass instead of one error per run.
-"""
+"""inventory.toml (and a stage's overlay) read, checked and merged into an
+`Inventory`; every problem collected before reporting, so an operator fixes a
+file in one pass."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import fnmatch
-import getpass
 import ipaddress
 import os
 import re
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
 
-from deployer.errors import BadInput, HostSelectionError, InventoryError
+from deployer.errors import BadInput, InventoryError
 from deployer.hostapi import checks, options, workerenv
 from deployer.hostapi.checks import (
     Checker,
     Invalid,
-    boolean,
-    choice,
-    integer,
-    string,
 )
 from deployer.hostapi.checks import describe as _describe
-from deployer.hostapi.checks import fail as _fail
-from deployer.hostapi.layout import ROLE_NAME, Layout
+from deployer.hostapi.layout import ROLE_NAME
 from deployer.hostapi.options import MasterConfig
+from deployer.inventory.checks import REQUIRED, url_host
+from deployer.inventory.sections import (
+    HOST_KEYS,
+    OVERRIDES,
+    ROLE_KEYS,
+    SECTIONS,
+    HostConfig,
+    Inventory,
+    RoleConfig,
+    SSHConfig,
+)
+from deployer.inventory.selection import suggest
 
 DEFAULT_PATH = "inventory.toml"
 ENV_VAR = "DEPLOYER_INVENTORY"
-
-
-# --- checkers beyond the shared ones (deployer.hostapi.checks) -------------------------
-
-# Upper bounds: beyond them a value is a typo (or hostile), not a setting; they
-# also keep thread pools and loops sized by the inventory finite.
-MAX_HOSTS = 10_000  # canary, batch sizes, max_failed: counts of hosts
-MAX_PARALLEL = 256  # hosts prepared at once: one thread and one SSH connection each
-MAX_KEEP_RELEASES = 1000
-MAX_PASSES = 1000
-MAX_NAME = 100  # the app name ends up in file names (locks, units)
-
-
-def number(minimum: float = 0.0) -> Checker:
-    return checks.seconds(minimum)
-
-
-def count_or_percent(v: Any, *, minimum: int) -> int | str:
-    """An int, or "N%" with 0 < N <= 100 (a percentage of the selected hosts)."""
-    if isinstance(v, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", v)
-        if m and 0 < float(m.group(1)) <= 100:
-            return f"{m.group(1)}%"
-        return _fail("a percentage between 1% and 100%", v)
-    try:
-        return integer(minimum, MAX_HOSTS)(v)
-    except Invalid as e:
-        raise Invalid(f'{e} (or a percentage like "25%")', e.expected) from None
-
-
-def batch(v: Any) -> tuple[int | str, ...]:
-    """`batch = 2`, `batch = "25%"` or a ramp `batch = [1, "10%", "100%"]`."""
-    items = v if isinstance(v, list) else [v]
-    if not items:
-        return _fail("a batch size or a non-empty ramp list", v)
-    try:
-        return tuple(count_or_percent(x, minimum=1) for x in items)
-    except Invalid as e:
-        raise Invalid(f"{e} (batch is an integer, a percentage, or a list of them)") from None
-
-
-def max_failed(v: Any) -> int | str:
-    return 0 if v == 0 else count_or_percent(v, minimum=0)
-
-
-def url(v: Any) -> str:
-    s = string(v)
-    if not re.match(r"https?://[^/\s]+", s) or url_host(s) is None:
-        return _fail("an http:// or https:// URL", v)
-    return s
-
-
-def url_host(u: str) -> str | None:
-    """The host part of a URL (lowercase, no brackets), None if it has none or is garbled."""
-    try:
-        parts = urlsplit(u)
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
-    except ValueError:
-        return None
-    return parts.hostname or None
-
-
-_NAME = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9._-]{{0,{MAX_NAME - 1}}}")
-
-
-def app_name(v: Any) -> str:
-    """The app's name: it names files on the controller and the hosts (the deploy
-    lock, units), so nothing that could be a path ('/', '..') or an option ('-x')."""
-    s = string(v)
-    if not _NAME.fullmatch(s):
-        return _fail(
-            f"a name of letters, digits, '.', '_' and '-', not starting with '.' or '-', "
-            f"at most {MAX_NAME} characters",
-            v,
-        )
-    return s
-
-
-def shared_paths(v: Any) -> tuple[str, ...]:
-    """[app] shared: paths relative to the release (and to shared/); refused here, before
-    any host is touched, rather than at prepare on every host."""
-    if not isinstance(v, list):
-        return _fail("an array of relative paths", v)
-    for entry in v:
-        if not isinstance(entry, str) or not entry.strip() or "\0" in entry:
-            raise Invalid(f"entry {_describe(entry)}: expected a non-empty path without NUL")
-        parts = entry.strip("/").split("/")
-        if entry.startswith("/") or any(p in (".", "..") for p in parts):
-            raise Invalid(
-                f"entry {entry!r}: expected a relative path inside the release "
-                "(no leading '/', no '.' or '..' parts)"
-            )
-    return tuple(v)
-
-
-def database(v: Any) -> str:
-    s = string(v)
-    if not (s.startswith("sqlite:///") or re.match(r"postgres(ql)?://", s)):
-        return _fail('"sqlite:///PATH" or "postgresql://..."', checks.mask_url(s))
-    return s
-
-
-def host_address(v: Any) -> str:
-    s = string(v)
-    if re.search(r"[\s/@]", s):
-        return _fail("a host name or IP address (no spaces, '/' or '@')", v)
-    return s
-
-
-REQUIRED = dataclasses.MISSING
-
-
-def key(check: Checker, default: Any = REQUIRED, *, expand: bool = False) -> Any:
-    """A config key: its checker, its default, and whether {host}/{address} expand in it."""
-    if isinstance(default, list | dict):
-        raise TypeError("mutable default")
-    return field(default=default, metadata={"check": check, "expand": expand})
-
-
-# --- sections -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AppConfig:
-    name: str = key(app_name)
-    deploy_to: str = key(string, expand=True)
-    keep_releases: int = key(integer(minimum=2, maximum=MAX_KEEP_RELEASES), 5)
-    shared: tuple[str, ...] = key(shared_paths, ())
-    build: str | None = key(string, None, expand=True)
-    repo: str | None = key(string, None)
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    url: str = key(url, expand=True)
-    expect_status: int = key(integer(minimum=100, maximum=599), 200)
-    timeout: float = key(number(), 30.0)
-    passes: int = key(integer(minimum=1, maximum=MAX_PASSES), 3)
-    interval: float = key(number(), 0.2)
-
-
-@dataclass(frozen=True)
-class MigrationsConfig:
-    dir: str = key(string, "migrations")
-    database: str = key(database, "sqlite:///db/deployer.sqlite3")
-    host: str | None = key(string, None)
-    contract: str = key(choice("after-rollout", "next-rollout"), "after-rollout")
-
-
-@dataclass(frozen=True)
-class RolloutConfig:
-    # after the canary, the rest at once: each host's master still replaces its
-    # workers new-before-old, so no host loses capacity (a ramp like [2, "50%"] or
-    # batch = 1 exposes fewer hosts at a time)
-    batch: tuple[int | str, ...] = key(batch, ("100%",))
-    canary: int = key(integer(minimum=0, maximum=MAX_HOSTS), 1)
-    max_failed: int | str = key(max_failed, 0)
-    on_failure: str = key(choice("rollback", "halt"), "rollback")
-    parallel: int = key(integer(minimum=1, maximum=MAX_PARALLEL), 10)
-    # seconds from its switch the canary batch is watched before any other host
-    # switches: a worker crash, a worker not ready or a failing health probe in that
-    # time fails it. Later batches are looked at again (every crash since their own
-    # switch) as the next ones switch and at the end, not waited for one by one.
-    watch: float = key(checks.seconds(0.0, inclusive=True), 5.0)
-
-
-@dataclass(frozen=True)
-class SSHConfig:
-    user: str | None = key(string, None)
-    # None: whatever ~/.ssh/config says for the address, else 22
-    port: int | None = key(integer(minimum=1, maximum=65535), None)
-    identity: str | None = key(string, None)
-    known_hosts: str = key(string, "~/.ssh/known_hosts")
-    trust_new_hosts: bool = key(boolean, False)
-    python: str = key(string, "python3")
-    config_file: str | None = key(string, None)  # an ssh_config file instead of ~/.ssh/config
-    connect_timeout: float = key(number(), 10.0)
-    retry_deadline: float = key(number(), 20.0)
-    # seconds the keeper (deployer/keeper.py) keeps connections and agent sessions
-    # open after the last command that used them; 0: every command connects itself
-    persist: float = key(checks.seconds(0.0, inclusive=True, maximum=86400.0), 0.0)
-
-
-@dataclass(frozen=True)
-class RoleConfig:
-    """One process type on one host: its master, health check and environment, with
-    the layers merged (host's role table > host > role > top level)."""
-
-    name: str | None  # None: the single implicit role of an inventory without [roles]
-    master: MasterConfig | None
-    health: HealthConfig | None
-    env: dict[str, str] = field(default_factory=dict)
-    # "master.workers" -> the table that set it ("[hosts.big.master]"); unset: default
-    origins: dict[str, str] = field(default_factory=dict)
-
-
-def master_label(role: str | None) -> str:
-    """How messages name a role's master: "web master", or "master" without roles."""
-    return "master" if role is None else f"{role} master"
-
-
-@dataclass(frozen=True)
-class HostConfig:
-    """One target host, with [ssh] merged in and {host}/{address} expanded."""
-
-    name: str
-    address: str
-    transport: str
-    ssh: SSHConfig
-    app: AppConfig
-    roles: tuple[RoleConfig, ...] = ()
-
-    @property
-    def port(self) -> int:
-        return self.ssh.port or 22
-
-    @property
-    def layout(self) -> Layout:
-        """The host's paths under deploy_to (the host agent uses the same class)."""
-        return Layout.at(self.app.deploy_to)
-
-    @property
-    def role_names(self) -> list[str]:
-        return [r.name for r in self.roles if r.name is not None]
-
-    def role(self, name: str | None) -> RoleConfig:
-        for r in self.roles:
-            if r.name == name:
-                return r
-        raise KeyError(name)
-
-    def _implicit(self) -> RoleConfig | None:
-        return self.roles[0] if len(self.roles) == 1 and self.roles[0].name is None else None
-
-    # The implicit role's sections (an inventory without [roles]); None with roles.
-    @property
-    def master(self) -> MasterConfig | None:
-        r = self._implicit()
-        return None if r is None else r.master
-
-    @property
-    def health(self) -> HealthConfig | None:
-        r = self._implicit()
-        return None if r is None else r.health
-
-    @property
-    def env(self) -> dict[str, str]:
-        r = self._implicit()
-        return {} if r is None else r.env
-
-    @property
-    def masters(self) -> list[RoleConfig]:
-        """The roles that run a master here."""
-        return [r for r in self.roles if r.master is not None]
-
-    def master_config(self, role: str | None = None) -> MasterConfig | None:
-        """What master.toml (master-<role>.toml) says on this host: the role's
-        master, with the layout's paths."""
-        try:
-            r = self.role(role)
-        except KeyError:
-            return None
-        if r.master is None:
-            return None
-        layout = self.layout.for_role(role)
-        return dataclasses.replace(
-            r.master,
-            cwd=str(layout.current),
-            socket=str(layout.socket),
-            pidfile=str(layout.pidfile),
-            log=str(layout.master_log),
-            env=dict(r.env),
-            env_file=str(layout.secrets),
-        )
-
-    def only_roles(self, names: Iterable[str]) -> HostConfig:
-        """This host with just the roles named (`--roles`)."""
-        wanted = set(names)
-        return dataclasses.replace(self, roles=tuple(r for r in self.roles if r.name in wanted))
-
-    @property
-    def user(self) -> str | None:
-        return self.ssh.user
-
-    def describe(self) -> dict[str, Any]:
-        local = self.transport == "local"
-        return {
-            "name": self.name,
-            "address": self.address,
-            "port": None if local else self.port,
-            # a local host runs as whoever runs deployer; an ssh host without a
-            # user gets it from ~/.ssh/config or the local user, decided at connect time
-            "user": getpass.getuser() if local else self.user,
-            "transport": self.transport,
-            "deploy_to": self.app.deploy_to,
-            "roles": self.role_names,
-        }
-
-
-# Keys a [hosts.NAME] table may set besides every [ssh] key.
-HOST_KEYS = {"address": host_address, "transport": choice("ssh", "local")}
-# Sections a [hosts.NAME] table may override key by key.
-OVERRIDES: dict[str, type] = {"master": MasterConfig, "health": HealthConfig}
-# What a [roles.NAME] table (and a host's [hosts.NAME.roles.ROLE]) may hold.
-ROLE_KEYS = (*OVERRIDES, "env")
-SECTIONS: dict[str, type] = {
-    "app": AppConfig,
-    "master": MasterConfig,
-    "health": HealthConfig,
-    "migrations": MigrationsConfig,
-    "rollout": RolloutConfig,
-    "ssh": SSHConfig,
-}
-
-
-@dataclass(frozen=True)
-class Inventory:
-    path: str
-    app: AppConfig
-    master: MasterConfig | None
-    health: HealthConfig | None
-    migrations: MigrationsConfig | None
-    rollout: RolloutConfig
-    ssh: SSHConfig
-    hosts: dict[str, HostConfig]
-    destination: str | None = None  # -d NAME: <stem>.NAME.toml was merged over `path`
-    roles: tuple[str, ...] = ()  # the [roles.NAME] tables; () : the single implicit role
-
-    def select(self, patterns: str | None, roles: str | None = None) -> list[HostConfig]:
-        """Hosts by `--hosts` globs, then by `--roles`: the hosts that have one of the
-        roles, each with just those roles (their masters are the ones acted on)."""
-        hosts = select_hosts(self.hosts, patterns)
-        if roles is None or not roles.strip():
-            return hosts
-        wanted = select_roles(self.roles, roles)
-        chosen = [h.only_roles(wanted) for h in hosts if set(h.role_names) & set(wanted)]
-        if not chosen:
-            raise HostSelectionError(
-                f"--roles: no selected host has the role(s) {', '.join(wanted)}"
-            )
-        return chosen
-
-
-# --- loading --------------------------------------------------------------------------
 
 
 class _Problems:
@@ -397,18 +51,13 @@ class _Problems:
             self.items.append(item)
 
 
-def _suggest(name: str, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _unknown_keys(table: dict, known: Iterable[str], where: str, problems: _Problems) -> None:
     known = list(known)
     for name in table:
         if name not in known:
             problems.add(
                 f"{where} {name}",
-                f"unknown key{_suggest(name, known)}; known keys: {', '.join(known)}",
+                f"unknown key{suggest(name, known)}; known keys: {', '.join(known)}",
             )
 
 
@@ -612,7 +261,7 @@ def parse(data: dict[str, Any], path: str = "<inventory>") -> Inventory:
         if mhost is not None and mhost not in hosts and hosts:
             problems.add(
                 "[migrations] host",
-                f"no host named {mhost!r}{_suggest(mhost, hosts)}; hosts: {', '.join(hosts)}",
+                f"no host named {mhost!r}{suggest(mhost, hosts)}; hosts: {', '.join(hosts)}",
             )
 
     if problems.items:
@@ -726,7 +375,7 @@ def _host_roles(
     for n in names:
         if n not in defined:
             problems.add(
-                f"{where} roles", f"no role named {n!r}{_suggest(n, defined)}; roles: {known}"
+                f"{where} roles", f"no role named {n!r}{suggest(n, defined)}; roles: {known}"
             )
     return {n: layers for n, layers in names.items() if n in defined}
 
@@ -987,55 +636,3 @@ def _names_this_host(target: str, h: HostConfig, owners: dict[str, str]) -> bool
         return ipaddress.ip_address(target).is_loopback  # 127.0.0.0/8, ::1
     # {host}: the host's name, unless that name is another host's address
     return target == _canonical(h.name) and owners.get(target) == h.name
-
-
-# --- selection ------------------------------------------------------------------------
-
-
-def select_hosts(hosts: dict[str, HostConfig], patterns: str | None) -> list[HostConfig]:
-    """`web*,db1,!web3`: names and globs, comma-separated; `!pattern` excludes.
-
-    Every positive pattern must match something: a typo in a deploy command
-    should stop it, not silently deploy to fewer hosts.
-    """
-    names = list(hosts)
-    if patterns is None or not patterns.strip():
-        return list(hosts.values())
-    parts = [p.strip() for p in patterns.split(",") if p.strip()]
-    include = [p for p in parts if not p.startswith("!")]
-    exclude = [p[1:] for p in parts if p.startswith("!")]
-    known = ", ".join(names) or "(none)"
-    for p in include:
-        if not fnmatch.filter(names, p):
-            raise HostSelectionError(
-                f"--hosts: {p!r} matches no host{_suggest(p, names)}; known hosts: {known}"
-            )
-    chosen = [n for n in names if not include or any(fnmatch.fnmatchcase(n, p) for p in include)]
-    chosen = [n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
-    if not chosen:
-        raise HostSelectionError(f"--hosts: {patterns!r} selects no host; known hosts: {known}")
-    return [hosts[n] for n in chosen]
-
-
-def select_roles(defined: Iterable[str], patterns: str) -> list[str]:
-    """`--roles web,worker` (globs too): every pattern must name a role."""
-    known = list(defined)
-    if not known:
-        raise HostSelectionError("--roles: the inventory defines no [roles]")
-    chosen: list[str] = []
-    for p in (p.strip() for p in patterns.split(",") if p.strip()):
-        matched = fnmatch.filter(known, p)
-        if not matched:
-            raise HostSelectionError(
-                f"--roles: {p!r} matches no role{_suggest(p, known)}; roles: {', '.join(known)}"
-            )
-        chosen += [m for m in matched if m not in chosen]
-    return chosen
-
-
-def expand_path(p: str, base: str | os.PathLike[str] | None = None) -> Path:
-    """A controller-side path from the inventory: ~ expanded, relative to the inventory."""
-    path = Path(os.path.expanduser(p))
-    if not path.is_absolute() and base is not None:
-        path = Path(base).parent / path
-    return path
