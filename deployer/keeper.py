@@ -47,7 +47,7 @@ from deployer.agent_session import CHUNK, CommandTimeout, Stream
 from deployer.errors import DeployerError, TransportError
 from deployer.hostapi import answers
 from deployer.private import not_ours
-from deployer.transport import HostKeyRefused, SSHHost
+from deployer.ssh import HostKeyRefused, SSHHost
 
 HEADER_MAX = 1 << 16
 START_WAIT = 5.0  # s: a keeper just started must listen within this

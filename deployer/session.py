@@ -18,10 +18,10 @@ from typing import Any
 
 from deployer.errors import EXIT_FAILED, DeployerError
 from deployer.history import History
+from deployer.hostpool import HostPool
 from deployer.inventory import HostConfig, Inventory
 from deployer.remote import RemoteHost
 from deployer.report import Reporter, reporter_for
-from deployer.transport import HostPool
 
 OPEN_AT_ONCE = 32  # connections (and agent sessions) opened in parallel at the start
 

@@ -18,7 +18,8 @@ from sshd import SSHDFleet, SSHTestHost
 from test_transport import host_config
 
 from deployer.agent_session import STREAMED_TAIL
-from deployer.transport import HostKeyRefused, LocalHost, SSHHost, known_hosts_name
+from deployer.ssh import HostKeyRefused, SSHHost, known_hosts_name
+from deployer.transport import LocalHost
 
 # OSC (retitle the window) ending in BEL, clear screen, cursor up, a C1 CSI (U+009B)
 # and a form feed: each would act on a terminal

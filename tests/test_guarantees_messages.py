@@ -10,8 +10,9 @@ import pytest
 from sshd import SSHTestHost
 from test_transport import host_config
 
-from deployer.errors import DeployerError
-from deployer.transport import LocalHost, SSHHost, TransportError
+from deployer.errors import DeployerError, TransportError
+from deployer.ssh import SSHHost
+from deployer.transport import LocalHost
 
 
 def test_ssh_put_into_missing_directory_names_host_and_path(

@@ -13,7 +13,8 @@ from sshd import SSHDFleet, SSHTestHost
 from test_transport import host_config
 
 from deployer.errors import TransportError
-from deployer.transport import HostKeyRefused, HostPool, SSHHost
+from deployer.hostpool import HostPool
+from deployer.ssh import HostKeyRefused, SSHHost
 
 
 def test_unknown_host_key_is_refused_with_fingerprint_and_the_line_to_trust_it(
@@ -181,7 +182,7 @@ def test_connection_sends_and_acknowledges_small_packets_at_once(
     opens turns both off, also for a host named through an ssh_config alias."""
     import socket
 
-    from deployer.transport import _PromptSocket
+    from deployer.ssh import _PromptSocket
 
     h = ssh_hosts[0]
     config = tmp_path / "ssh_config"

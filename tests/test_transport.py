@@ -16,7 +16,8 @@ from sshd import SSHTestHost, inventory_toml
 from deployer import inventory
 from deployer.agent_session import CommandTimeout
 from deployer.errors import CommandFailed, TransportError
-from deployer.transport import Backoff, LocalHost, SSHHost, command_line
+from deployer.ssh import Backoff, SSHHost
+from deployer.transport import LocalHost, command_line
 
 # Every character a shell would act on: a test that these arrive intact proves
 # nothing between us and the program parsed them.
