@@ -83,7 +83,7 @@ BREAKS = [
     Break(
         "batch-round-up",
         "percentage batch sizes are rounded up",
-        "deployer/rollout.py",
+        "deployer/plan.py",
         'return max(1, math.ceil(total * float(spec.rstrip("%")) / 100))',
         'return max(1, math.floor(total * float(spec.rstrip("%")) / 100))',
         (
@@ -170,7 +170,7 @@ BREAKS = [
         "reload-batch",
         "reload_batch replacements boot at a time",
         "deployer/master/reload.py",
-        "batch = self.cfg.reload_batch",
+        "batch = checks.share_of(self.cfg.reload_batch, len(self.slots))",
         "batch = 1",
         (GM + "test_reload_batch_boots_that_many_replacements_at_a_time",),
     ),

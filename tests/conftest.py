@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 # tests/ is on sys.path (rootdir conftest, no __init__.py): import as `sshd`
-from master_helpers import Masters, Releases
+from master_helpers import Masters, Releases, free_port
 from sshd import SSHD, SSHDFleet, SSHTestHost
 from users import other_user
 
@@ -111,6 +111,12 @@ def ssh_hosts(
     # short: unix socket paths under a host root must stay below 108 bytes
     label = re.sub(r"\W+", "-", request.node.name)[:20]
     return sshd_fleet.fresh_copies(_shared_ssh_hosts, label=label)
+
+
+@pytest.fixture
+def port() -> int:
+    """A free TCP port on loopback, for the app a test deploys or a master binds."""
+    return free_port()
 
 
 @pytest.fixture

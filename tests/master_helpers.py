@@ -146,6 +146,9 @@ class Master:
     def ready_workers(self) -> list[dict[str, Any]]:
         return [w for w in self.status()["workers"] if w["state"] == "ready"]
 
+    def worker_pids(self) -> set[int]:
+        return {w["pid"] for w in self.status()["workers"]}
+
     def wait_ready(self, n: int, timeout: float = 15) -> list[dict[str, Any]]:
         def check() -> list[dict[str, Any]] | None:
             if not self.socket.exists():
@@ -232,3 +235,12 @@ class Masters:
 def releases_of(master: Master) -> set[str]:
     """The release directory names the master's workers run."""
     return {os.path.basename(w["release"]) for w in master.status()["workers"]}
+
+
+def serves(port: int, address: str = "127.0.0.1") -> bool:
+    """An HTTP GET / on `port` answers 200 (a fresh connection, closed after)."""
+    with contextlib.suppress(OSError), socket.create_connection((address, port), 2) as s:
+        s.settimeout(2)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return s.recv(64).startswith(b"HTTP/1.1 200")
+    return False

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from master_helpers import PYTHON, PYTHON_APP, free_port, wait_for
+from master_helpers import PYTHON, PYTHON_APP, free_port, serves, wait_for
 
 
 def load_python_app() -> ModuleType:
@@ -60,15 +60,6 @@ def test_python_app_serves_connections_accepted_just_before_it_drains() -> None:
     for answer in answers:
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
         assert b"\r\nConnection: close\r\n" in answer, answer
-
-
-def serves(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            return read_until_eof(s).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
 
 
 @pytest.mark.timeout(30)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from master_helpers import Load, free_port
+from master_helpers import Load
 from rollout_helpers import (
     APP,
     Project,
@@ -23,11 +23,6 @@ from rollout_helpers import (
     small_disk,
 )
 from sshd import SSHTestHost
-
-
-@pytest.fixture
-def port() -> int:
-    return free_port()
 
 
 @pytest.fixture

@@ -30,11 +30,6 @@ from master_helpers import (
     wait_for,
 )
 
-
-def worker_pids(master: Master) -> set[int]:
-    return {w["pid"] for w in master.status()["workers"]}
-
-
 # --- an old worker drains only after its replacement is ready --------------------------
 
 
@@ -43,7 +38,7 @@ def test_old_worker_serves_until_its_replacement_is_ready(
     masters: Masters, releases: Releases
 ) -> None:
     m = masters.start(cwd=releases.current, workers=1)
-    (old,) = worker_pids(m)
+    (old,) = m.worker_pids()
     releases.make("r2", BOOT_DELAY="4")  # the replacement takes 4 s to listen and be ready
     releases.switch("r2")
     reload = Stream(m.socket, {"cmd": "reload"})
@@ -97,7 +92,7 @@ def test_replacement_dying_during_its_soak_aborts_the_reload(
     masters: Masters, releases: Releases
 ) -> None:
     m = masters.start(cwd=releases.current, workers=2, options=("--ready-soak", "3"))
-    old = worker_pids(m)
+    old = m.worker_pids()
     r2 = releases.root / "releases" / "r2"
     r2.mkdir(parents=True)
     (r2 / "app.py").write_text(DIES_IN_SOAK)  # Releases.make keeps an existing app.py
@@ -110,7 +105,7 @@ def test_replacement_dying_during_its_soak_aborts_the_reload(
     assert answer["ok"] is False, reload.answers
     assert not any(pid_alive(a["pid"]) for a in ready)
     # The old workers never stopped serving, and still are the ones serving.
-    assert worker_pids(m) == old and releases_of(m) == {"r1"}
+    assert m.worker_pids() == old and releases_of(m) == {"r1"}
     assert m.status()["release"].endswith("releases/r1")
     status, body = m.get("/")
     assert status == 200 and "release=r1" in body
@@ -129,7 +124,7 @@ def test_reload_batch_boots_that_many_replacements_at_a_time(
 ) -> None:
     options = () if batch is None else ("--reload-batch", batch)
     m = masters.start(cwd=releases.current, workers=4, options=options)
-    old = worker_pids(m)
+    old = m.worker_pids()
     releases.make("r2", BOOT_DELAY="1")
     releases.switch("r2")
     reload = Stream(m.socket, {"cmd": "reload"})
@@ -150,7 +145,7 @@ def test_reload_batch_boots_that_many_replacements_at_a_time(
         most_candidates = max(most_candidates, len(candidates))
     assert most_booting == at_once, reload.answers
     assert most_candidates <= 4, reload.answers
-    assert releases_of(m) == {"r2"} and not old & worker_pids(m)
+    assert releases_of(m) == {"r2"} and not old & m.worker_pids()
     assert len(m.ready_workers()) == 4
 
 

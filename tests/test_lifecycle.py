@@ -10,17 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from master_helpers import control, free_port, pid_alive
+from master_helpers import control, pid_alive
 from rollout_helpers import APP, Project, master_extra, remove_unit, serving
 from sshd import SSHTestHost
 
 from deployer.loadgen import Load
 from deployer.master import units
-
-
-@pytest.fixture
-def port() -> int:
-    return free_port()
 
 
 @pytest.fixture

@@ -180,10 +180,6 @@ def start_consumers(
     return m
 
 
-def worker_pids(m: Master) -> list[int]:
-    return sorted(w["pid"] for w in m.status()["workers"])
-
-
 def wait_jobs(jobs: Path, pids: list[int] | set[int], n: int = 2, timeout: float = 10) -> None:
     """Until each of these workers has finished at least n jobs."""
 
@@ -220,7 +216,7 @@ def test_workers_get_no_socket_and_no_listen_variables(
     # pid) must not reach the workers either.
     env = {"LISTEN_FDS": "1", "LISTEN_PID": "1", "LISTEN_FDNAMES": "x"}
     m = start_consumers(masters, consumer, jobs, ready=ready, extra=extra, env=env)
-    pids = worker_pids(m)
+    pids = sorted(m.worker_pids())
     wait_jobs(jobs, pids)
     lines = read_jobs(jobs)
     for pid in pids:
@@ -255,14 +251,14 @@ def test_reload_replaces_every_worker_one_at_a_time_and_cuts_no_job(
     env = {"BOOT_DELAY": "0.3", "JOB_SECONDS": "0.2"}  # jobs are in flight at every SIGTERM
     extra = ("--reload-batch", "1")
     m = start_consumers(masters, consumer, jobs, workers=3, cwd=rel.current, env=env, extra=extra)
-    old = worker_pids(m)
+    old = sorted(m.worker_pids())
     wait_jobs(jobs, old, n=1)
     rel.make("r2")
     rel.switch("r2")
     answers = m.request({"cmd": "reload"}, timeout=40)
     assert answers[-1]["ok"], (answers, m.log_text())
     assert releases_of(m) == {"r2"}
-    new = worker_pids(m)
+    new = sorted(m.worker_pids())
     assert not set(old) & set(new)
     wait_for(lambda: not any(pid_alive(p) for p in old), 15, "the old workers to exit")
     wait_jobs(jobs, new, n=1)
@@ -311,20 +307,20 @@ def test_sighup_reload_and_a_failing_replacement_keeps_the_old_workers(
     rel.make("r1")
     rel.switch("r1")
     m = start_consumers(masters, consumer, jobs, cwd=rel.current)
-    old = worker_pids(m)
+    old = sorted(m.worker_pids())
     m.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: m.status()["reloads"] == 1, 20, "the SIGHUP reload")
-    assert not set(old) & set(worker_pids(m))
+    assert not set(old) & set(sorted(m.worker_pids()))
     # a release whose consumer cannot start: the reload fails, the workers go on
     bad = rel.make("bad")
     (bad / consumer.name).unlink()
     (bad / consumer.name).write_text("import sys; sys.exit(3)\n")
     rel.switch("bad")
-    serving = worker_pids(m)
+    serving = sorted(m.worker_pids())
     r = m.cli("reload", "--wait", "--timeout", "30")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "exited with code 3" in r.stderr
-    assert worker_pids(m) == serving and releases_of(m) == {"r1"}
+    assert sorted(m.worker_pids()) == serving and releases_of(m) == {"r1"}
     before = {p: ends_of(jobs, p) for p in serving}
     wait_for(lambda: all(ends_of(jobs, p) > n for p, n in before.items()), 10, "jobs go on")
 
@@ -358,7 +354,7 @@ def test_a_crash_loop_backs_off_and_recovers(
 ) -> None:
     broken = tmp_path / "broken"
     m = start_consumers(masters, consumer, jobs, workers=1, env={"CRASH_IF": str(broken)})
-    first = worker_pids(m)[0]
+    first = sorted(m.worker_pids())[0]
     broken.write_text("")  # from now on every new worker exits 3 at once
     os.killpg(first, signal.SIGKILL)
 
@@ -392,7 +388,7 @@ def test_sigterm_stops_gracefully_and_every_job_finishes(
         ready = dict(x.split("=", 1) for x in notify.recv(4096).decode().splitlines())
         assert ready["READY"] == "1" and ready["MAINPID"] == str(m.pid)
         assert ready["STATUS"] == "2 workers ready (no listening socket)"
-        pids = worker_pids(m)
+        pids = sorted(m.worker_pids())
         wait_jobs(jobs, pids, n=1)
         m.proc.send_signal(signal.SIGTERM)
         assert m.wait_exit(20) == 0
@@ -427,7 +423,7 @@ def test_control_socket_status_scale_reload_stop(
     m.wait_ready(1)
     r = m.cli("reload", "--wait", "--timeout", "30")
     assert r.returncode == 0 and "ok in" in r.stdout, r.stdout + r.stderr
-    pid = worker_pids(m)[0]
+    pid = sorted(m.worker_pids())[0]
     wait_jobs(jobs, [pid], n=1)
     r = m.cli("stop", "--timeout", "30")
     assert r.returncode == 0 and f"master {m.pid} stopped" in r.stdout, r.stdout + r.stderr
@@ -440,7 +436,7 @@ def test_upgrade_in_place_keeps_the_master_pid_and_the_workers(
     masters: Masters, consumer: Path, jobs: Path
 ) -> None:
     m = start_consumers(masters, consumer, jobs, ready="pipe")
-    pids = worker_pids(m)
+    pids = sorted(m.worker_pids())
     wait_jobs(jobs, pids, n=1)
     for n in (1, 2):
         r = m.cli("upgrade", "--timeout", "30")
@@ -448,13 +444,13 @@ def test_upgrade_in_place_keeps_the_master_pid_and_the_workers(
         assert f"master pid {m.pid} upgraded in place on {REPO} " in r.stdout
         s = m.status()
         assert s["pid"] == m.pid and s["upgrades"] == n and s["listen"] is None
-        assert worker_pids(m) == pids and s["ready"] == 2
+        assert sorted(m.worker_pids()) == pids and s["ready"] == 2
         before = {p: ends_of(jobs, p) for p in pids}
         wait_for(lambda b=before: all(ends_of(jobs, p) > c for p, c in b.items()), 10, "jobs")
     # the adopted master reloads (pipe readiness on fd 3 again) and stops as before
     r = m.cli("reload", "--wait", "--timeout", "30")
     assert r.returncode == 0, r.stdout + r.stderr
-    new = worker_pids(m)
+    new = sorted(m.worker_pids())
     assert not set(new) & set(pids)
     assert all(boot_info(read_jobs(jobs), p)["env"] == {"DEPLOYER_READY_FD": "3"} for p in new)
     assert m.cli("stop", "--timeout", "30").returncode == 0
@@ -470,7 +466,7 @@ def test_upgrade_to_code_before_this_mode_is_refused_and_a_failed_adoption_goes_
     state's version (2) makes its check refuse, and nothing changes. Code that
     passes its check but cannot adopt execs back to this code, which reads it."""
     m = start_consumers(masters, consumer, jobs)
-    pids = worker_pids(m)
+    pids = sorted(m.worker_pids())
     previous = previous_code(tmp_path)
     r = m.cli("upgrade", "--code", str(previous), "--timeout", "60")
     assert r.returncode == 1, r.stdout + r.stderr
@@ -481,7 +477,7 @@ def test_upgrade_to_code_before_this_mode_is_refused_and_a_failed_adoption_goes_
     assert f"back on the previous code {REPO}," in answers[-1]["error"]
     s = m.status()
     assert s["pid"] == m.pid and s["upgrades"] == 0 and s["listen"] is None
-    assert worker_pids(m) == pids and s["ready"] == 2
+    assert sorted(m.worker_pids()) == pids and s["ready"] == 2
     before = {p: ends_of(jobs, p) for p in pids}
     wait_for(lambda: all(ends_of(jobs, p) > c for p, c in before.items()), 10, "jobs go on")
     boot = [x for x in read_jobs(jobs) if x.kind == "boot"]
@@ -518,7 +514,7 @@ def test_run_takes_over_a_master_without_a_socket(
     masters: Masters, consumer: Path, jobs: Path
 ) -> None:
     old = start_consumers(masters, consumer, jobs, env={"JOB_SECONDS": "0.2"})
-    old_pids = worker_pids(old)
+    old_pids = sorted(old.worker_pids())
     wait_jobs(jobs, old_pids, n=1)
     # `master run` on the same control socket: the unit taking over a daemon
     new = start_consumers(masters, consumer, jobs, sock=old.socket, wait=False)
@@ -526,7 +522,7 @@ def test_run_takes_over_a_master_without_a_socket(
     new.wait_ready(2)
     s = new.status()
     assert s["pid"] == new.pid and s["listen"] is None
-    assert not set(worker_pids(new)) & set(old_pids)
+    assert not set(sorted(new.worker_pids())) & set(old_pids)
     assert f"took over from master pid {old.pid}" in new.log_text()
     assert "handover: no listening socket for" in old.log_text()
     lines = read_jobs(jobs)
@@ -551,7 +547,7 @@ def test_take_over_with_a_listen_binds_it(masters: Masters, consumer: Path, jobs
     assert old.wait_exit(30) == 0, new.log_text()
     new.wait_ready(1)
     assert new.status()["listen"] == f"127.0.0.1:{port}"
-    info = boot_info(read_jobs(jobs), worker_pids(new)[0])
+    info = boot_info(read_jobs(jobs), sorted(new.worker_pids())[0])
     assert info["env"]["LISTEN_FDS"] == "1" and 3 in info["fds"]
 
 

@@ -8,11 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from master_helpers import REPO, Load, Master, Masters, pid_alive, wait_for
-
-
-def worker_pids(m: Master) -> list[int]:
-    return sorted(w["pid"] for w in m.status()["workers"])
+from master_helpers import REPO, Load, Masters, pid_alive, wait_for
 
 
 def new_code(tmp_path: Path) -> Path:
@@ -47,7 +43,7 @@ def test_upgrade_under_load_keeps_pid_and_workers_with_zero_failures(
     masters: Masters, tmp_path: Path
 ) -> None:
     m = masters.start(workers=2)
-    pids = worker_pids(m)
+    pids = sorted(m.worker_pids())
     code = new_code(tmp_path)
     with Load(m.port, threads=8, duration=60) as load:
         load.wait_requests(200)
@@ -59,7 +55,7 @@ def test_upgrade_under_load_keeps_pid_and_workers_with_zero_failures(
             seen = load.result.ok
             load.wait_requests(seen + 200)  # still served, by the same workers
             assert m.proc.poll() is None
-            assert worker_pids(m) == pids
+            assert sorted(m.worker_pids()) == pids
         result = load.stop()
     assert result.failed == 0, result.summary()
     assert result.ok > 600, result.summary()
@@ -70,7 +66,7 @@ def test_upgrade_under_load_keeps_pid_and_workers_with_zero_failures(
     # The adopted state works: a reload replaces the workers, a stop drains and exits 0.
     r = m.cli("reload", "--wait", "--timeout", "30")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert set(worker_pids(m)).isdisjoint(pids)
+    assert set(sorted(m.worker_pids())).isdisjoint(pids)
     assert m.get("/")[0] == 200
     r = m.cli("stop", "--timeout", "30")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -84,7 +80,7 @@ def test_upgrade_to_the_previous_code_and_back(masters: Masters, tmp_path: Path)
     this code's state, and this code adopts the previous code's."""
     previous = previous_code(tmp_path)
     m = masters.start(workers=2)
-    pids = worker_pids(m)
+    pids = sorted(m.worker_pids())
     with Load(m.port, threads=4, duration=60) as load:
         load.wait_requests(100)
         for code in (previous, REPO):
@@ -93,14 +89,14 @@ def test_upgrade_to_the_previous_code_and_back(masters: Masters, tmp_path: Path)
             assert f"master pid {m.pid} upgraded in place on {code} " in r.stdout
             seen = load.result.ok
             load.wait_requests(seen + 100)
-            assert worker_pids(m) == pids
+            assert sorted(m.worker_pids()) == pids
         result = load.stop()
     assert result.failed == 0, result.summary()
     status = m.status()
     assert status["pid"] == m.pid and status["upgrades"] == 2 and status["ready"] == 2
     r = m.cli("reload", "--wait", "--timeout", "30")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert set(worker_pids(m)).isdisjoint(pids)
+    assert set(sorted(m.worker_pids())).isdisjoint(pids)
 
 
 # Appended to arbiter.py of a copy of the code: a master cannot be adopted by
@@ -130,7 +126,7 @@ def test_upgrade_that_cannot_adopt_execs_back_to_the_old_code(
     masters: Masters, tmp_path: Path
 ) -> None:
     m = masters.start(workers=2)
-    pids = worker_pids(m)
+    pids = sorted(m.worker_pids())
     code = code_that_cannot_adopt(tmp_path)
     with Load(m.port, threads=4, duration=40) as load:
         load.wait_requests(100)
@@ -147,7 +143,7 @@ def test_upgrade_that_cannot_adopt_execs_back_to_the_old_code(
     assert result.failed == 0, result.summary()
     status = m.status()
     assert status["pid"] == m.pid and status["upgrades"] == 0
-    assert worker_pids(m) == pids and status["ready"] == 2
+    assert sorted(m.worker_pids()) == pids and status["ready"] == 2
     r = m.cli("reload", "--wait", "--timeout", "30")
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -157,7 +153,7 @@ def test_upgrade_to_code_that_does_not_start_changes_nothing(
     masters: Masters, tmp_path: Path
 ) -> None:
     m = masters.start(workers=1)
-    pids = worker_pids(m)
+    pids = sorted(m.worker_pids())
     broken = tmp_path / "broken"
     (broken / "deployer" / "master").mkdir(parents=True)
     (broken / "deployer" / "__init__.py").write_text('raise SystemExit("broken new code")\n')
@@ -168,5 +164,5 @@ def test_upgrade_to_code_that_does_not_start_changes_nothing(
     r = m.cli("upgrade", "--code", str(tmp_path / "missing"))
     assert r.returncode == 1 and "does not exist" in r.stderr
     wait_for(lambda: m.status()["state"] == "running", 5, "master running")
-    assert m.status()["pid"] == m.pid and worker_pids(m) == pids
+    assert m.status()["pid"] == m.pid and sorted(m.worker_pids()) == pids
     assert m.get("/")[0] == 200

@@ -14,7 +14,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
-from master_helpers import free_port
 from rollout_helpers import APP, Project, commit, git, make_project, master_extra, stop_masters
 from sshd import SSHTestHost
 
@@ -55,11 +54,6 @@ class Pushed(Project):
             text=True,
         )
         return proc.stdout.strip() or None
-
-
-@pytest.fixture
-def port() -> int:
-    return free_port()
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from master_helpers import (
     Releases,
     free_port,
     pid_alive,
+    serves,
     wait_for,
 )
 
@@ -108,10 +108,6 @@ def start(masters: Masters, recipe: Recipe, releases: Releases, soak: str = SOAK
     )
 
 
-def worker_pids(m: Master) -> set[int]:
-    return {w["pid"] for w in m.status()["workers"]}
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("recipe", params())
 def test_recipe_reloads_under_load_with_zero_failed_requests(
@@ -129,11 +125,11 @@ def test_recipe_reloads_under_load_with_zero_failed_requests(
             name = f"r{i + 2}"
             releases.make(name)
             releases.switch(name)
-            before, ok_before = worker_pids(m), load.result.ok
+            before, ok_before = m.worker_pids(), load.result.ok
             r = m.cli("reload", "--wait")
             assert r.returncode == 0, r.stdout + r.stderr + m.log_text()[-3000:]
             seconds.append(float(re.search(r"^ok in ([\d.]+)s", r.stdout, re.M).group(1)))
-            after = worker_pids(m)
+            after = m.worker_pids()
             assert len(after) == WORKERS and not after & before, (before, after)
             assert not any(pid_alive(p) for p in before)
             load.wait_requests(ok_before + 200)
@@ -207,7 +203,7 @@ def test_gunicorn_release_that_fails_to_import_aborts_the_reload(
     # than ready_soak needs --preload or a longer soak"): 1 s on an idle machine, sized
     # to this one's speed now, so a loaded CI machine tests the same promise
     m = start(masters, RECIPES[0], releases, soak=str(max(1.0, 3 * failing_boot(tmp_path))))
-    old = worker_pids(m)
+    old = m.worker_pids()
     with Load(m.port, threads=4, duration=20) as load:
         load.wait_requests(200)
         bad_release(releases, "bad")
@@ -218,7 +214,7 @@ def test_gunicorn_release_that_fails_to_import_aborts_the_reload(
         load.wait_requests(ok_before + 200)
         result = load.stop()
     assert result.failed == 0, result.summary()
-    assert worker_pids(m) == old and result.bodies["r1"] == result.ok
+    assert m.worker_pids() == old and result.bodies["r1"] == result.ok
 
 
 @pytest.mark.timeout(30)
@@ -249,11 +245,3 @@ def test_gunicorn_own_hup_with_a_release_that_fails_to_import_stops_gunicorn(
         log.close()
     text = (tmp_path / "gunicorn.log").read_text()
     assert "Worker failed to boot" in text, text[-3000:]
-
-
-def serves(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 2) as s:
-        s.settimeout(2)
-        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        return s.recv(64).startswith(b"HTTP/1.1 200")
-    return False

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from master_helpers import Load, free_port
+from master_helpers import Load
 from rollout_helpers import (
     APP,
     Project,
@@ -21,11 +21,6 @@ from rollout_helpers import (
 from sshd import SSHTestHost
 
 from deployer.bundle import ID_FILE
-
-
-@pytest.fixture
-def port() -> int:
-    return free_port()
 
 
 @pytest.fixture

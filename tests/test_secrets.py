@@ -30,11 +30,6 @@ def extra(port: int) -> str:
 
 
 @pytest.fixture
-def port() -> int:
-    return free_port()
-
-
-@pytest.fixture
 def project(tmp_path: Path, ssh_hosts: list[SSHTestHost], port: int) -> Iterator[Project]:
     hosts = ssh_hosts[:2]
     p = make_project(tmp_path, hosts, {"app.py": APP}, extra=extra(port))

@@ -363,11 +363,6 @@ def get(host: SSHTestHost, port: int, path: str = "/") -> str:
 
 
 @pytest.fixture
-def port() -> int:
-    return free_port()
-
-
-@pytest.fixture
 def deployed(tmp_path: Path, ssh_hosts: list[SSHTestHost], port: int) -> Iterator[Project]:
     """One SSH host, set up and rolled out: its master runs daemonized (`master start`)."""
     hosts = ssh_hosts[:1]

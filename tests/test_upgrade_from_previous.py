@@ -14,7 +14,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from master_helpers import Load, free_port
+from master_helpers import Load
 from rollout_helpers import APP, Project, commit, make_project, master_extra, stop_masters
 from sshd import SSHTestHost
 
@@ -51,11 +51,6 @@ def run_previous(project: Project, code: Path, *args: str) -> subprocess.Complet
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
-
-
-@pytest.fixture
-def port() -> int:
-    return free_port()
 
 
 @pytest.fixture
