@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from master_helpers import wait_for
 
 from deployer import agent_session
 from deployer.agent.session import serve
@@ -250,8 +251,7 @@ def test_a_killed_session_fails_its_pending_call_and_a_frozen_one_its_deadline()
         s.call(["version"], timeout=0.5)
     with pytest.raises(SessionEnded) as e, host.agent_session(sleeper) as s:
         rid = s.send(["version"])
-        time.sleep(0.3)
-        os.kill(s.stream.proc.pid, signal.SIGKILL)
+        os.kill(s.stream.proc.pid, signal.SIGKILL)  # with the call pending
         s.receive(rid, None, 30)
     assert e.value.lost and "signal 9" in e.value.lost
     host.close()
@@ -403,17 +403,19 @@ def test_a_call_waiting_for_a_session_opened_ahead_gets_its_failure_not_a_second
     from deployer.errors import TransportError
 
     attempts = []
+    opening = threading.Event()
 
     class Down(LocalHost):
         def open_stream(self, argv):
             attempts.append(argv)
-            time.sleep(0.3)
+            opening.set()
+            time.sleep(0.3)  # a slow connection that then fails: what is tested
             raise TransportError("d1: cannot connect to 10.0.0.9:22 (3 attempts over 0.3s)")
 
     host = Down("d1")
     ahead = threading.Thread(target=host.open_ahead, args=(["agent"],))
     ahead.start()
-    time.sleep(0.05)
+    assert opening.wait(10)  # the session is being opened ahead: the call waits for it
     with pytest.raises(TransportError, match="cannot connect"), host.agent_session(["agent"]):
         pass
     ahead.join()
@@ -478,8 +480,9 @@ def test_a_stream_reads_at_most_a_few_pieces_ahead_of_its_reader() -> None:
 
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
-    time.sleep(0.3)
-    assert stream.lines.qsize() == agent_session.READ_AHEAD  # the rest waits in the pipe
+    full = agent_session.READ_AHEAD  # the rest waits in the pipe
+    wait_for(lambda: stream.lines.qsize() == full, 10, f"{full} pieces read ahead")
+    assert not writer.join(0.2) and writer.is_alive()  # the writer blocks: nothing more read
     got = [stream.lines.get(timeout=2) for _ in range(1000)]
     assert got == [b"y\n"] * 1000
     long = [stream.lines.get(timeout=2) for _ in range(4)]

@@ -345,18 +345,15 @@ def test_app_logs_follow_ends_when_idle_and_without_a_log(
     p.deployer("setup", check=True)
     _write_log(ssh_hosts[0], [f"{_stamp(1)} [master 1] before"])
 
-    def later() -> None:  # a log that appears after the follow began is followed too
-        time.sleep(2)
-        _write_log(ssh_hosts[1], [f"{_stamp(2)} [master 2] born late"])
-
-    threading.Thread(target=later, daemon=True).start()
     started = time.monotonic()
-    proc = p.deployer("app", "logs", "-f", "--until-idle", "4", timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [
-        f"host1: {_stamp(1)} [master 1] before",
-        f"host2: {_stamp(2)} [master 2] born late",
-    ]
+    follow = Follow(p, "--until-idle", "4")
+    before = f"host1: {_stamp(1)} [master 1] before"
+    follow.wait_for("the first host's line", lambda lines: before in lines)
+    # a log that appears once the follow began is followed too
+    _write_log(ssh_hosts[1], [f"{_stamp(2)} [master 2] born late"])
+    assert follow.proc.wait(60) == 0, follow.proc.stderr.read() if follow.proc.stderr else ""
+    follow.reader.join(5)
+    assert follow.lines == [before, f"host2: {_stamp(2)} [master 2] born late"]
     assert time.monotonic() - started < 30
 
 
