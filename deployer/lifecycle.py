@@ -24,13 +24,13 @@ from dataclasses import replace
 from typing import Any
 
 from deployer.errors import BadInput, StepFailed
-from deployer.fleet import supervise
 from deployer.hostapi import calls
 from deployer.hostapi.answers import HostState
 from deployer.hostapi.layout import utc_stamp
 from deployer.hostapi.options import to_toml
 from deployer.inventory import master_label
 from deployer.lock import FleetLocks, Owner
+from deployer.masters import supervise
 from deployer.plan import split_batches
 from deployer.remote import RemoteHost
 from deployer.rollout import (

@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 from deployer import diagnose, migrating
 from deployer.deploy_hooks import DeployHooks, performer
 from deployer.errors import DeployerError, StepFailed
-from deployer.fleet import reload_master, supervise
 from deployer.history import private_state
 from deployer.hostapi import answers, calls
 from deployer.hostapi.answers import HostState
@@ -27,6 +26,7 @@ from deployer.hostapi.exits import EXIT_FAILED, EXIT_OK
 from deployer.hostapi.layout import release_name, utc_stamp
 from deployer.inventory import master_label
 from deployer.lock import FleetLocks, Owner
+from deployer.masters import reload_master, supervise
 from deployer.migrating import run_migrations
 from deployer.plan import Plan, plan_rollback
 from deployer.remote import RemoteHost
@@ -276,13 +276,15 @@ def run_rollout(
     fleet: FleetSession,
     plan: Plan,
     source: Any,
+    revision: Any,
     deploy_id: str | None = None,
     log: str | None = None,
     pre_deploy_done: bool = False,
 ) -> Outcome:
     """The rollout between the controller's deploy hooks (deployer.deploy_hooks):
     pre-deploy before any lock (unless the push's pre-receive ran it for this very
-    revision), post-deploy, post-rollback or on-failure after."""
+    revision), post-deploy, post-rollback or on-failure after. `revision`: what
+    `source` (a deployer.sync.Source) resolved the plan's revision to, once."""
     private_state(fleet.state_dir)  # the lock and history's: refused before a hook or a host
     inv = fleet.inventory
     hooks = DeployHooks(
@@ -295,7 +297,7 @@ def run_rollout(
         hooks.pre_deploy()
     started = time.monotonic()
     with hooks.on_error(started):
-        outcome = _rollout(fleet, plan, source, deploy_id, log)
+        outcome = _rollout(fleet, plan, source, revision, deploy_id, log)
     hooks.finished(outcome.ok, outcome.rolled_back, time.monotonic() - started)
     return outcome
 
@@ -304,6 +306,7 @@ def _rollout(
     fleet: FleetSession,
     plan: Plan,
     source: Any,
+    revision: Any,
     deploy_id: str | None = None,
     log: str | None = None,
 ) -> Outcome:
@@ -345,8 +348,6 @@ def _rollout(
         if later != release:
             say(f"release {release} would not sort after one made in the same second: {later}")
             release = entry["release"] = later
-
-        revision = source.resolve(plan.revision)  # once: GitPython is not thread-safe
 
         def prepare(remote: RemoteHost) -> None:
             t0 = time.monotonic()

@@ -212,7 +212,7 @@ class World:
 
     def rollout(self, **kw: Any) -> rollout.Outcome:
         plan = planning.plan_rollout(self.inventory, list(self.hosts), SHA, **kw)
-        return rollout.run_rollout(self.fleet, plan, Source())
+        return rollout.run_rollout(self.fleet, plan, Source(), Source().resolve(SHA))
 
     def currents(self) -> dict[str, str | None]:
         return {n: h.current for n, h in self.hosts.items()}
@@ -947,7 +947,8 @@ def test_the_locks_and_the_history_name_the_rollout(tmp_path: Path) -> None:
 
     w = World(tmp_path, 2, ROLLOUT)
     plan = planning.plan_rollout(w.inventory, list(w.hosts), SHA)
-    assert rollout.run_rollout(w.fleet, plan, Source(), deploy_id="d-42", log="/x.log").ok
+    resolved = Source().resolve(SHA)
+    assert rollout.run_rollout(w.fleet, plan, Source(), resolved, deploy_id="d-42", log="/x.log").ok
     assert {(o.app, o.revision, o.action, o.id) for o in w.owners} == {
         ("shop", SHA, "rollout", "d-42")
     }

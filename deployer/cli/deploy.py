@@ -126,7 +126,9 @@ def rollout(
             session.reporter = TeeReporter(session.reporter, log)
             session.reporter.say(f"rollout {deploy_id}: log {log_file}")
         try:
-            outcome = run_rollout(session, plan, source, deploy_id, log_file, pre_deploy_done)
+            outcome = run_rollout(
+                session, plan, source, revision, deploy_id, log_file, pre_deploy_done
+            )
         except DeployerError as e:
             session.reporter.say(runlog.verdict_line(e.exit_code, str(e).split("\n")[0]))
             raise
