@@ -118,7 +118,7 @@ def reload(fleet: FleetSession) -> Outcome:
         for i, batch in enumerate(batches):
             watch = r.watch if i == 0 else 0.0  # the canary's, as in a rollout
             _, failed = fleet.each(batch, lambda remote, w=watch: serve_host(fleet, remote, w))
-            on = [n for n in fleet.switched_at if n not in failed]
+            on = [n for n in fleet.run.switched_at if n not in failed]
             failed.update(look_again(fleet, looked_at(i, len(batches), bool(r.watch), batch, on)))
             if failed:
                 return Outcome(ok=False, failed=failed, step="reload")

@@ -181,7 +181,7 @@ class FleetLocks:
 
     def __enter__(self) -> FleetLocks:
         replaced = self.controller.acquire(self.owner, wait=self.fleet.lock_wait)
-        self.fleet.locks = self
+        self.fleet.run.locks = self
         if replaced is not None:
             self._took_over(replaced, f"deploy lock {self.controller.path}")
         try:
@@ -260,8 +260,8 @@ class FleetLocks:
 
     def _release(self) -> None:
         self._stop.set()
-        if self.fleet.locks is self:
-            self.fleet.locks = None
+        if self.fleet.run.locks is self:
+            self.fleet.run.locks = None
         if self.held:
             _, left = self.fleet.each(self.held, lambda r: r.lock("release", self.wire))
             for name in left:

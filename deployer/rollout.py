@@ -55,9 +55,9 @@ def switch_host(fleet: FleetSession, remote: RemoteHost, release: str, watch: fl
     """Flip `current` once, then for each role on the host reload its master and
     check its health, one role after the other; then watch them all until `watch`
     seconds after the flip: one host's switch."""
-    t0 = fleet.switched_at[remote.name] = time.monotonic()
+    t0 = fleet.run.switched_at[remote.name] = time.monotonic()
     flipped = remote.switch(release, [r.name for r in remote.config.roles])
-    fleet.switched_to[remote.name] = release
+    fleet.run.switched_to[remote.name] = release
     fleet.reporter.say(f"switch: current -> {release}", remote.name)
     serve_host(fleet, remote, watch, f"switch {time.monotonic() - t0:.2f}s, ", release, flipped)
 
@@ -77,7 +77,7 @@ def serve_host(
     `release`: what `current` names (a failure says what its workers did);
     `masters`: which of them run, as the flip answered (else one state call)."""
     say = fleet.reporter.say
-    began = fleet.switched_at.setdefault(remote.name, time.monotonic())
+    began = fleet.run.switched_at.setdefault(remote.name, time.monotonic())
     if masters is None and remote.config.masters:  # one state for every role of the host
         state = remote.state()
         masters, release = state, release or state.current
@@ -118,10 +118,10 @@ def look_again(fleet: FleetSession, names: Sequence[str]) -> dict[str, str]:
     switched), a worker not ready or a failing health probe fails it. The failures."""
 
     def look(remote: RemoteHost) -> None:
-        since = time.monotonic() - fleet.switched_at.get(remote.name, time.monotonic())
-        _look(remote, fleet.switched_to.get(remote.name, ""), 0.0, since)
+        since = time.monotonic() - fleet.run.switched_at.get(remote.name, time.monotonic())
+        _look(remote, fleet.run.switched_to.get(remote.name, ""), 0.0, since)
 
-    return fleet.each(names, look)[1]
+    return fleet.each(names, look).failed
 
 
 def looked_at(
@@ -178,7 +178,7 @@ def revert(
     left with."""
     targets = [n for n in names if before.get(n)]
     left = {
-        n: left_alone(fleet.remotes[n], fleet.switched_to.get(n))
+        n: left_alone(fleet.remotes[n], fleet.run.switched_to.get(n))
         for n in names
         if not before.get(n)
     }
@@ -215,7 +215,7 @@ def record(fleet: FleetSession, entry: dict[str, Any], names: Sequence[str]) -> 
     """The entry in the controller's history and each host's; where a lock is held,
     its release goes in the same round trip (FleetLocks reads that answer)."""
     fleet.history.append(entry)
-    locks = fleet.locks
+    locks = fleet.run.locks
     if locks is None:
         fleet.each(names, lambda r: r.record(entry))
         return
@@ -415,7 +415,7 @@ def _rollout(
         except KeyboardInterrupt:
             say("interrupted: putting switched hosts back")
             for n in on_new_release():
-                outcome.releases[n] = fleet.switched_to.get(n, before.get(n))
+                outcome.releases[n] = fleet.run.switched_to.get(n, before.get(n))
             _abort(
                 fleet,
                 plan,
@@ -460,7 +460,7 @@ def _abort(
         outcome.rolled_back = bool(rolled)
         # what each host's `current` is now, whether or not its reload and health went well
         for n in touched:
-            outcome.releases[n] = fleet.switched_to.get(n, before.get(n))
+            outcome.releases[n] = fleet.run.switched_to.get(n, before.get(n))
         note = rolled_back_note(outcome.releases, before, rolled, left)
     else:
         note = "halted: " + ", ".join(f"{n} runs {r}" for n, r in outcome.releases.items())
@@ -602,7 +602,7 @@ def _rollback(
             _, bad = fleet.each(batch, lambda r: switch_host(fleet, r, plan.targets[r.name]))
             for n in batch:
                 outcome.releases[n] = plan.targets[n]
-            on = [n for n in fleet.switched_to if n not in bad]
+            on = [n for n in fleet.run.switched_to if n not in bad]
             bad.update(look_again(fleet, looked_at(i, len(plan.batches), False, batch, on)))
             if bad:
                 revert(fleet, before, list(bad))

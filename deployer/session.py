@@ -12,9 +12,10 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from deployer.errors import EXIT_FAILED, DeployerError
 from deployer.history import History
@@ -24,6 +25,28 @@ from deployer.remote import RemoteHost
 from deployer.report import Reporter, reporter_for
 
 OPEN_AT_ONCE = 32  # connections (and agent sessions) opened in parallel at the start
+
+
+@dataclass
+class RunState:
+    """What one command did so far, beside the fleet it works on (FleetSession)."""
+
+    exit_codes: dict[str, int] = field(default_factory=dict)  # host -> its last failure's
+    errors: dict[str, DeployerError] = field(default_factory=dict)  # host -> it, as raised
+    # host -> the release its `current` was last switched to by this command
+    switched_to: dict[str, str] = field(default_factory=dict)
+    # host -> when (time.monotonic) that switch, or a reload without one, began
+    switched_at: dict[str, float] = field(default_factory=dict)
+    # the deploy locks held: a deployer.lock.FleetLocks (not imported: lock imports this)
+    locks: Any = None
+
+
+class GroupResult(NamedTuple):
+    """A step run on many hosts (FleetSession.each): what each host that succeeded
+    returned, and why each one that failed did. Unpacks as (succeeded, failed)."""
+
+    succeeded: dict[str, Any]
+    failed: dict[str, str]
 
 
 class FleetSession:
@@ -47,14 +70,7 @@ class FleetSession:
         for remote in self.remotes.values():
             remote.notice = partial(self._notice, remote.name)
         self.history = History(state_dir)
-        self.exit_codes: dict[str, int] = {}  # host -> exit code of its last failure
-        self.errors: dict[str, DeployerError] = {}  # host -> its last failure, as raised
-        # host -> the release its `current` was last switched to by this session
-        self.switched_to: dict[str, str] = {}
-        # host -> when (time.monotonic) that switch, or a reload without one, began
-        self.switched_at: dict[str, float] = {}
-        # the deploy locks held: a deployer.lock.FleetLocks (not imported: lock imports this)
-        self.locks: Any = None
+        self.run = RunState()  # what this command did so far
 
     def _notice(self, host: str, text: str) -> None:
         self.reporter.say(text, host)  # the reporter of now: the CLI may replace it
@@ -97,12 +113,12 @@ class FleetSession:
 
     def each(
         self, names: Sequence[str], fn: Callable[[RemoteHost], Any], limit: int | None = None
-    ) -> tuple[dict[str, Any], dict[str, str]]:
-        """fn on each host in parallel: (results, failures) keyed by host name."""
+    ) -> GroupResult:
+        """fn on each host in parallel: what each returned, and why each failed."""
         results: dict[str, Any] = {}
         failures: dict[str, str] = {}
         if not names:
-            return results, failures
+            return GroupResult(results, failures)
         workers = min(len(names), limit or self.inventory.rollout.parallel)
         pool = ThreadPoolExecutor(max_workers=workers)
         try:
@@ -119,7 +135,7 @@ class FleetSession:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown()
-        return results, failures
+        return GroupResult(results, failures)
 
     def each_within(
         self,
@@ -127,7 +143,7 @@ class FleetSession:
         fn: Callable[[RemoteHost], Any],
         seconds: float,
         grace: float = 0.0,
-    ) -> tuple[dict[str, Any], dict[str, str]]:
+    ) -> GroupResult:
         """fn on every host at once, waiting `seconds` at most: a host that has not
         answered by then (a frozen sshd: even connecting hangs) is a failure, and its
         thread is left behind (a daemon: it never keeps the command from ending).
@@ -145,7 +161,7 @@ class FleetSession:
             except Exception as e:  # a bug here, not the host's silence: say which
                 traceback.print_exc()
                 error = f"internal error on this machine: {type(e).__name__}: {e}"
-                value, self.exit_codes[remote.name] = None, EXIT_FAILED
+                value, self.run.exit_codes[remote.name] = None, EXIT_FAILED
             with done:
                 if error is None:
                     results[remote.name] = value
@@ -162,13 +178,13 @@ class FleetSession:
             for n in names:
                 if n not in results and n not in failures:
                     failures[n] = f"no answer within {seconds:g}s (host unreachable?)"
-            return dict(results), dict(failures)
+            return GroupResult(dict(results), dict(failures))
 
     def failed(self, name: str, error: DeployerError) -> str:
         """Record a host's failure (its exit code counts for the command's); why, for a
         line that names the host once itself."""
-        self.exit_codes[name] = error.exit_code
-        self.errors[name] = error
+        self.run.exit_codes[name] = error.exit_code
+        self.run.errors[name] = error
         return str(error).removeprefix(f"{name}: ")
 
     def first_error(self, failures: dict[str, str]) -> DeployerError:
@@ -176,12 +192,12 @@ class FleetSession:
         its message already names the host and the step, its exit code is the host's
         (wrapping the text again would say the step twice and lose the code)."""
         name, why = next(iter(failures.items()))
-        return self.errors.get(name) or DeployerError(f"{name}: {why}")
+        return self.run.errors.get(name) or DeployerError(f"{name}: {why}")
 
     @property
     def exit_code(self) -> int:
         """For a command that failed on some hosts: 2 if any host refused (bad input)."""
-        return max(self.exit_codes.values(), default=EXIT_FAILED)
+        return max(self.run.exit_codes.values(), default=EXIT_FAILED)
 
     def remote(self, name: str) -> RemoteHost:
         """An inventory host outside the selection (e.g. the migrations host)."""
