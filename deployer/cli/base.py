@@ -3,7 +3,9 @@ the host selection, the fleet session, tables, checked option values."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import sys
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import click
@@ -182,3 +184,28 @@ def check_release(to: str | None) -> str | None:
             f"status`), got {to!r}; leave --to out to go back to the previous release"
         )
     return to
+
+
+def fleet_report(
+    ctx: click.Context,
+    patterns: str | None,
+    as_json: bool,
+    collect: Callable[[Any], list[dict[str, Any]]],
+    text: Callable[[dict[str, Any]], Iterable[str]],
+    ok: Callable[[dict[str, Any]], bool],
+) -> None:
+    """A read-only report on the selected hosts (status, doctor, config --diff): the
+    rows `collect` makes of the fleet session, printed as one JSON document or as the
+    `text` lines of each row; exit 1 unless every row is `ok`."""
+    from deployer.report import Reporter, printable
+
+    with open_fleet(ctx, patterns, reporter=Reporter(sys.stderr)) as session:
+        rows = collect(session)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            for line in text(row):
+                click.echo(printable(line))
+    if not all(ok(row) for row in rows):
+        sys.exit(1)

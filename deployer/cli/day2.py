@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
 from deployer.cli.base import (
     cli,
+    fleet_report,
     hosts_option,
     json_option,
     load_inventory,
@@ -75,7 +77,7 @@ def config(
     has it, [health], [env] (passwords in URLs masked). --diff: each host's master.toml
     and agent against what `deployer setup` would write now."""
     from deployer import drift
-    from deployer.report import Reporter, printable
+    from deployer.report import printable
 
     if not diff:
         inv = load_inventory(ctx)
@@ -86,21 +88,16 @@ def config(
         for i, conf in enumerate(confs):
             click.echo(("\n" if i else "") + "\n".join(printable(x) for x in drift.render(conf)))
         return
-    with open_fleet(ctx, patterns, reporter=Reporter(sys.stderr)) as session:
-        rows = drift.drift(session, timeout)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            verdict = "DIFFERS" if r["differs"] else "same as the inventory"
-            error = f": {r['error']}" if r["error"] else ""
-            click.echo(printable(f"{r['host']}: {verdict}{error}"))
-            for line in [*r["notes"], *r["changes"]]:
-                click.echo(printable(f"  - {line}"))
-            for line in r.get("diff") or []:
-                click.echo(printable(line))
-    if any(r["differs"] for r in rows):
-        sys.exit(1)
+
+    def text(r: dict[str, Any]) -> list[str]:
+        verdict = "DIFFERS" if r["differs"] else "same as the inventory"
+        error = f": {r['error']}" if r["error"] else ""
+        notes = [f"  - {line}" for line in [*r["notes"], *r["changes"]]]
+        return [f"{r['host']}: {verdict}{error}", *notes, *(r.get("diff") or [])]
+
+    fleet_report(
+        ctx, patterns, as_json, lambda s: drift.drift(s, timeout), text, lambda r: not r["differs"]
+    )
 
 
 @cli.command()
@@ -113,16 +110,10 @@ def doctor(ctx: click.Context, patterns: str | None, as_json: bool, timeout: flo
     disk space, the layout, systemd, the listen port, the clock. Works before `deployer
     setup`; exit 1 if any check fails."""
     from deployer import doctor
-    from deployer.report import Reporter, printable
 
-    with open_fleet(ctx, patterns, reporter=Reporter(sys.stderr)) as session:
-        rows = doctor.doctor(session, timeout)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            for c in r["checks"]:
-                line = f"{r['host']}: {c['check']:<8} {c['status']:<4} {c['detail']}"
-                click.echo(printable(line))
-    if not all(r["ok"] for r in rows):
-        sys.exit(1)
+    def text(r: dict[str, Any]) -> list[str]:
+        return [f"{r['host']}: {c['check']:<8} {c['status']:<4} {c['detail']}" for c in r["checks"]]
+
+    fleet_report(
+        ctx, patterns, as_json, lambda s: doctor.doctor(s, timeout), text, lambda r: r["ok"]
+    )

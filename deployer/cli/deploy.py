@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any
 
 import click
 
@@ -14,6 +15,7 @@ from deployer.cli.base import (
     check_release,
     checked,
     cli,
+    fleet_report,
     hosts_option,
     json_option,
     load_inventory,
@@ -177,19 +179,13 @@ def status(ctx: click.Context, patterns: str | None, as_json: bool, timeout: flo
     host is reachable, all its workers are ready on the current release, nothing
     crashed lately, health passes and no deploy lock is held."""
     from deployer import fleet
-    from deployer.report import Reporter
 
-    with open_fleet(ctx, patterns, reporter=Reporter(sys.stderr)) as session:
-        rows = fleet.status(session, timeout)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            click.echo(status_line(r))
-            for problem in r["problems"]:
-                click.echo(f"  - {problem}")
-    if not all(r["ok"] for r in rows):
-        sys.exit(1)
+    def text(r: dict[str, Any]) -> list[str]:
+        return [status_line(r), *(f"  - {problem}" for problem in r["problems"])]
+
+    fleet_report(
+        ctx, patterns, as_json, lambda s: fleet.status(s, timeout), text, lambda r: r["ok"]
+    )
 
 
 def status_line(r: dict) -> str:
