@@ -88,13 +88,13 @@ def examine(remote: RemoteHost, timeout: float) -> list[Check]:
     checks.append(_disk(probe.disk, cfg.app.deploy_to))
     checks.append(_layout(probe, cfg.app.deploy_to, remote.layout.dirs()))
     checks.append(_systemd(probe.systemd, [m for r in cfg.masters if (m := r.master)]))
-    if probe.agent.get("state") == "same":  # set up: each master's unit, as status reads it
+    if probe.agent.state == "same":  # set up: each master's unit, as status reads it
         checks += [_boot(remote, role, timeout) for role in roles]
     checks.append(_listen(probe.listen, listen, roles[0]))
     for role in roles[1:]:  # each role's master binds its own listen, or none
         other = remote.master_for(role)
         spec = None if other is None else other.listen
-        found = run_probe(remote, spec, 30.0, role).listen if spec else {}
+        found = run_probe(remote, spec, 30.0, role).listen if spec else answers.ProbeListen()
         checks.append(_listen(found, spec, role))
     checks.append(_clock(probe.time, before, after))
     return checks
@@ -111,15 +111,13 @@ def _python(probe: answers.Probe, python: str) -> Check:
     return Check("python", "ok", text)
 
 
-def _disk(disk: dict[str, Any], deploy_to: str) -> Check:
-    if "error" in disk:
-        return Check(
-            "disk", "FAIL", f"could not measure the space under {deploy_to}: {disk['error']}"
-        )
+def _disk(disk: answers.ProbeDisk, deploy_to: str) -> Check:
+    if disk.error is not None:
+        return Check("disk", "FAIL", f"could not measure the space under {deploy_to}: {disk.error}")
     mb = 1024 * 1024
-    free, total = disk["free"], disk["total"]
+    free, total = disk.free, disk.total
     share = free / total if total else 0.0
-    text = f"{free / mb:.1f} MB free of {total / mb:.1f} MB ({share:.0%}) under {disk['path']}"
+    text = f"{free / mb:.1f} MB free of {total / mb:.1f} MB ({share:.0%}) under {disk.path}"
     if free / mb < MIN_FREE_MB:
         return Check("disk", "FAIL", f"{text}: less than {MIN_FREE_MB:g} MB")
     if share < MIN_FREE_SHARE:
@@ -128,39 +126,38 @@ def _disk(disk: dict[str, Any], deploy_to: str) -> Check:
 
 
 def _layout(probe: answers.Probe, deploy_to: str, remote_dirs: Sequence[Any]) -> Check:
-    lay, user = probe.layout, probe.user.get("name", "?")
-    state = lay.get("state")
-    if "error" in lay:
-        return Check("layout", "FAIL", f"could not check {deploy_to}: {lay['error']}")
+    lay, user = probe.layout, probe.user.name
+    state = lay.state
+    if lay.error is not None:
+        return Check("layout", "FAIL", f"could not check {deploy_to}: {lay.error}")
     if state == "missing":
-        if not lay.get("writable"):
+        if not lay.writable:
             return Check(
                 "layout", "FAIL",
                 f"{deploy_to} does not exist and {user} cannot create it "
-                f"({lay.get('parent')} is not writable by {user})",
+                f"({lay.parent} is not writable by {user})",
             )  # fmt: skip
         return Check("layout", "ok", f"{deploy_to} not set up yet: run `deployer setup`")
     if state == "untrusted":
-        return Check("layout", "FAIL", str(lay.get("why")))
+        return Check("layout", "FAIL", str(lay.why))
     if state == "not-writable":
-        dirs = ", ".join(lay.get("dirs") or [])
-        return Check("layout", "FAIL", f"not writable by {user}: {dirs}")
+        return Check("layout", "FAIL", f"not writable by {user}: {', '.join(lay.dirs)}")
     if state == "incomplete":
-        missing = [os.path.basename(d) for d in lay.get("missing") or []]
+        missing = [os.path.basename(d) for d in lay.missing]
         if len(missing) == len(remote_dirs):  # an empty directory, made for setup
             return Check("layout", "ok", f"{deploy_to} not set up yet: run `deployer setup`")
         lacks = ", ".join(missing)
         return Check("layout", "ok", f"{deploy_to} lacks {lacks}: `deployer setup` makes them")
     agent = {"same": "agent up to date", "differs": "agent differs: `deployer setup`"}.get(
-        str(probe.agent.get("state")), "no agent: `deployer setup`"
+        str(probe.agent.state), "no agent: `deployer setup`"
     )
     return Check("layout", "ok", f"{deploy_to} is {user}'s alone and writable; {agent}")
 
 
-def _systemd(sd: dict[str, Any], masters: Sequence[MasterConfig]) -> Check:
-    if "error" in sd:
-        return Check("systemd", "info", f"could not tell: {sd['error']}")
-    if sd.get("running"):
+def _systemd(sd: answers.ProbeSystemd, masters: Sequence[MasterConfig]) -> Check:
+    if sd.error is not None:
+        return Check("systemd", "info", f"could not tell: {sd.error}")
+    if sd.running:
         return Check("systemd", "info", "running: `deployer setup` installs a unit for the master")
     text = "not running here: nothing brings the master back after a reboot"
     if any(m.supervisor == "systemd" for m in masters):
@@ -183,17 +180,17 @@ def _boot(remote: RemoteHost, role: str | None, timeout: float) -> Check:
     return Check(name, "FAIL" if boot.unit else "info", boot.why)
 
 
-def _listen(found: dict[str, Any], listen: str | None, role: str | None = None) -> Check:
+def _listen(found: answers.ProbeListen, listen: str | None, role: str | None = None) -> Check:
     name = "listen" if role is None else f"listen {role}"
     if not listen:
         what = "[master]" if role is None else f"role {role}'s master"
         return Check(name, "info", f"no {what} listen in the inventory (binds no socket)")
-    state = found.get("state")
+    state = found.state
     if state == "free":
         return Check(name, "ok", f"{listen} is free")
     if state == "ours":
-        return Check(name, "ok", f"{listen} is served by this app's master (pid {found['pid']})")
-    why = found.get("why") or found.get("error") or state
+        return Check(name, "ok", f"{listen} is served by this app's master (pid {found.pid})")
+    why = found.why or found.error or state
     return Check(name, "FAIL", f"{listen}: {why}")
 
 

@@ -215,26 +215,26 @@ def compare(remote: RemoteHost, probe: answers.Probe, role: str | None = None) -
     notes: list[str] = []
     changes: list[str] = []
     diff: list[str] = []
-    agent = probe.agent.get("state")
+    agent = probe.agent.state
     if agent == "differs":
         notes.append("the host agent is not this controller's (`deployer setup` installs it)")
     elif agent == "missing":
         notes.append("no host agent installed (`deployer setup`)")
     elif agent != "same":
-        notes.append(f"the host agent could not be checked: {probe.agent.get('error')}")
+        notes.append(f"the host agent could not be checked: {probe.agent.error}")
     master = remote.master_for(role)
     toml = probe.master_toml
     if master is None:
         notes.append("no [master] in the inventory: master.toml is not deployer's to compare")
-    elif "error" in toml:
-        notes.append(f"master.toml could not be read: {toml['error']}")
-    elif not toml.get("exists"):
-        notes.append(f"{toml.get('path')} is missing (`deployer setup` writes it)")
+    elif toml.error is not None:
+        notes.append(f"master.toml could not be read: {toml.error}")
+    elif not toml.exists or toml.text is None:
+        notes.append(f"{toml.path} is missing (`deployer setup` writes it)")
     else:
         expected = to_toml(master)
-        if toml["text"] != expected:
-            path = str(toml["path"])
-            changes = config_changes(toml["text"], expected, path)
+        if toml.text != expected:
+            path = str(toml.path)
+            changes = config_changes(toml.text, expected, path)
             if not changes:
                 changes = ["the text differs (comments, order or layout), not the options"]
             if role is not None:
@@ -242,7 +242,7 @@ def compare(remote: RemoteHost, probe: answers.Probe, role: str | None = None) -
             diff = [
                 mask_url(line)
                 for line in difflib.unified_diff(
-                    toml["text"].splitlines(),
+                    toml.text.splitlines(),
                     expected.splitlines(),
                     fromfile=f"{remote.name}:{path}",
                     tofile="master.toml as `deployer setup` writes it now",

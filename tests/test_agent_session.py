@@ -351,9 +351,7 @@ def test_a_host_gone_in_the_middle_of_prepare_fails_fast_afterwards(
         env={**os.environ, "DEPLOYER_STATE_DIR": str(project.state)},
     )
     try:
-        end = time.monotonic() + 60
-        while not (victim.root / "building").exists() and time.monotonic() < end:
-            time.sleep(0.02)
+        wait_for((victim.root / "building").exists, 60, "host3's build to start", interval=0.02)
         started = time.monotonic()
         sshd_fleet.stop(victim)  # listener and sessions: the host is gone
         out, err = proc.communicate(timeout=120)

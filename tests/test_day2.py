@@ -142,16 +142,16 @@ def test_the_probe_runs_on_a_bare_python_and_reads_nothing_it_should_not(tmp_pat
     proc = subprocess.run(argv, capture_output=True, text=True, env={}, cwd="/")
     probe = answers.parse_result(proc.stdout, answers.Probe)
     assert probe is not None, proc.stderr
-    assert probe.layout == {"state": "missing", "parent": str(tmp_path), "writable": True}
-    assert probe.agent["state"] == "missing" and probe.master_toml["exists"] is False
-    assert probe.listen == {"state": "free"} and abs(probe.time - time.time()) < 5
+    assert probe.layout == answers.ProbeLayout("missing", parent=str(tmp_path), writable=True)
+    assert probe.agent.state == "missing" and probe.master_toml.exists is False
+    assert probe.listen == answers.ProbeListen("free") and abs(probe.time - time.time()) < 5
     assert not root.exists()  # read-only
     root.mkdir(parents=True, mode=0o755)
     os.chmod(root, 0o777)
     probe = answers.parse_result(subprocess.run(argv, capture_output=True, text=True).stdout,
                                  answers.Probe)  # fmt: skip
-    assert probe is not None and probe.layout["state"] == "untrusted"
-    assert "writable by others" in probe.layout["why"]
+    assert probe is not None and probe.layout.state == "untrusted"
+    assert "writable by others" in str(probe.layout.why)
 
 
 def test_the_zipapp_digest_does_not_depend_on_what_the_process_holds() -> None:

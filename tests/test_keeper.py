@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from master_helpers import wait_for
 from rollout_helpers import Project, commit, make_project
 from sshd import SSHDFleet, SSHTestHost, _sshd_descendants
 from users import as_user, needs_root
@@ -112,10 +113,8 @@ def test_later_commands_reuse_the_connections_and_disconnect_ends_them(
     out = project.deployer("disconnect", check=True).stdout
     assert out == f"keeper (pid {second}) stopped\n"
     assert wait_gone(second)
-    end = time.monotonic() + 10
-    while connections(sshd_fleet, host) and time.monotonic() < end:
-        time.sleep(0.05)
-    assert not connections(sshd_fleet, host)  # its SSH connections closed with it
+    # its SSH connections closed with it
+    wait_for(lambda: not connections(sshd_fleet, host), 10, "the keeper's connections to close")
     assert not list(path.parent.glob(path.stem + ".*"))  # nor any file of its
     assert project.deployer("disconnect", check=True).stdout == "no keeper was running\n"
 

@@ -410,22 +410,98 @@ class ExecResult(NamedTuple):
     exit_code: int = 0
 
 
+# The parts of a Probe. Each carries `error` instead when it could not be learnt.
+
+
+class ProbeUser(NamedTuple):
+    name: str = "?"
+    uid: int | None = None
+    error: str | None = None
+
+
+class ProbeDisk(NamedTuple):
+    path: str = ""  # deploy_to, or its nearest existing parent
+    free: int = 0  # bytes
+    total: int = 0
+    error: str | None = None
+
+
+class ProbeLayout(NamedTuple):
+    state: str | None = None  # ok | missing | incomplete | untrusted | not-writable
+    why: str | None = None  # untrusted: what is wrong
+    parent: str | None = None  # missing: where deploy_to would be made
+    writable: bool = False  # missing: can the user make it there
+    dirs: list[str] = []  # not-writable: those
+    missing: list[str] = []  # incomplete: those
+    error: str | None = None
+
+
+class ProbeAgent(NamedTuple):
+    state: str | None = None  # same | differs | missing
+    path: str | None = None
+    error: str | None = None
+
+
+class ProbeToml(NamedTuple):
+    exists: bool = False
+    path: str | None = None
+    text: str | None = None  # read only from a layout the agent trusts
+    error: str | None = None
+
+
+class ProbeMaster(NamedTuple):
+    pid: int | None = None  # None: no master runs
+    error: str | None = None
+
+
+class ProbeSystemd(NamedTuple):
+    running: bool = False  # booted with systemd
+    systemctl: str | None = None
+    error: str | None = None
+
+
+class ProbeListen(NamedTuple):
+    state: str | None = None  # free | ours | taken | unchecked | error
+    pid: int | None = None  # ours: the master's; taken: the holder's, if known
+    why: str | None = None
+    error: str | None = None
+
+
+_PROBE_PARTS: dict[str, type] = {
+    "user": ProbeUser,
+    "disk": ProbeDisk,
+    "layout": ProbeLayout,
+    "agent": ProbeAgent,
+    "master_toml": ProbeToml,
+    "master": ProbeMaster,
+    "systemd": ProbeSystemd,
+    "listen": ProbeListen,
+}
+
+
 class Probe(NamedTuple):
     """hostapi/probe.py: what `deployer doctor` and `config --diff` learn of a host
-    without its agent. Each part is a JSON object; {"error": ...} if it could not
-    be learnt."""
+    without its agent (the probe itself writes plain JSON objects)."""
 
     python: str  # version, e.g. "3.11.7"
     executable: str
     time: float  # the host's clock (epoch seconds)
-    user: dict[str, Any] = {}  # name, uid
-    disk: dict[str, Any] = {}  # path (deploy_to or the nearest existing parent), free, total
-    layout: dict[str, Any] = {}  # state: ok | missing | incomplete | untrusted | not-writable
-    agent: dict[str, Any] = {}  # state: same | differs | missing
-    master_toml: dict[str, Any] = {}  # exists, text
-    master: dict[str, Any] = {}  # running, pid
-    systemd: dict[str, Any] = {}  # running, systemctl
-    listen: dict[str, Any] = {}  # state: free | ours | taken | unchecked | error
+    user: ProbeUser = ProbeUser()
+    disk: ProbeDisk = ProbeDisk()
+    layout: ProbeLayout = ProbeLayout()
+    agent: ProbeAgent = ProbeAgent()
+    master_toml: ProbeToml = ProbeToml()
+    master: ProbeMaster = ProbeMaster()
+    systemd: ProbeSystemd = ProbeSystemd()
+    listen: ProbeListen = ProbeListen()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Probe:
+        data = dict(data)
+        for key, part in _PROBE_PARTS.items():
+            value = data.get(key)
+            data[key] = _load(part, value) if isinstance(value, dict) else part()
+        return _load(cls, data)
 
 
 # --- the agent session: many calls over one process (agent session) ----------------------
