@@ -78,9 +78,15 @@ def _base_dir() -> Path | None:
 
 @functools.cache
 def _code() -> str:
-    """This controller's code: a keeper of other code is another keeper."""
+    """This controller's code: a keeper of other code is another keeper. Every module
+    of the package counts, those in its subpackages too (the inventory's SSHConfig
+    the keeper builds hosts from is one)."""
     here = Path(__file__).resolve().parent
-    files = [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(here.glob("*.py"))]
+    files = [
+        (str(p.relative_to(here)), p.stat().st_mtime_ns, p.stat().st_size)
+        for p in sorted(here.rglob("*.py"))
+        if "__pycache__" not in p.parts
+    ]
     return json.dumps([sys.executable, str(here), files])
 
 

@@ -4,6 +4,7 @@ between commands, on real sshd hosts; the keeper's process ended by pid."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -311,3 +312,11 @@ def test_another_user_never_gets_the_keepers_sessions(
     said = as_user(other, "/usr/bin/python3", "-c", HER_CLIENT, str(path)).stdout
     assert said == f"{she_gets}\n"
     assert keeper.pid_of(path) == pid  # her stop request did not stop it
+
+
+def test_a_keeper_is_for_the_code_of_the_whole_package() -> None:
+    """A change in a subpackage (the inventory's SSHConfig the keeper builds hosts
+    from) makes another keeper, as one in a top-level module does."""
+    files = {name for name, _mtime, _size in json.loads(keeper._code())[2]}
+    assert {"keeper.py", "inventory/sections.py", "cli/base.py"} <= files
+    assert not any("__pycache__" in name for name in files)
