@@ -68,9 +68,6 @@ def run_migrations(fleet: FleetSession, phase: str, release: str, deferred: bool
     )
 
 
-REMOTE_COMMANDS = calls.MIGRATE_COMMANDS
-
-
 def dialect(database: str) -> str:
     """The SQL dialect lint checks for a [migrations] database URL."""
     return "postgresql" if database.startswith("postgres") else "sqlite"

@@ -39,13 +39,14 @@ def migrate(ctx: click.Context, args: tuple[str, ...]) -> None:
     explicit --database run on this machine."""
     from pathlib import Path
 
-    from deployer.migrating import REMOTE_COMMANDS, on_host
+    from deployer.hostapi.calls import MIGRATE_COMMANDS
+    from deployer.migrating import on_host
     from deployer.migrations.cli import main as migrate_main
 
     argv = list(args)
     local = "--local" in argv or any(a.split("=")[0] == "--database" for a in argv)
     argv = [a for a in argv if a != "--local"]
-    remote = argv and argv[0] in REMOTE_COMMANDS and not local
+    remote = argv and argv[0] in MIGRATE_COMMANDS and not local
     if argv[:1] == ["lint"] and not local and Path(ctx.obj["inventory_path"]).exists():
         argv = _lint_as_configured(ctx, argv)
     if remote and Path(ctx.obj["inventory_path"]).exists():
